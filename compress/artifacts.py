@@ -1,0 +1,162 @@
+"""The run folder: atomic writes, file hashes, the manifest, and what a resume may trust.
+
+Invariant: a stage is recorded as done in `manifest.json` only after everything it wrote has been
+renamed into place, and the manifest itself is replaced atomically. A kill at any moment leaves
+either the old manifest (stage not done, its partial files ignored and redone) or the new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from compress.errors import CompressError
+
+MANIFEST = "manifest.json"
+DONE = ("completed", "warned", "rolled_back")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_tree(paths: list[Path], root: Path) -> str:
+    """One hash over several files, names included, in a stable order."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(str(p.relative_to(root)).encode() + b"\0" + sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write to a temp file beside `path`, fsync, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temp folder beside `path`; on success it replaces `path` in one rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class RunDir:
+    """Owns one run folder. Nothing here ever writes outside `root`."""
+
+    def __init__(self, root: Path):
+        self.root = root.resolve()
+        self.manifest: dict[str, Any] = {}
+
+    # ---- opening ------------------------------------------------------------------------------
+    def open(self, inputs_sha256: str, resume: bool, force: bool) -> bool:
+        """Prepare the folder; returns True when resuming an earlier run of the same inputs."""
+        path = self.root / MANIFEST
+        if path.exists():
+            old = json.loads(path.read_text())
+            same = old.get("inputs_sha256") == inputs_sha256
+            if resume and same:
+                self.manifest = old
+                return True
+            if not force:
+                why = ("its recipe, model or data differ from this run's" if resume else
+                       "pass --resume to continue it or --force to start over")
+                raise CompressError(f"run folder {self.root} already holds a run; {why}"
+                                    + ("; pass --force to start over" if resume else ""))
+            self._clear()
+        elif self.root.exists() and any(self.root.iterdir()):
+            raise CompressError(f"{self.root} exists, is not empty and holds no run ({MANIFEST} missing); "
+                                "choose another --out")
+        self.root.mkdir(parents=True, exist_ok=True)
+        return False
+
+    def _clear(self) -> None:
+        """Remove an earlier run's contents (only a folder that has a manifest gets here)."""
+        for child in self.root.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+    # ---- writing ------------------------------------------------------------------------------
+    def path(self, rel: str) -> Path:
+        p = (self.root / rel).resolve()
+        if self.root not in p.parents and p != self.root:
+            raise CompressError(f"refusing to write outside the run folder: {rel}")
+        return p
+
+    def write(self, rel: str, data: bytes | str) -> Path:
+        p = self.path(rel)
+        atomic_write(p, data)
+        return p
+
+    def write_json(self, rel: str, obj: Any) -> Path:
+        return self.write(rel, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+    def save_manifest(self) -> None:
+        self.write_json(MANIFEST, self.manifest)
+
+    def file_entries(self, rel_dir: str | None = None) -> list[dict[str, Any]]:
+        """Every file (under `rel_dir` or the whole run) with its size and sha256."""
+        base = self.path(rel_dir) if rel_dir else self.root
+        out = []
+        for p in sorted(base.rglob("*")):
+            rel = p.relative_to(self.root)
+            if p.is_file() and not any(part.startswith(".") for part in rel.parts) and p.name != MANIFEST:
+                out.append({"path": str(rel), "bytes": p.stat().st_size, "sha256": sha256_file(p)})
+        return out
+
+    # ---- reading stage state ------------------------------------------------------------------
+    def stage_record(self, index: int) -> dict[str, Any] | None:
+        for rec in self.manifest.get("stages", []):
+            if rec["index"] == index:
+                return rec
+        return None
+
+    def set_stage_record(self, record: dict[str, Any]) -> None:
+        stages = [r for r in self.manifest.setdefault("stages", []) if r["index"] != record["index"]]
+        stages.append(record)
+        self.manifest["stages"] = sorted(stages, key=lambda r: r["index"])
+        self.save_manifest()

@@ -1,0 +1,1 @@
+"""Accuracy checks: metrics, the evaluator shared by every backend, and stage gates."""

@@ -1,0 +1,95 @@
+"""One evaluator for every artifact: it only needs a runner with `generate` and `logits`.
+
+The baseline pass also records a *reference* (teacher-forced top-1 tokens and log-probabilities
+at the answer positions) so later stages can be compared to the original model token by token.
+The reference is saved in the run folder, so a resumed run compares against the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from compress.checks import metrics as M
+from compress.data import Dataset
+from compress.errors import ConfigError
+
+
+class Runner(Protocol):
+    backend: str
+
+    def generate(self, inputs: dict[str, Any], max_new_tokens: int) -> list[list[int]]: ...
+
+    def logits(self, inputs: dict[str, Any]) -> torch.Tensor: ...
+
+
+@dataclass
+class Reference:
+    top1: torch.Tensor  # [positions]
+    logprobs: torch.Tensor  # [positions, vocab]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"top1": self.top1.contiguous(), "logprobs": self.logprobs.contiguous()}
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    per_type: dict[str, float] = field(default_factory=dict)
+    predictions: list[str] = field(default_factory=list)
+    reference: Reference | None = None
+
+
+class Evaluator:
+    def __init__(self, adapter, processor, data: Dataset, cfg) -> None:
+        if any(r.answer is None for r in data.records):
+            raise ConfigError(f"evaluation set {data.source} has records without a reference answer")
+        self.adapter, self.processor, self.data, self.cfg = adapter, processor, data, cfg
+
+    def _batches(self):
+        yield from self.data.batches(self.cfg.batch_size)
+
+    def evaluate(self, runner: Runner, reference: Reference | None = None, desc: str = "eval") -> Evaluation:
+        """Score `runner`; with no `reference` the result carries one (this is the baseline)."""
+        wanted = set(self.cfg.metrics)
+        tokenizer = self.processor.tokenizer
+        hits: list[int] = []
+        by_type: dict[str, list[int]] = defaultdict(list)
+        predictions: list[str] = []
+        top1s, logps = [], []
+        n_batches = -(-len(self.data) // self.cfg.batch_size)
+        for batch in tqdm(self._batches(), total=n_batches, desc=desc, leave=False):
+            images = [r.image for r in batch]
+            questions = [r.prompt for r in batch]
+            answers = [r.answer for r in batch]
+            if "exact_match" in wanted:
+                enc = self.adapter.build_inputs(self.processor, images, questions)
+                out = runner.generate(enc.inputs, self.cfg.max_new_tokens)
+                preds = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in out]
+                batch_hits = M.exact_match(preds, answers)
+                hits += batch_hits
+                predictions += preds
+                for r, h in zip(batch, batch_hits, strict=True):
+                    by_type[str(r.meta.get("qtype", "all"))].append(h)
+            if wanted & {"token_agreement", "logit_kl"} or reference is None:
+                enc = self.adapter.build_inputs(self.processor, images, questions, answers)
+                logits = runner.logits(enc.inputs)[enc.answer_positions]
+                top1s.append(logits.argmax(-1))
+                logps.append(torch.log_softmax(logits.float(), -1))
+        result: dict[str, float] = {}
+        if "exact_match" in wanted:
+            result["exact_match"] = sum(hits) / len(hits)
+        own = Reference(torch.cat(top1s), torch.cat(logps)) if top1s else None
+        if reference is not None and own is not None:
+            if "token_agreement" in wanted:
+                result["token_agreement"] = M.token_agreement(reference.top1, own.top1)
+            if "logit_kl" in wanted:
+                result["logit_kl"] = M.logit_kl(reference.logprobs, own.logprobs)
+        elif reference is None:
+            result.update({k: v for k, v in (("token_agreement", 1.0), ("logit_kl", 0.0)) if k in wanted})
+        per_type = {k: sum(v) / len(v) for k, v in sorted(by_type.items())}
+        return Evaluation(result, per_type, predictions, own if reference is None else None)

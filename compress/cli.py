@@ -1,0 +1,66 @@
+"""`vlm-compress`: a thin wrapper over the API. Expected failures print one message, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from compress import __version__
+from compress.errors import CompressError
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from compress.recipe import load_recipe
+
+    lr = load_recipe(args.recipe)
+    r = lr.recipe
+    stages = ", ".join(f"{s.name or s.type}" for s in r.stages)
+    print(f"{args.recipe}: ok: recipe '{r.name}', model {r.model.source}, {len(r.stages)} stage(s): {stages}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from compress.pipeline import run, summary
+
+    result = run(args.recipe, out=args.out, resume=args.resume, force=args.force)
+    print(summary(result))
+    print(f"\nrun folder: {result.run_dir}  (report: {result.run_dir / 'report.md'})")
+    if not result.ok:
+        stopped = next(s for s in result.manifest["stages"] if s["status"] == "failed")
+        print(f"error: stopped at stage '{stopped['name']}': {stopped['message']}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlm-compress", description="Accuracy-gated VLM compression.")
+    p.add_argument("--version", action="version", version=f"vlm-compress {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("validate", help="check a recipe (schema + ordering) without loading a model")
+    v.add_argument("recipe")
+    v.set_defaults(fn=_cmd_validate)
+    r = sub.add_parser("run", help="run a recipe: baseline, stages, gates, run folder")
+    r.add_argument("recipe")
+    r.add_argument("--out", help="run folder (default: the recipe's output.dir)")
+    r.add_argument("--resume", action="store_true", help="continue a run folder after its last done stage")
+    r.add_argument("--force", action="store_true", help="replace an existing run folder's contents")
+    r.set_defaults(fn=_cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.fn(args)
+    except CompressError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; completed stages are kept (re-run with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

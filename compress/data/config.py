@@ -1,0 +1,50 @@
+"""The `calibration:` / `evaluation:` recipe section: where a set of image+prompt records lives.
+
+Kept free of heavy imports so the recipe can be validated without pyarrow or `datasets`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Columns(BaseModel):
+    """Which source columns hold the image, the prompt and the reference answer.
+
+    `answer: null` declares a set without reference answers (fine for calibration). In the
+    folder format the image column defaults to `file_name` (the HF imagefolder convention).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image: str = Field("image", min_length=1)
+    prompt: str = Field("prompt", min_length=1)
+    answer: str | None = Field("answer", min_length=1)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Columns:
+        names = [n for n in (self.image, self.prompt, self.answer) if n is not None]
+        if len(set(names)) != len(names):
+            raise ValueError(f"image, prompt and answer columns must differ, got {names}")
+        return self
+
+
+class DataConfig(BaseModel):
+    """A set of records and how much of it to use; loading is `compress.data.load_dataset`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(
+        min_length=1,
+        description="local folder (metadata.jsonl), parquet file or folder of them, a `datasets` "
+        "save_to_disk folder, or hub:owner/name (online only)",
+    )
+    format: Literal["auto", "folder", "parquet", "datasets", "hub"] = "auto"
+    split: str | None = Field(None, min_length=1, description="split of a DatasetDict / hub dataset")
+    num_samples: int | None = Field(None, ge=1, description="take the first N (after optional shuffle)")
+    shuffle: bool = False
+    seed: int = 0
+    batch_size: int = Field(16, ge=1)
+    columns: Columns = Columns()

@@ -1,0 +1,27 @@
+"""Errors a user can act on. The CLI prints them without a traceback and exits non-zero."""
+
+from __future__ import annotations
+
+
+class CompressError(Exception):
+    """Base for expected failures: bad input, refused run folder, failed gate."""
+
+    exit_code = 1
+
+
+class RecipeError(CompressError):
+    """The recipe is wrong: names the field path and the file:line of the offending YAML node."""
+
+    exit_code = 2
+
+
+class ConfigError(CompressError):
+    """Something the recipe points at is wrong (unknown architecture, empty selection, bad data)."""
+
+    exit_code = 2
+
+
+class GateFailed(CompressError):
+    """A stage's accuracy gate failed with `on_fail: stop`."""
+
+    exit_code = 3

@@ -1,0 +1,299 @@
+"""The one loop: baseline, then for each stage apply -> evaluate -> gate -> record.
+
+Stages never call each other and never see the run folder's bookkeeping; this module is the only
+place that sequences work, decides what a failed gate means, and says when a stage is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from compress import __version__
+from compress.arch import adapter_for_source
+from compress.artifacts import DONE, RunDir, atomic_dir, sha256_tree
+from compress.checks.evaluator import Evaluation, Evaluator, Reference
+from compress.checks.gate import run_checks
+from compress.data import Dataset, load_dataset
+from compress.errors import ConfigError
+from compress.recipe import LoadedRecipe, load_recipe, stage_name
+from compress.registry import get_stage
+from compress.report import summary_rows, table, write_report
+from compress.runtime.torch_runner import TorchRunner
+from compress.stages.base import StageContext
+from compress.zoo import resolve_source
+
+REFERENCE = "baseline/reference.safetensors"
+
+
+def log(msg: str) -> None:
+    print(f"[vlm-compress] {msg}", file=sys.stderr, flush=True)
+
+
+def _fault(point: str) -> None:
+    """Test hook: `COMPRESS_FAULT=<point>` kills the process there, like a crash or SIGKILL."""
+    if os.environ.get("COMPRESS_FAULT") == point:
+        log(f"fault injected at {point}")
+        os._exit(137)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str  # "completed" | "stopped"
+    manifest: dict[str, Any] = field(repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "completed"
+
+
+@dataclass
+class _Inputs:
+    """Everything resolved and hashed before the run folder is touched."""
+
+    recipe: LoadedRecipe
+    source: str
+    model_sha256: str
+    evaluation: Dataset
+    calibration: Dataset | None
+
+    def sha256(self) -> str:
+        parts = [self.recipe.sha256(), self.model_sha256, self.evaluation.sha256,
+                 self.calibration.sha256 if self.calibration else "-"]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _model_hash(source: str) -> str:
+    path = Path(source)
+    if not path.is_dir():
+        return f"hub:{source}"
+    files = [p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json", ".jinja")]
+    return sha256_tree(files, path)
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _libraries() -> dict[str, str]:
+    import importlib.metadata as md
+
+    names = ["torch", "transformers", "tokenizers", "safetensors", "pydantic", "numpy", "datasets",
+             "onnx", "onnxruntime", "bitsandbytes"]
+    out = {"python": platform.python_version()}
+    for n in names:
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[n] = md.version(n)
+    return out
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _resolve(recipe: LoadedRecipe) -> _Inputs:
+    r = recipe.recipe
+    source = resolve_source(r.model.source, recipe.base_dir)
+    log(f"model {r.model.source} -> {source}")
+    evaluation = load_dataset(r.evaluation, recipe.base_dir)
+    calibration = load_dataset(r.calibration, recipe.base_dir) if r.calibration else None
+    return _Inputs(recipe, source, _model_hash(source), evaluation, calibration)
+
+
+def _out_dir(recipe: LoadedRecipe, out: str | Path | None) -> Path:
+    if out is None and recipe.recipe.output.dir is None:
+        raise ConfigError("no run folder: pass --out DIR or set output.dir in the recipe")
+    return Path(out if out is not None else recipe.recipe.output.dir)
+
+
+def _forward_loop(adapter, processor, data: Dataset, batch_size: int):
+    """The calibration loop handed to stages: real image + prompt batches through the whole model."""
+
+    @torch.inference_mode()
+    def loop(model: torch.nn.Module) -> None:
+        for batch in data.batches(batch_size):
+            enc = adapter.build_inputs(processor, [r.image for r in batch], [r.prompt for r in batch])
+            model(**enc.inputs)
+
+    return loop
+
+
+def _record_eval(ev: Evaluation) -> dict[str, Any]:
+    return {"metrics": ev.metrics, "per_type": ev.per_type}
+
+
+def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume: bool = False,
+        force: bool = False) -> RunResult:
+    """Run a recipe end to end. Raises CompressError subclasses for anything the user must fix."""
+    recipe = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
+    r = recipe.recipe
+    out_dir = _out_dir(recipe, out)
+    inputs = _resolve(recipe)  # reads data and model config; nothing written yet
+    adapter = adapter_for_source(inputs.source, r.model.trust_remote_code)
+    run_dir = RunDir(out_dir)
+    resuming = run_dir.open(inputs.sha256(), resume=resume, force=force)
+    _seed_everything(r.seed)
+    m = run_dir.manifest
+    if not resuming:
+        m.update({
+            "format": 1,
+            "tool": {"name": "vlm-compress", "version": __version__, "git_sha": _git_sha()},
+            "libraries": _libraries(),
+            "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "recipe": {"name": r.name, "path": str(recipe.path), "sha256": recipe.sha256()},
+            "seed": r.seed,
+            "inputs_sha256": inputs.sha256(),
+            "model": {"source": r.model.source, "resolved": inputs.source, "sha256": inputs.model_sha256,
+                      "adapter": adapter.name, "dtype": r.model.dtype},
+            "data": {name: {"source": d.source, "sha256": d.sha256, "records": len(d)}
+                     for name, d in (("evaluation", inputs.evaluation), ("calibration", inputs.calibration))
+                     if d is not None},
+            "status": "running",
+            "stages": [],
+        })
+        run_dir.write("recipe.yaml", recipe.text)
+        run_dir.write("recipe.resolved.yaml", yaml.safe_dump(recipe.resolved(), sort_keys=False))
+        run_dir.save_manifest()
+    else:
+        log(f"resuming {run_dir.root}")
+        m["status"] = "running"
+
+    model, processor = adapter.load(inputs.source, r.model.dtype, r.model.trust_remote_code)
+    m["model"].update(model_type=model.config.model_type,
+                      parameters=sum(p.numel() for p in model.parameters()))
+    evaluator = Evaluator(adapter, processor, inputs.evaluation, r.evaluation)
+
+    def runner(mdl: torch.nn.Module) -> TorchRunner:
+        return TorchRunner(mdl, adapter.eos_token_ids(mdl, processor), adapter.pad_token_id(processor))
+
+    # ---- baseline ---------------------------------------------------------------------------------
+    if resuming and "baseline" in m and run_dir.path(REFERENCE).exists():
+        reference = Reference(**load_file(run_dir.path(REFERENCE)))
+        baseline = m["baseline"]["metrics"]
+        log(f"baseline (recorded): {baseline}")
+    else:
+        t0 = time.time()
+        ev = evaluator.evaluate(runner(model), desc="baseline")
+        reference = ev.reference
+        with atomic_dir(run_dir.path("baseline")) as tmp:
+            save_file(reference.tensors(), str(tmp / "reference.safetensors"))
+        baseline = ev.metrics
+        m["baseline"] = {**_record_eval(ev), "wall_s": round(time.time() - t0, 2)}
+        run_dir.save_manifest()
+        log(f"baseline: {baseline}")
+
+    # ---- restore the latest good state when resuming ---------------------------------------------
+    state_source = inputs.source
+    for rec in m.get("stages", []):
+        if rec["status"] in ("completed", "warned") and rec.get("checkpoint"):
+            state_source = str(run_dir.path(rec["checkpoint"]))
+    if state_source != inputs.source:
+        log(f"restoring model state from {state_source}")
+        model, _ = adapter.load(state_source, r.model.dtype, r.model.trust_remote_code)
+
+    forward_loop = (_forward_loop(adapter, processor, inputs.calibration, r.calibration.batch_size)
+                    if inputs.calibration else None)
+
+    # ---- stages -----------------------------------------------------------------------------------
+    status = "completed"
+    for i, cfg in enumerate(r.stages):
+        name = stage_name(cfg, i)
+        prev = run_dir.stage_record(i)
+        if prev and prev["status"] in DONE:
+            log(f"stage {name}: already {prev['status']}, skipped")
+            continue
+        log(f"stage {name} ({cfg.type}): applying")
+        rec: dict[str, Any] = {"index": i, "name": name, "type": cfg.type, "status": "running",
+                               "started": datetime.now(UTC).isoformat(timespec="seconds")}
+        run_dir.set_stage_record(rec)
+        t0 = time.time()
+        spec = get_stage(cfg.type)
+        ctx = StageContext(adapter=adapter, processor=processor, workdir=run_dir.path(f"stages/{name}"),
+                           seed=r.seed, forward_loop=forward_loop)
+        result = spec.apply(model, cfg, ctx)
+        model = result.model
+        _fault(f"after_apply:{i}")
+        ev = evaluator.evaluate(runner(model), reference, desc=name)
+        checks = run_checks(cfg.gate, baseline, ev.metrics)
+        passed = all(c.passed for c in checks)
+        rec.update(_record_eval(ev), checks=[c.to_dict() for c in checks], details=result.details)
+        if passed or cfg.gate.on_fail == "warn":
+            rel = f"stages/{name}"
+            with atomic_dir(run_dir.path(rel)) as tmp:
+                model.save_pretrained(tmp)
+                processor.save_pretrained(tmp)
+            _fault(f"after_checkpoint:{i}")
+            rec.update(status="completed" if passed else "warned", checkpoint=rel,
+                       files=run_dir.file_entries(rel))
+            if not passed:
+                rec["message"] = "gate failed; continuing because on_fail is 'warn'"
+                log(f"WARNING stage {name}: gate failed ({_failed(checks)}); continuing (on_fail: warn)")
+            if r.output.checkpoints == "last":
+                _drop_older_checkpoints(run_dir, i)
+        elif cfg.gate.on_fail == "rollback":
+            rec.update(status="rolled_back",
+                       message=f"gate failed ({_failed(checks)}); state rolled back to the previous stage")
+            log(f"stage {name}: gate failed ({_failed(checks)}); rolling back")
+            del model
+            model, _ = adapter.load(state_source, r.model.dtype, r.model.trust_remote_code)
+        else:
+            rec.update(status="failed", message=f"gate failed ({_failed(checks)}); run stopped (on_fail: stop)")
+            status = "stopped"
+        rec["wall_s"] = round(time.time() - t0, 2)
+        run_dir.set_stage_record(rec)
+        if rec.get("checkpoint"):
+            state_source = str(run_dir.path(rec["checkpoint"]))
+        log(f"stage {name}: {rec['status']} {ev.metrics}")
+        if status == "stopped":
+            log(f"STOPPED at stage {name}: {rec['message']}")
+            break
+
+    m["status"] = status
+    m["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+    if r.output.report:
+        write_report(run_dir)
+    m["files"] = run_dir.file_entries()
+    run_dir.save_manifest()
+    return RunResult(run_dir.root, status, m)
+
+
+def _failed(checks) -> str:
+    return ", ".join(f"{c.metric} {c.value:.4f} vs threshold {c.threshold}" for c in checks if not c.passed)
+
+
+def _drop_older_checkpoints(run_dir: RunDir, keep_index: int) -> None:
+    import shutil
+
+    for rec in run_dir.manifest.get("stages", []):
+        if rec["index"] < keep_index and rec.get("checkpoint"):
+            shutil.rmtree(run_dir.path(rec["checkpoint"]), ignore_errors=True)
+            rec["checkpoint"] = None
+            rec["files"] = []
+
+
+def summary(result: RunResult) -> str:
+    return table(summary_rows(result.manifest), ("stage", "status", "metric", "value", "retention", "pass"))

@@ -1,0 +1,129 @@
+"""The human report: a Markdown page and a retention plot, built only from the manifest."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from compress.artifacts import RunDir
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def summary_rows(manifest: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
+    """(stage, status, metric, value, retention, pass) rows, baseline first."""
+    rows = []
+    for metric, value in manifest.get("baseline", {}).get("metrics", {}).items():
+        rows.append(("baseline", "done", metric, _fmt(value), "1.0000" if metric != "logit_kl" else "–", "–"))
+    for rec in manifest.get("stages", []):
+        checks = {c["metric"]: c for c in rec.get("checks", [])}
+        for metric, value in rec.get("metrics", {}).items():
+            c = checks.get(metric)
+            ret = c["retention"] if c else None
+            if ret is None and metric != "logit_kl":
+                base = manifest["baseline"]["metrics"].get(metric)
+                ret = value / base if base else None
+            rows.append((rec["name"], rec["status"], metric, _fmt(value), _fmt(ret),
+                         ("yes" if c["passed"] else "NO") if c else "–"))
+        if not rec.get("metrics"):
+            rows.append((rec["name"], rec["status"], "–", "–", "–", "–"))
+    return rows
+
+
+def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
+    return "\n".join([line(header), line(tuple("-" * w for w in widths)), *map(line, rows)])
+
+
+def retention_plot(manifest: dict[str, Any]) -> bytes:
+    """Retention of each measured metric after every stage; threshold lines where gated."""
+    stages = manifest.get("stages", [])
+    names = ["baseline", *[r["name"] for r in stages]]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(names)), 3.6), dpi=110)
+    base = manifest.get("baseline", {}).get("metrics", {})
+    for metric in (m for m in base if m != "logit_kl"):
+        ys = [1.0] + [
+            (r["metrics"][metric] / base[metric] if base[metric] else None) if metric in r.get("metrics", {})
+            else None for r in stages
+        ]
+        xs = [i for i, y in enumerate(ys) if y is not None]
+        ax.plot(xs, [ys[i] for i in xs], marker="o", label=metric)
+    for i, r in enumerate(stages, start=1):
+        for c in r.get("checks", []):
+            if c["retention"] is not None:
+                ax.hlines(c["threshold"], i - 0.3, i + 0.3, colors="red", linestyles="dashed")
+        if r["status"] in ("failed", "rolled_back"):
+            ax.annotate(r["status"], (i, 0.0), xycoords=("data", "axes fraction"), ha="center",
+                        va="bottom", color="red", fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=15, fontsize=8)
+    ax.set_ylabel("retention vs baseline")
+    ax.set_title(f"{manifest.get('recipe', {}).get('name', '')}: accuracy retention per stage")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_report(run: RunDir) -> None:
+    m = run.manifest
+    run.write("retention.png", retention_plot(m))
+    base = m.get("baseline", {})
+    lines = [
+        f"# Compression report: {m['recipe']['name']}",
+        "",
+        f"- status: **{m.get('status')}**",
+        f"- model: `{m['model']['source']}` ({m['model'].get('model_type')}, "
+        f"{m['model'].get('parameters', 0):,} parameters)",
+        f"- evaluation: `{m['data']['evaluation']['source']}` ({m['data']['evaluation']['records']} records)",
+        f"- tool: vlm-compress {m['tool']['version']} (git {m['tool'].get('git_sha') or 'n/a'}), seed {m['seed']}",
+        "",
+        "## Accuracy after every stage",
+        "",
+        "![retention per stage](retention.png)",
+        "",
+        "| stage | status | metric | value | retention | pass |",
+        "|---|---|---|---|---|---|",
+        *[f"| {' | '.join(r)} |" for r in summary_rows(m)],
+        "",
+    ]
+    per_type = {"baseline": base.get("per_type", {})}
+    per_type.update({r["name"]: r.get("per_type", {}) for r in m.get("stages", []) if r.get("per_type")})
+    kinds = sorted({k for v in per_type.values() for k in v})
+    if len(kinds) > 1:
+        lines += ["## Exact match per question type", "",
+                  "| stage | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+        lines += [f"| {name} | " + " | ".join(_fmt(v.get(k), 3) for k in kinds) + " |"
+                  for name, v in per_type.items()]
+        lines.append("")
+    lines += ["## Stages", ""]
+    for r in m.get("stages", []):
+        lines.append(f"### {r['name']} ({r['type']}): {r['status']}, {r.get('wall_s', 0):.1f} s")
+        for c in r.get("checks", []):
+            ret = f"retention {c['retention']:.4f}" if c["retention"] is not None else ""
+            lines.append(f"- check {c['metric']}: value {c['value']:.4f} {ret} threshold {c['threshold']} "
+                         f"-> {'pass' if c['passed'] else 'FAIL'}")
+        details = r.get("details", {})
+        for k, v in details.items():
+            if not isinstance(v, dict):
+                lines.append(f"- {k}: {v}")
+        if r.get("checkpoint"):
+            lines.append(f"- checkpoint: `{r['checkpoint']}`")
+        if r.get("message"):
+            lines.append(f"- {r['message']}")
+        lines.append("")
+    run.write("report.md", "\n".join(lines))

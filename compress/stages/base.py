@@ -1,0 +1,83 @@
+"""What every stage shares: its config base class, targets, gate, and the context it runs in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:
+    import torch
+
+    from compress.arch.base import Adapter
+
+Component = Literal["vision", "projector", "language", "lm_head"]
+# What state the model is in between stages; stages declare which states they accept.
+ModelState = Literal["float", "sparse", "fake_quant", "quantized", "exported", "engine"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Targets(Strict):
+    """Which modules a stage touches: components first, then include globs, then exclude globs.
+
+    Patterns are `fnmatch` globs matched against the module's full name (e.g.
+    `model.language_model.layers.0.mlp.up_proj`) and against its name inside the component
+    (`layers.0.mlp.up_proj`).
+    """
+
+    components: list[Component] = Field(min_length=1)
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+
+
+class Gate(Strict):
+    """What retention the stage must keep, and what happens when it does not."""
+
+    metric: Literal["exact_match", "token_agreement"] = "exact_match"
+    min_retention: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_kl: float | None = Field(default=None, ge=0.0)
+    on_fail: Literal["stop", "warn", "rollback"] = "stop"
+
+    @model_validator(mode="after")
+    def _has_threshold(self) -> Gate:
+        if self.min_retention is None and self.max_kl is None:
+            raise ValueError("a gate needs min_retention and/or max_kl")
+        return self
+
+
+class StageConfig(Strict):
+    """Base of every stage config. Subclasses set `type: Literal[...]` and the class vars."""
+
+    type: str
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    gate: Gate
+
+    # Ordering rules, checked when the recipe loads (before any model is loaded).
+    accepts: ClassVar[frozenset[str]] = frozenset({"float", "sparse"})
+    requirement: ClassVar[str] = "float or sparse weights"
+
+    def output_state(self, state: str) -> str:
+        return state
+
+
+@dataclass
+class StageContext:
+    """Everything a stage may use besides its config. Calibration is owned by the pipeline."""
+
+    adapter: Adapter
+    processor: Any
+    workdir: Path
+    seed: int
+    forward_loop: Callable[[torch.nn.Module], None] | None = None
+
+
+@dataclass
+class StageResult:
+    model: torch.nn.Module
+    details: dict[str, Any] = field(default_factory=dict)
