@@ -188,7 +188,7 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
     evaluator = Evaluator(adapter, processor, inputs.evaluation, r.evaluation)
 
     def runner(mdl: torch.nn.Module) -> TorchRunner:
-        return TorchRunner(mdl, adapter.eos_token_ids(mdl, processor), adapter.pad_token_id(processor))
+        return TorchRunner.for_adapter(mdl, adapter, processor)
 
     # ---- baseline ---------------------------------------------------------------------------------
     if resuming and "baseline" in m and run_dir.path(REFERENCE).exists():

@@ -21,22 +21,34 @@ class TorchRunner:
 
     backend = "torch"
 
-    def __init__(self, model: torch.nn.Module, eos_token_id: int | list[int], pad_token_id: int):
+    def __init__(self, model: torch.nn.Module, eos_token_id: int | list[int], pad_token_id: int,
+                 explicit_positions: bool = True):
         self.model = model
         self.eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
         self.pad = pad_token_id
+        self.explicit_positions = explicit_positions
+
+    @classmethod
+    def for_adapter(cls, model: torch.nn.Module, adapter, processor) -> TorchRunner:
+        return cls(model, adapter.eos_token_ids(model, processor), adapter.pad_token_id(processor),
+                   adapter.explicit_positions)
+
+    def _positions(self, mask: torch.Tensor, last: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if not self.explicit_positions:
+            return {}
+        return {"position_ids": position_ids(mask) if last is None else last}
 
     @torch.inference_mode()
     def logits(self, inputs: dict[str, Any]) -> torch.Tensor:
         """Teacher-forced logits for a full sequence (prompt and answer)."""
         mask = inputs["attention_mask"]
-        return self.model(**inputs, position_ids=position_ids(mask), use_cache=False).logits.float()
+        return self.model(**inputs, **self._positions(mask), use_cache=False).logits.float()
 
     @torch.inference_mode()
     def generate(self, inputs: dict[str, Any], max_new_tokens: int) -> list[list[int]]:
         self.model.eval()
         mask = inputs["attention_mask"]
-        out = self.model(**inputs, position_ids=position_ids(mask), use_cache=True)
+        out = self.model(**inputs, **self._positions(mask), use_cache=True)
         past = out.past_key_values
         next_tok = out.logits[:, -1].argmax(-1)
         batch = next_tok.shape[0]
@@ -59,7 +71,7 @@ class TorchRunner:
             out = self.model(
                 input_ids=fed[:, None],
                 attention_mask=mask,
-                position_ids=pos,
+                **self._positions(mask, pos),
                 past_key_values=past,
                 use_cache=True,
             )

@@ -3,6 +3,11 @@
 Scenes are a 2x2 grid of cells; each cell is empty or holds one coloured shape drawn with some
 jitter in size and position. Every question has a short answer that can only be read off the
 image, and every scene/question is a pure function of a seed, so the task regenerates exactly.
+
+The model answers in two parts: it first names the objects cell by cell, then gives the short
+answer (`red circle top left , blue square bottom right ; red`). Reading the image and reasoning
+over what was read are then learnt separately, which a model this small does in minutes on a CPU
+(answering straight from the image tokens stalled near 50% after 20 minutes here).
 """
 
 from __future__ import annotations
@@ -25,8 +30,6 @@ SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 NUMBERS = ("zero", "one", "two", "three", "four")
 QUESTION_TYPES = ("color", "shape", "count", "position", "exists")
-# Training-only auxiliary task: naming every object gives dense supervision of reading the image.
-DESCRIBE = "describe"
 
 
 @dataclass(frozen=True)
@@ -40,8 +43,9 @@ class Obj:
 class Sample:
     image: Image.Image
     question: str
-    answer: str
+    answer: str  # what the model is trained to say: description ; short answer
     qtype: str
+    short_answer: str
 
 
 def random_scene(rng: random.Random) -> list[Obj]:
@@ -55,9 +59,10 @@ def render(scene: list[Obj], rng: random.Random) -> Image.Image:
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), bg)
     draw = ImageDraw.Draw(img)
     for o in scene:
-        size = rng.randint(16, 26)
-        x0 = (o.cell % 2) * CELL + rng.randint(1, CELL - size - 1)
-        y0 = (o.cell // 2) * CELL + rng.randint(1, CELL - size - 1)
+        # Mild jitter: enough that no two renderings match, little enough for a tiny model to learn.
+        size = rng.randint(20, 24)
+        x0 = (o.cell % 2) * CELL + (CELL - size) // 2 + rng.randint(-2, 2)
+        y0 = (o.cell // 2) * CELL + (CELL - size) // 2 + rng.randint(-2, 2)
         box = (x0, y0, x0 + size, y0 + size)
         fill = COLORS[o.color]
         if o.shape == "circle":
@@ -96,8 +101,6 @@ def ask(scene: list[Obj], qtype: str, rng: random.Random) -> tuple[str, str] | N
     if qtype == "position":
         o = rng.choice(scene)
         return f"where is the {o.color} {o.shape} ?", POSITIONS[o.cell]
-    if qtype == DESCRIBE:
-        return "describe the image ?", " , ".join(f"{o.color} {o.shape} {POSITIONS[o.cell]}" for o in scene)
     if qtype == "exists":
         if rng.random() < 0.5:
             o = rng.choice(scene)
@@ -109,15 +112,19 @@ def ask(scene: list[Obj], qtype: str, rng: random.Random) -> tuple[str, str] | N
     raise ValueError(f"unknown question type {qtype!r}")
 
 
-def sample(seed: int, qtype: str | None = None) -> Sample:
-    """The sample for one seed; question types are balanced by seed unless one is given."""
+def describe(scene: list[Obj]) -> str:
+    return " , ".join(f"{o.color} {o.shape} {POSITIONS[o.cell]}" for o in scene)
+
+
+def sample(seed: int) -> Sample:
+    """The sample for one seed; question types are balanced by seed."""
     rng = random.Random(seed)
-    qtype = qtype or QUESTION_TYPES[seed % len(QUESTION_TYPES)]
+    qtype = QUESTION_TYPES[seed % len(QUESTION_TYPES)]
     while True:
         scene = random_scene(rng)
         qa = ask(scene, qtype, rng)
         if qa is not None:
-            return Sample(render(scene, rng), qa[0], qa[1], qtype)
+            return Sample(render(scene, rng), qa[0], f"{describe(scene)} ; {qa[1]}", qtype, qa[1])
 
 
 def samples(start: int, count: int) -> Iterator[Sample]:
@@ -127,7 +134,7 @@ def samples(start: int, count: int) -> Iterator[Sample]:
 
 def vocabulary() -> list[str]:
     words = {"what", "color", "is", "the", "shape", "object", "how", "many", "objects", "are",
-             "there", "where", "a", "?", "yes", "no", "answer", ":", "describe", "image", ","}
+             "there", "where", "a", "?", "yes", "no", "answer", ":", ",", ";"}
     words |= set(COLORS) | set(SHAPES) | {s + "s" for s in SHAPES} | set(NUMBERS)
     words |= {w for p in POSITIONS for w in p.split()}
     return sorted(words)

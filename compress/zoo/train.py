@@ -22,6 +22,8 @@ from transformers import LlavaForConditionalGeneration
 from compress.runtime.torch_runner import TorchRunner, position_ids
 from compress.zoo import build, shapes
 
+MAX_NEW_TOKENS = 24  # four objects described (19 tokens) + " ; " + a two-word answer
+
 
 def prompt_for(processor, question: str) -> str:
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
@@ -36,7 +38,7 @@ def encode(processor, batch: list[shapes.Sample], with_answers: bool) -> dict:
     if with_answers:
         labels = torch.full_like(enc["input_ids"], -100)
         for i, s in enumerate(batch):
-            k = len(s.answer.split()) + 1  # answer words plus </s>
+            k = len(s.answer.split()) + 1  # answer words (one token each) plus </s>
             labels[i, -k:] = enc["input_ids"][i, -k:]
         enc["labels"] = labels
     return dict(enc)
@@ -48,18 +50,23 @@ def evaluate(model, processor, seeds: range, batch_size: int = 100, blank: bool 
     for start in range(seeds.start, seeds.stop, batch_size):
         batch = list(shapes.samples(start, min(batch_size, seeds.stop - start)))
         if blank:
-            batch = [shapes.Sample(shapes.render([], random.Random(0)), s.question, s.answer, s.qtype)
+            batch = [shapes.Sample(shapes.render([], random.Random(0)), s.question, s.answer, s.qtype, s.short_answer)
                      for s in batch]
-        outs = runner.generate(encode(processor, batch, with_answers=False), max_new_tokens=4)
+        outs = runner.generate(encode(processor, batch, with_answers=False), max_new_tokens=MAX_NEW_TOKENS)
         for s, toks in zip(batch, outs, strict=True):
-            hits[s.qtype].append(int(processor.tokenizer.decode(toks).strip() == s.answer))
+            said = processor.tokenizer.decode(toks).strip()
+            hits[s.qtype].append(int(said == s.answer))
+            hits[f"{s.qtype} (final answer only)"].append(int(said.split(" ; ")[-1] == s.short_answer))
     per_type = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
-    total = sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())
+    full = [h for k, v in hits.items() if "(" not in k for h in v]
+    final = [h for k, v in hits.items() if "(" in k for h in v]
+    total = sum(full) / len(full)
+    per_type["overall (final answer only)"] = sum(final) / len(final)
     return {"overall": total, **per_type}
 
 
 def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, hidden: int, layers: int,
-          threads: int, describe: float) -> dict:
+          threads: int) -> dict:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     processor = build.build_processor()
@@ -75,8 +82,7 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, hidden: 
     eval_seeds = range(shapes.EVAL_SEEDS[0], shapes.EVAL_SEEDS[0] + 200)
     for step in range(steps):
         model.train()
-        batch = [shapes.sample(rng.randrange(lo, lo + span), shapes.DESCRIBE if rng.random() < describe else None)
-                 for _ in range(batch_size)]
+        batch = [shapes.sample(rng.randrange(lo, lo + span)) for _ in range(batch_size)]
         enc = encode(processor, batch, with_answers=True)
         loss = model(**enc, position_ids=position_ids(enc["attention_mask"])).loss
         opt.zero_grad(set_to_none=True)
@@ -97,7 +103,7 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, hidden: 
     full = range(*[shapes.EVAL_SEEDS[0], sum(shapes.EVAL_SEEDS)])
     result = {
         "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "hidden": hidden,
-        "layers": layers, "threads": threads, "describe": describe, "train_seconds": round(time.time() - t0, 1),
+        "layers": layers, "threads": threads, "train_seconds": round(time.time() - t0, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
         "heldout": evaluate(model, processor, full),
         "heldout_blank_images": evaluate(model, processor, full, blank=True),
@@ -116,10 +122,9 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--describe", type=float, default=0.3, help="share of auxiliary describe samples")
     args = ap.parse_args()
     print(json.dumps(train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.hidden,
-                           args.layers, args.threads, args.describe), indent=2))
+                           args.layers, args.threads), indent=2))
 
 
 if __name__ == "__main__":

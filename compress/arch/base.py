@@ -1,0 +1,230 @@
+"""What every architecture adapter shares: where the components live, how prompts and batches are built.
+
+Stages never touch a model family's quirks directly; they ask the adapter. That keeps a new family to
+one small subclass (component paths, prompt format, end-of-turn token) instead of edits everywhere.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+
+from compress.errors import ConfigError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Model-ready inputs plus where the reference answer sits, so scoring never re-tokenizes.
+
+    `answer_positions[b, t]` is True where the logit at position t predicts an answer token (token t+1
+    belongs to the answer or to the end-of-turn token after it).
+    """
+
+    inputs: dict[str, torch.Tensor]
+    answer_positions: torch.Tensor | None
+    prompt_lengths: list[int]
+
+
+def resolve_path(root: torch.nn.Module, path: str) -> torch.nn.Module:
+    """Follow a dotted attribute path; a ConfigError (not AttributeError) says which step is missing."""
+    module = root
+    for i, part in enumerate(path.split(".")):
+        nxt = getattr(module, part, None)
+        if not isinstance(nxt, torch.nn.Module):
+            where = ".".join(path.split(".")[:i]) or type(root).__name__
+            raise ConfigError(f"module path '{path}' does not resolve: '{where}' has no submodule '{part}'")
+        module = nxt
+    return module
+
+
+class Adapter:
+    """One model family. Instances are cheap; `get_adapter` hands out a fresh one per call.
+
+    `decoder_layer` starts as the family default for the model_type and is replaced by the class
+    actually found in the model when `load` (or `bind`) sees one, because e.g. LLaVA and Idefics3 can
+    sit on top of different text backbones.
+    """
+
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    components: ClassVar[dict[str, str]]
+    # Default decoder-layer class per model_type, used until a model is bound.
+    default_decoder_layers: ClassVar[dict[str, str]]
+    # Placeholder the processor expands into image tokens, and the prompt used without a chat template.
+    image_token: ClassVar[str] = "<image>"
+    default_prompt: ClassVar[str] = "<image>\n{question}"
+    # How an answer is appended to the generation prompt, and the token that closes the turn
+    # (None: the tokenizer's eos_token).
+    answer_join: ClassVar[str] = " "
+    end_of_turn: ClassVar[str | None] = None
+    # Whether runners pass 1-D position ids (cumsum of the attention mask). Families with their own
+    # multimodal positions (Qwen2-VL's 3-D M-RoPE) compute them inside the model instead.
+    explicit_positions: ClassVar[bool] = True
+
+    def __init__(self, model_type: str | None = None):
+        self.model_type = model_type or self.model_types[0]
+        self.decoder_layer: str = self.default_decoder_layers[self.model_type]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model_type={self.model_type!r}, decoder_layer={self.decoder_layer!r})"
+
+    # ---- structure -------------------------------------------------------------------------------
+
+    def component(self, model: torch.nn.Module, name: str) -> torch.nn.Module:
+        if name not in self.components:
+            raise ConfigError(f"{self.name} has no component '{name}'; it has: {', '.join(sorted(self.components))}")
+        return resolve_path(model, self.components[name])
+
+    def decoder_layers(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """The text decoder's layers in order (what sequential, layer-by-layer stages walk)."""
+        cls_name = self.find_decoder_layer(model)
+        return [m for m in self.component(model, "language").modules() if type(m).__name__ == cls_name]
+
+    def find_decoder_layer(self, model: torch.nn.Module) -> str:
+        """Class name of the text decoder layer: the element type of the language model's `layers`."""
+        language = self.component(model, "language")
+        layers = getattr(language, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+            return type(layers[0]).__name__
+        counts = Counter(type(m).__name__ for m in language.modules() if type(m).__name__.endswith("Layer"))
+        if not counts:
+            raise ConfigError(f"cannot find the decoder layers of {self.name} under {self.components['language']}")
+        return counts.most_common(1)[0][0]
+
+    def bind(self, model: torch.nn.Module) -> Adapter:
+        """Record facts that vary with the checkpoint (the decoder layer class). Returns self."""
+        self.decoder_layer = self.find_decoder_layer(model)
+        return self
+
+    # ---- text ------------------------------------------------------------------------------------
+
+    def format_prompt(self, processor: Any, question: str) -> str:
+        if getattr(processor, "chat_template", None):
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+            return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.default_prompt.format(question=question)
+
+    def end_token(self, processor: Any) -> str:
+        """The token that closes an answer: the family's end-of-turn token if the vocab has it."""
+        tok = processor.tokenizer
+        if self.end_of_turn is not None and _token_id(tok, self.end_of_turn) is not None:
+            return self.end_of_turn
+        if tok.eos_token is None:
+            raise ConfigError(f"the {self.name} tokenizer has no eos token and no '{self.end_of_turn}' token")
+        return tok.eos_token
+
+    def eos_token_ids(self, model: torch.nn.Module, processor: Any) -> list[int]:
+        """Every id that ends generation: end-of-turn, tokenizer eos, and the generation config's."""
+        tok = processor.tokenizer
+        ids: list[int | None] = [_token_id(tok, self.end_token(processor)), tok.eos_token_id]
+        for src in (getattr(model, "generation_config", None), _text_config(model)):
+            eos = getattr(src, "eos_token_id", None)
+            ids.extend(eos if isinstance(eos, list | tuple) else [eos])
+        out: list[int] = []
+        for i in ids:
+            if i is not None and int(i) not in out:
+                out.append(int(i))
+        return out
+
+    def pad_token_id(self, processor: Any) -> int:
+        tok = processor.tokenizer
+        if tok.pad_token_id is not None:
+            return int(tok.pad_token_id)
+        if tok.eos_token_id is not None:
+            return int(tok.eos_token_id)
+        raise ConfigError(f"the {self.name} tokenizer has neither a pad nor an eos token")
+
+    # ---- batches ---------------------------------------------------------------------------------
+
+    def images_arg(self, images: list[Image.Image]) -> list[Any]:
+        """How the processor wants one image per prompt (flat list by default)."""
+        return list(images)
+
+    def _encode(self, processor: Any, images: list[Image.Image], texts: list[str]) -> dict[str, torch.Tensor]:
+        processor.tokenizer.padding_side = "left"
+        enc = processor(images=self.images_arg(images), text=texts, return_tensors="pt", padding=True)
+        return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+
+    def build_inputs(
+        self,
+        processor: Any,
+        images: list[Image.Image],
+        questions: list[str],
+        answers: list[str] | None = None,
+    ) -> Batch:
+        """Left-padded inputs for one image + question per row, optionally teacher-forcing answers.
+
+        The answer span is found by encoding the prompt alone and comparing unpadded lengths, so
+        image-token expansion stays entirely the processor's business.
+        """
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        if answers is not None and len(answers) != len(questions):
+            raise ValueError(f"{len(answers)} answers but {len(questions)} questions")
+        prompts = [self.format_prompt(processor, q) for q in questions]
+        prompt_inputs = self._encode(processor, images, prompts)
+        prompt_lengths = [int(n) for n in prompt_inputs["attention_mask"].sum(-1)]
+        if answers is None:
+            return Batch(inputs=prompt_inputs, answer_positions=None, prompt_lengths=prompt_lengths)
+
+        end = self.end_token(processor)
+        texts = [p + self.answer_join + a.strip() + end for p, a in zip(prompts, answers, strict=True)]
+        inputs = self._encode(processor, images, texts)
+        full_lengths = inputs["attention_mask"].sum(-1)
+        seq = inputs["input_ids"].shape[1]
+        positions = torch.zeros(inputs["input_ids"].shape, dtype=torch.bool)
+        for row, (full, prompt) in enumerate(zip(full_lengths.tolist(), prompt_lengths, strict=True)):
+            n_answer = full - prompt  # answer tokens + end token
+            if n_answer < 1 or n_answer >= full:
+                raise ValueError(f"row {row}: answer {answers[row]!r} encodes to {n_answer} tokens")
+            # Left padding: the sequence ends at seq-1; logit t predicts token t+1.
+            positions[row, seq - 1 - n_answer : seq - 1] = True
+        return Batch(inputs=inputs, answer_positions=positions, prompt_lengths=prompt_lengths)
+
+    # ---- loading ---------------------------------------------------------------------------------
+
+    def load_processor(self, source: str, trust_remote_code: bool = False) -> Any:
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+
+    def load(self, source: str, dtype: str = "float32", trust_remote_code: bool = False) -> tuple[Any, Any]:
+        """Weights (safetensors only) and processor from a local folder or cached hub id; eval mode."""
+        from transformers import AutoModelForImageTextToText
+
+        if dtype not in DTYPES:
+            raise ConfigError(f"unsupported dtype '{dtype}'; supported: {', '.join(DTYPES)}")
+        model = AutoModelForImageTextToText.from_pretrained(
+            source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+        processor = self.load_processor(source, trust_remote_code=trust_remote_code)
+        processor.tokenizer.padding_side = "left"
+        model.eval()
+        self.bind(model)
+        return model, processor
+
+
+def _token_id(tokenizer: Any, token: str) -> int | None:
+    """The id of a single token, or None when the vocab lacks it (instead of the unk id)."""
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is None or (tid == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        return None
+    return int(tid)
+
+
+def _text_config(model: torch.nn.Module) -> Any:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config

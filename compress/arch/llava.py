@@ -1,0 +1,25 @@
+"""LLaVA (llava-hf layout): CLIP-style vision tower, MLP projector, any causal LM as the text backbone."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from compress.arch.base import Adapter
+
+
+class LlavaAdapter(Adapter):
+    name = "llava"
+    model_types = ("llava",)
+    components: ClassVar[dict[str, str]] = {
+        "vision": "model.vision_tower",
+        "projector": "model.multi_modal_projector",
+        "language": "model.language_model",
+        "lm_head": "lm_head",
+    }
+    # The text backbone varies (Llama, Mistral, Qwen2, ...); `bind` replaces this with what is loaded.
+    default_decoder_layers: ClassVar[dict[str, str]] = {"llava": "LlamaDecoderLayer"}
+    image_token = "<image>"
+    # The llava-1.5 conversation format, used when the processor ships no chat template.
+    default_prompt = "USER: <image>\n{question} ASSISTANT:"
+    answer_join = " "
+    end_of_turn = None  # the tokenizer's eos (</s>)

@@ -1,0 +1,60 @@
+"""Qwen2-VL and Qwen2.5-VL: the patch merger (projector) lives inside the vision tower.
+
+Their processors also insist on a video processor, which needs torchvision; this toolkit only feeds
+images, so it loads an image-only variant of the same processor class and works without torchvision.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
+
+from compress.arch.base import Adapter
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """Qwen2VLProcessor without the video processor (so no torchvision is needed); same image path."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """Qwen2_5_VLProcessor without the video processor; same image path."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+IMAGE_ONLY_PROCESSORS: dict[str, type] = {
+    "qwen2_vl": ImageOnlyQwen2VLProcessor,
+    "qwen2_5_vl": ImageOnlyQwen2_5_VLProcessor,
+}
+
+
+class Qwen2VLAdapter(Adapter):
+    name = "qwen2_vl"
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    # `projector` is nested in `vision`; module selection gives each module to its innermost component.
+    components: ClassVar[dict[str, str]] = {
+        "vision": "model.visual",
+        "projector": "model.visual.merger",
+        "language": "model.language_model",
+        "lm_head": "lm_head",
+    }
+    default_decoder_layers: ClassVar[dict[str, str]] = {
+        "qwen2_vl": "Qwen2VLDecoderLayer",
+        "qwen2_5_vl": "Qwen2_5_VLDecoderLayer",
+    }
+    image_token = "<|image_pad|>"
+    explicit_positions = False  # M-RoPE: the model derives 3-D positions from the mask and image grid
+    default_prompt = (
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    # The generation prompt already ends with a newline; the turn closes with <|im_end|>.
+    answer_join = ""
+    end_of_turn = "<|im_end|>"
+
+    def load_processor(self, source: str, trust_remote_code: bool = False) -> Any:
+        return IMAGE_ONLY_PROCESSORS[self.model_type].from_pretrained(source, trust_remote_code=trust_remote_code)
