@@ -82,7 +82,7 @@ def test_folder(folder: Path) -> None:
     ds = load_dataset(DataConfig(source=str(folder)))
     _assert_matches(ds, _samples())
     assert ds.source == f"folder:{folder}"
-    assert ds.records[0].meta == {"qtype": "color", "seed": 0}
+    assert ds.records[0].meta == {"qtype": "color", "seed": 0, "short_answer": shapes.sample(0).short_answer}
     assert json.dumps(ds.records[0].meta)
 
 
@@ -269,7 +269,7 @@ def test_unknown_source_kind(tmp_path: Path) -> None:
 
 def test_missing_column_lists_available(folder: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"metadata\.jsonl:1: missing column\(s\) \['question'\]; available "
-                       r"columns: \['file_name', 'prompt', 'answer', 'qtype', 'seed'\]"):
+                       r"columns: \['file_name', 'prompt', 'answer', 'short_answer', 'qtype', 'seed'\]"):
         load_dataset(DataConfig(source=str(folder), columns={"prompt": "question"}))
     t = _table(_samples(2)).drop_columns(["answer"])
     pq.write_table(t, tmp_path / "noans.parquet")

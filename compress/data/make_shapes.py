@@ -48,8 +48,8 @@ def write_set(out: Path, start: int, count: int) -> Path:
             s = shapes.sample(seed)
             file_name = f"images/{i:06d}.png"
             (tmp / file_name).write_bytes(png_bytes(s.image))
-            row = {"file_name": file_name, "prompt": s.question, "answer": s.answer, "short_answer": s.short_answer, "qtype": s.qtype,
-                   "seed": seed}
+            row = {"file_name": file_name, "prompt": s.question, "answer": s.answer,
+                   "short_answer": s.short_answer, "qtype": s.qtype, "seed": seed}
             lines.append(json.dumps(row, ensure_ascii=False) + "\n")
         (tmp / "metadata.jsonl").write_text("".join(lines), encoding="utf-8", newline="\n")
         if out.exists():
