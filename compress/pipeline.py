@@ -11,6 +11,7 @@ import hashlib
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from compress import __version__
 from compress.arch import adapter_for_source
 from compress.artifacts import DONE, RunDir, atomic_dir, sha256_tree
+from compress.checkpoint import load_checkpoint, save_checkpoint
 from compress.checks.evaluator import Evaluation, Evaluator, Reference
 from compress.checks.gate import run_checks
 from compress.data import Dataset, load_dataset
@@ -182,7 +184,7 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
         log(f"resuming {run_dir.root}")
         m["status"] = "running"
 
-    model, processor = adapter.load(inputs.source, r.model.dtype, r.model.trust_remote_code)
+    model, processor = load_checkpoint(inputs.source, adapter, r.model.dtype, r.model.trust_remote_code)
     m["model"].update(model_type=model.config.model_type,
                       parameters=sum(p.numel() for p in model.parameters()))
     evaluator = Evaluator(adapter, processor, inputs.evaluation, r.evaluation)
@@ -213,7 +215,7 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
             state_source = str(run_dir.path(rec["checkpoint"]))
     if state_source != inputs.source:
         log(f"restoring model state from {state_source}")
-        model, _ = adapter.load(state_source, r.model.dtype, r.model.trust_remote_code)
+        model, _ = load_checkpoint(state_source, adapter, r.model.dtype, r.model.trust_remote_code)
 
     forward_loop = (_forward_loop(adapter, processor, inputs.calibration, r.calibration.batch_size)
                     if inputs.calibration else None)
@@ -232,7 +234,7 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
         run_dir.set_stage_record(rec)
         t0 = time.time()
         spec = get_stage(cfg.type)
-        ctx = StageContext(adapter=adapter, processor=processor, workdir=run_dir.path(f"stages/{name}"),
+        ctx = StageContext(adapter=adapter, processor=processor, workdir=run_dir.path(f".work/{name}"),
                            seed=r.seed, forward_loop=forward_loop)
         result = spec.apply(model, cfg, ctx)
         model = result.model
@@ -244,8 +246,7 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
         if passed or cfg.gate.on_fail == "warn":
             rel = f"stages/{name}"
             with atomic_dir(run_dir.path(rel)) as tmp:
-                model.save_pretrained(tmp)
-                processor.save_pretrained(tmp)
+                save_checkpoint(model, processor, tmp)
             _fault(f"after_checkpoint:{i}")
             rec.update(status="completed" if passed else "warned", checkpoint=rel,
                        files=run_dir.file_entries(rel))
@@ -259,7 +260,7 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
                        message=f"gate failed ({_failed(checks)}); state rolled back to the previous stage")
             log(f"stage {name}: gate failed ({_failed(checks)}); rolling back")
             del model
-            model, _ = adapter.load(state_source, r.model.dtype, r.model.trust_remote_code)
+            model, _ = load_checkpoint(state_source, adapter, r.model.dtype, r.model.trust_remote_code)
         else:
             rec.update(status="failed", message=f"gate failed ({_failed(checks)}); run stopped (on_fail: stop)")
             status = "stopped"
@@ -272,6 +273,7 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
             log(f"STOPPED at stage {name}: {rec['message']}")
             break
 
+    shutil.rmtree(run_dir.path(".work"), ignore_errors=True)
     m["status"] = status
     m["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     if r.output.report:
@@ -286,8 +288,6 @@ def _failed(checks) -> str:
 
 
 def _drop_older_checkpoints(run_dir: RunDir, keep_index: int) -> None:
-    import shutil
-
     for rec in run_dir.manifest.get("stages", []):
         if rec["index"] < keep_index and rec.get("checkpoint"):
             shutil.rmtree(run_dir.path(rec["checkpoint"]), ignore_errors=True)

@@ -116,20 +116,25 @@ def describe(scene: list[Obj]) -> str:
     return " , ".join(f"{o.color} {o.shape} {POSITIONS[o.cell]}" for o in scene)
 
 
-def sample(seed: int) -> Sample:
+REASONED = True  # the bundled model's answer style (see the module docstring)
+
+
+def sample(seed: int, reasoned: bool | None = None) -> Sample:
     """The sample for one seed; question types are balanced by seed."""
+    reasoned = REASONED if reasoned is None else reasoned
     rng = random.Random(seed)
     qtype = QUESTION_TYPES[seed % len(QUESTION_TYPES)]
     while True:
         scene = random_scene(rng)
         qa = ask(scene, qtype, rng)
         if qa is not None:
-            return Sample(render(scene, rng), qa[0], f"{describe(scene)} ; {qa[1]}", qtype, qa[1])
+            answer = f"{describe(scene)} ; {qa[1]}" if reasoned else qa[1]
+            return Sample(render(scene, rng), qa[0], answer, qtype, qa[1])
 
 
-def samples(start: int, count: int) -> Iterator[Sample]:
+def samples(start: int, count: int, reasoned: bool | None = None) -> Iterator[Sample]:
     for seed in range(start, start + count):
-        yield sample(seed)
+        yield sample(seed, reasoned)
 
 
 def vocabulary() -> list[str]:

@@ -44,11 +44,12 @@ def encode(processor, batch: list[shapes.Sample], with_answers: bool) -> dict:
     return dict(enc)
 
 
-def evaluate(model, processor, seeds: range, batch_size: int = 100, blank: bool = False) -> dict:
+def evaluate(model, processor, seeds: range, batch_size: int = 100, blank: bool = False,
+             reasoned: bool | None = None) -> dict:
     runner = TorchRunner(model, processor.tokenizer.eos_token_id, processor.tokenizer.pad_token_id)
     hits: dict[str, list[int]] = defaultdict(list)
     for start in range(seeds.start, seeds.stop, batch_size):
-        batch = list(shapes.samples(start, min(batch_size, seeds.stop - start)))
+        batch = list(shapes.samples(start, min(batch_size, seeds.stop - start), reasoned))
         if blank:
             batch = [shapes.Sample(shapes.render([], random.Random(0)), s.question, s.answer, s.qtype, s.short_answer)
                      for s in batch]
@@ -66,7 +67,7 @@ def evaluate(model, processor, seeds: range, batch_size: int = 100, blank: bool 
 
 
 def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, hidden: int, layers: int,
-          threads: int) -> dict:
+          threads: int, reasoned: bool) -> dict:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     processor = build.build_processor()
@@ -82,7 +83,7 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, hidden: 
     eval_seeds = range(shapes.EVAL_SEEDS[0], shapes.EVAL_SEEDS[0] + 200)
     for step in range(steps):
         model.train()
-        batch = [shapes.sample(rng.randrange(lo, lo + span)) for _ in range(batch_size)]
+        batch = [shapes.sample(rng.randrange(lo, lo + span), reasoned) for _ in range(batch_size)]
         enc = encode(processor, batch, with_answers=True)
         loss = model(**enc, position_ids=position_ids(enc["attention_mask"])).loss
         opt.zero_grad(set_to_none=True)
@@ -94,7 +95,7 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, hidden: 
             msg = f"step {step} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} t {time.time() - t0:.0f}s"
             if step % 500 == 0 or step == steps - 1:
                 model.eval()
-                msg += f" eval {json.dumps(evaluate(model, processor, eval_seeds))}"
+                msg += f" eval {json.dumps(evaluate(model, processor, eval_seeds, reasoned=reasoned))}"
             print(msg, flush=True)
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
@@ -105,8 +106,9 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, hidden: 
         "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "hidden": hidden,
         "layers": layers, "threads": threads, "train_seconds": round(time.time() - t0, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "heldout": evaluate(model, processor, full),
-        "heldout_blank_images": evaluate(model, processor, full, blank=True),
+        "reasoned": reasoned,
+        "heldout": evaluate(model, processor, full, reasoned=reasoned),
+        "heldout_blank_images": evaluate(model, processor, full, blank=True, reasoned=reasoned),
     }
     (out / "training.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -117,14 +119,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "shapes_vqa")
     ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=5e-4)  # 1e-3 and up wrecks the CLIP tower early on
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--style", choices=["reasoned", "short"], default="reasoned" if shapes.REASONED else "short")
     args = ap.parse_args()
     print(json.dumps(train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.hidden,
-                           args.layers, args.threads), indent=2))
+                           args.layers, args.threads, args.style == "reasoned"), indent=2))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,242 @@
+"""The quantize stage: schema, a scheme x family matrix on tiny models, and the bundled recipes."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from compress.arch import get_adapter
+from compress.arch.tiny import FAMILIES, save_tiny
+from compress.checkpoint import load_checkpoint
+from compress.cli import main
+from compress.errors import ConfigError, RecipeError
+from compress.quant import Int8Linear
+from compress.recipe import load_recipe
+from compress.registry import get_stage
+from compress.stages.base import StageContext
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _recipe(tmp_path: Path, stages: list[dict], calibration: bool = True, name: str = "q") -> Path:
+    doc = {
+        "name": name,
+        "model": {"source": "zoo:shapes-vqa"},
+        "evaluation": {"source": str(ROOT / "calibration/shapes-vqa/eval"), "batch_size": 100},
+        "stages": stages,
+    }
+    if calibration:
+        doc["calibration"] = {"source": str(ROOT / "calibration/shapes-vqa/calib"), "num_samples": 64}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+INT8 = {"type": "quantize", "scheme": "int8", "targets": {"components": ["language"]},
+        "activations": {"calibration": "minmax"}, "gate": {"min_retention": 0.9}}
+NF4 = {"type": "quantize", "scheme": "nf4", "targets": {"components": ["language"]}, "gate": {"min_retention": 0.9}}
+
+
+@pytest.mark.parametrize(
+    ("stages", "calibration", "needle"),
+    [
+        ([{**INT8, "activations": None}], True, "int8 needs 'activations'"),
+        ([{**NF4, "activations": {"calibration": "minmax"}}], True, "nf4 is weight-only"),
+        ([{**INT8, "nf4": {"blocksize": 64}}], True, "'nf4' settings only apply to scheme nf4"),
+        ([{**INT8, "activations": "none", "smoothquant": {"alpha": 0.5}}], True, "smoothquant needs calibrated"),
+        ([{**NF4, "nf4": {"blocksize": 48}}], True, "stages[0].nf4.blocksize"),
+        ([{**INT8, "activations": {"calibration": "kl"}}], True, "stages[0].activations"),
+        ([INT8], False, "needs a 'calibration' section"),
+        ([INT8, NF4], True, "'quantize' stage cannot run after a 'quantize' stage (model is fake_quant)"),
+        ([INT8, {"type": "prune", "method": "l1_unstructured", "sparsity": 0.1,
+                 "targets": {"components": ["language"]}, "gate": {"min_retention": 0.9}}], True,
+         "'prune' stage cannot run after a 'quantize' stage"),
+    ],
+)
+def test_quantize_recipe_errors(tmp_path, stages, calibration, needle):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_recipe(tmp_path, stages, calibration))
+    assert needle in str(e.value)
+    assert ".yaml:" in str(e.value)
+
+
+def test_valid_orders(tmp_path):
+    weight_only = {**INT8, "activations": "none"}
+    for stages in ([NF4, INT8], [weight_only], [{**INT8, "smoothquant": {"alpha": 0.8}}]):
+        load_recipe(_recipe(tmp_path, stages))
+
+
+# ---- every scheme on every family's tiny model, through the registered stage ----------------------
+
+
+def _images(n: int, seed: int) -> list[Image.Image]:
+    rng = random.Random(seed)
+    return [Image.new("RGB", (32, 32), tuple(rng.randrange(256) for _ in range(3))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stage_matrix(tmp_path, family, scheme):
+    src = tmp_path / "src"
+    save_tiny(family, src)
+    adapter = get_adapter(json.loads((src / "config.json").read_text())["model_type"])
+    model, processor = load_checkpoint(src, adapter)
+    questions = ["what is it?", "which colour is this one?", "how many?"]
+    batch = adapter.build_inputs(processor, _images(3, 0), questions)
+    with torch.no_grad():
+        reference = model(**batch.inputs).logits
+
+    def forward_loop(m):
+        for seed in range(2):
+            enc = adapter.build_inputs(processor, _images(3, seed + 1), questions)
+            m(**enc.inputs)
+
+    spec = get_stage("quantize")
+    raw = {"type": "quantize", "scheme": scheme, "targets": {"components": ["language"]},
+           "gate": {"min_retention": 0.5}}
+    if scheme == "int8":
+        raw["activations"] = {"calibration": "percentile", "percentile": 99.9}
+    else:
+        raw["nf4"] = {"blocksize": 32}
+    cfg = spec.config.model_validate(raw)
+    ctx = StageContext(adapter=adapter, processor=processor, workdir=tmp_path / "work", seed=0,
+                       forward_loop=forward_loop)
+    result = spec.apply(model, cfg, ctx)
+    q = result.model
+    kinds = {type(m).__name__ for m in adapter.component(q, "language").modules()}
+    assert ("Int8Linear" if scheme == "int8" else "Linear4bit") in kinds
+    assert type(adapter.component(q, "lm_head")).__name__ == "Linear"  # not targeted
+    details = result.details
+    assert details["quantized_weights"]["ratio"] < (0.3 if scheme == "int8" else 0.4)
+    assert details["model_bytes_after"] < details["model_bytes_before"]
+    with torch.no_grad():
+        out = q(**batch.inputs).logits
+    assert torch.isfinite(out).all()
+    rel = float((out - reference).norm() / reference.norm())
+    assert rel < 0.25, rel
+
+    # Checkpoint round trip reproduces the quantized model exactly.
+    from compress.checkpoint import save_checkpoint
+
+    save_checkpoint(q, processor, tmp_path / "ckpt")
+    again, _ = load_checkpoint(tmp_path / "ckpt", get_adapter(adapter.model_type))
+    with torch.no_grad():
+        assert torch.equal(again(**batch.inputs).logits, out)
+
+
+def test_nf4_blocksize_error_names_module(tmp_path):
+    src = tmp_path / "src"
+    save_tiny("llava", src)
+    adapter = get_adapter("llava")
+    model, processor = load_checkpoint(src, adapter)
+    spec = get_stage("quantize")
+    cfg = spec.config.model_validate({**NF4, "nf4": {"blocksize": 64}})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"model\.language_model\.layers\.0\.\S+.*64"):
+        spec.apply(model, cfg, StageContext(adapter, processor, tmp_path / "w", 0))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ---- the bundled model ---------------------------------------------------------------------------
+
+
+def _run(recipe: Path, out: Path) -> dict:
+    assert main(["run", str(recipe), "--out", str(out)]) == 0
+    return json.loads((out / "manifest.json").read_text())
+
+
+def _reevaluate(run: Path, stage: dict, m: dict) -> dict:
+    """Score a saved checkpoint with the same evaluator; returns its metrics."""
+    from compress.checks.evaluator import Evaluator, Reference
+    from compress.data import load_dataset
+    from compress.runtime.torch_runner import TorchRunner
+    from safetensors.torch import load_file
+
+    lr = load_recipe(run / "recipe.yaml")
+    adapter = get_adapter("llava")
+    model, processor = load_checkpoint(run / stage["checkpoint"], adapter)
+    data = load_dataset(lr.recipe.evaluation, Path(m["recipe"]["path"]).parent)
+    ev = Evaluator(adapter, processor, data, lr.recipe.evaluation)
+    ref = Reference(**load_file(run / "baseline/reference.safetensors"))
+    return ev.evaluate(TorchRunner.for_adapter(model, adapter, processor), ref).metrics
+
+
+def test_int8_recipe_on_bundled_model(tmp_path):
+    out = tmp_path / "int8"
+    m = _run(ROOT / "recipes/int8.yaml", out)
+    (stage,) = m["stages"]
+    assert stage["status"] == "completed"
+    assert stage["checks"][0]["retention"] >= 0.99
+    assert stage["details"]["quantized_weights"]["ratio"] <= 0.26
+    mods = stage["details"]["modules"]
+    assert all(d["scheme"] == "w8a8" and d["observer"] == "percentile" and d["input_scale"] > 0
+               for d in mods.values())
+    assert (out / stage["checkpoint"] / "compress_quant.json").exists()
+    again = _reevaluate(out, stage, m)
+    assert again == pytest.approx(stage["metrics"], abs=1e-6)
+
+
+def test_nf4_recipe_reloads_with_from_pretrained(tmp_path):
+    out = tmp_path / "nf4"
+    m = _run(ROOT / "recipes/nf4.yaml", out)
+    (stage,) = m["stages"]
+    assert stage["status"] == "completed"
+    assert stage["checks"][0]["retention"] >= 0.97
+    assert stage["details"]["quantized_weights"]["ratio"] <= 0.15
+    from transformers import AutoModelForImageTextToText
+
+    ckpt = out / stage["checkpoint"]
+    plain = AutoModelForImageTextToText.from_pretrained(ckpt)
+    assert "quantization_config" in json.loads((ckpt / "config.json").read_text())
+    assert type(plain.model.language_model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    assert _reevaluate(out, stage, m) == pytest.approx(stage["metrics"], abs=1e-6)
+
+
+def test_mixed_recipe_gives_each_component_its_scheme(tmp_path):
+    out = tmp_path / "mixed"
+    m = _run(ROOT / "recipes/mixed.yaml", out)
+    nf4, int8 = m["stages"]
+    assert nf4["status"] == int8["status"] == "completed"
+    assert all("language_model" in k for k in nf4["details"]["modules"])
+    assert all("vision_tower" in k for k in int8["details"]["modules"])
+    model, _ = load_checkpoint(out / int8["checkpoint"], get_adapter("llava"))
+    assert isinstance(model.model.vision_tower.encoder.layers[0].mlp.fc1, Int8Linear)
+    assert type(model.model.language_model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    assert type(model.model.multi_modal_projector.linear_1).__name__ == "Linear"
+    assert _reevaluate(out, int8, m) == pytest.approx(int8["metrics"], abs=1e-6)
+
+
+def test_unreadable_calibration_images_fail_before_anything(tmp_path, capsys):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    (calib / "a.png").write_bytes(b"not a png")
+    (calib / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "prompt": "q", "answer": "a"}) + "\n")
+    path = _recipe(tmp_path, [INT8])
+    doc = yaml.safe_load(path.read_text())
+    doc["calibration"] = {"source": str(calib)}
+    path.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "a.png" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_empty_calibration_set_fails_before_anything(tmp_path, capsys):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    (calib / "metadata.jsonl").write_text("")
+    path = _recipe(tmp_path, [INT8])
+    doc = yaml.safe_load(path.read_text())
+    doc["calibration"] = {"source": str(calib)}
+    path.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--out", str(out)]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert not out.exists()
