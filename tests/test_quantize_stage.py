@@ -153,10 +153,11 @@ def _run(recipe: Path, out: Path) -> dict:
 
 def _reevaluate(run: Path, stage: dict, m: dict) -> dict:
     """Score a saved checkpoint with the same evaluator; returns its metrics."""
+    from safetensors.torch import load_file
+
     from compress.checks.evaluator import Evaluator, Reference
     from compress.data import load_dataset
     from compress.runtime.torch_runner import TorchRunner
-    from safetensors.torch import load_file
 
     lr = load_recipe(run / "recipe.yaml")
     adapter = get_adapter("llava")
