@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from compress import __version__
 from compress.arch import adapter_for_source
@@ -136,7 +137,8 @@ def _forward_loop(adapter, processor, data: Dataset, batch_size: int):
 
     @torch.inference_mode()
     def loop(model: torch.nn.Module) -> None:
-        for batch in data.batches(batch_size):
+        total = -(-len(data) // batch_size)
+        for batch in tqdm(data.batches(batch_size), total=total, desc="calibration", leave=False):
             enc = adapter.build_inputs(processor, [r.image for r in batch], [r.prompt for r in batch])
             model(**enc.inputs)
 
@@ -236,7 +238,12 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
         spec = get_stage(cfg.type)
         ctx = StageContext(adapter=adapter, processor=processor, workdir=run_dir.path(f".work/{name}"),
                            seed=r.seed, forward_loop=forward_loop)
-        result = spec.apply(model, cfg, ctx)
+        try:
+            result = spec.apply(model, cfg, ctx)
+        except ConfigError as e:
+            rec.update(status="error", message=str(e), wall_s=round(time.time() - t0, 2))
+            run_dir.set_stage_record(rec)
+            raise ConfigError(f"stage {name}: {e}") from None
         model = result.model
         _fault(f"after_apply:{i}")
         ev = evaluator.evaluate(runner(model), reference, desc=name)
