@@ -118,8 +118,9 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, hidden: 
     processor.save_pretrained(out)
     full = range(*[shapes.EVAL_SEEDS[0], sum(shapes.EVAL_SEEDS)])
     result = {
-        "steps": steps, "batch_size": batch_size, "lr": lr, "vision_lr": vision_lr, "answer_weight": answer_weight, "seed": seed, "hidden": hidden,
-        "layers": layers, "threads": threads, "train_seconds": round(time.time() - t0, 1),
+        "steps": steps, "batch_size": batch_size, "lr": lr, "vision_lr": vision_lr,
+        "answer_weight": answer_weight, "seed": seed, "hidden": hidden, "layers": layers,
+        "threads": threads, "train_seconds": round(time.time() - t0, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
         "reasoned": reasoned,
         "heldout": evaluate(model, processor, full, reasoned=reasoned),
