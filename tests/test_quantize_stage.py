@@ -213,31 +213,26 @@ def test_mixed_recipe_gives_each_component_its_scheme(tmp_path):
     assert _reevaluate(out, int8, m) == pytest.approx(int8["metrics"], abs=1e-6)
 
 
-def test_unreadable_calibration_images_fail_before_anything(tmp_path, capsys):
+def _bad_calibration(tmp_path: Path, image: bytes | None) -> Path:
     calib = tmp_path / "calib"
     calib.mkdir()
-    (calib / "a.png").write_bytes(b"not a png")
-    (calib / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "prompt": "q", "answer": "a"}) + "\n")
+    if image is None:
+        (calib / "metadata.jsonl").write_text("")
+    else:
+        (calib / "a.png").write_bytes(image)
+        (calib / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "prompt": "q", "answer": "a"}) + "\n")
+    return calib
+
+
+@pytest.mark.parametrize(("image", "needle"), [(b"not a png", "a.png"), (None, "empty")],
+                         ids=["unreadable-image", "empty-set"])
+def test_bad_calibration_data_fails_before_anything(tmp_path, capsys, image, needle):
     path = _recipe(tmp_path, [INT8])
     doc = yaml.safe_load(path.read_text())
-    doc["calibration"] = {"source": str(calib)}
+    doc["calibration"] = {"source": str(_bad_calibration(tmp_path, image))}
     path.write_text(yaml.safe_dump(doc))
     out = tmp_path / "run"
     assert main(["run", str(path), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "a.png" in err and "Traceback" not in err
-    assert not out.exists()
-
-
-def test_empty_calibration_set_fails_before_anything(tmp_path, capsys):
-    calib = tmp_path / "calib"
-    calib.mkdir()
-    (calib / "metadata.jsonl").write_text("")
-    path = _recipe(tmp_path, [INT8])
-    doc = yaml.safe_load(path.read_text())
-    doc["calibration"] = {"source": str(calib)}
-    path.write_text(yaml.safe_dump(doc))
-    out = tmp_path / "run"
-    assert main(["run", str(path), "--out", str(out)]) == 2
-    assert "empty" in capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
     assert not out.exists()
