@@ -1,0 +1,166 @@
+"""Operator fusion for the exported graphs, and op counts that show what fused and what did not.
+
+Two passes per graph, in this order:
+
+1. onnxscript's `optimize_for_ort` (onnxscript.rewriter.ort_fusions): pattern rewrites written for
+   graphs from the torch dynamo exporter. It fuses RMSNorm -> SimplifiedLayerNormalization, residual
+   add + norm -> Skip(Simplified)LayerNormalization, scaled-dot-product attention -> MultiHeadAttention
+   (decoder, with the additive mask as attention_bias) or Attention (vision, q/k/v packed), and
+   erf-GELU + bias -> BiasGelu.
+2. `onnxruntime.transformers.optimizer.optimize_model` with a model_type per graph ("clip" for CLIP
+   towers, "vit" for SigLIP-style towers, "gpt2" for Llama-style decoders), opt_level 0 (offline
+   pattern fusions only, so the result stays portable across execution providers). It adds what the
+   first pass lacks, e.g. QuickGelu (x * sigmoid(1.702 x), CLIP's activation).
+
+ONNX Runtime's own pattern fusions were written for TorchScript-exported graphs: on dynamo graphs they
+find the norms but not the attention blocks, hence pass 1. What stays unfused is listed in
+docs/export.md. Every fused graph is re-checked by `compress.export.parity.check_parity`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from compress.export.onnx import META_FILE, describe_files, read_meta, save_model, write_meta
+
+FUSED_OP_TYPES = (
+    "Attention",
+    "MultiHeadAttention",
+    "GroupQueryAttention",
+    "SkipLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+    "SimplifiedLayerNormalization",
+    "LayerNormalization",
+    "RotaryEmbedding",
+    "Gelu",
+    "FastGelu",
+    "QuickGelu",
+    "BiasGelu",
+    "MatMulNBits",
+    "MatMulBnb4",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeLinear",
+    "DynamicQuantizeMatMul",
+    "QuantizeLinear",
+    "DequantizeLinear",
+)
+# onnxruntime.transformers model_type per (exporter family, graph).
+ORT_MODEL_TYPES = {("llava", "vision"): "clip", ("idefics3", "vision"): "vit"}
+DECODER_MODEL_TYPE = "gpt2"
+
+
+def count_ops(model: Any) -> dict[str, int]:
+    """Counts of the fusion-relevant op types (zeros included) plus `nodes`, the total node count."""
+    import onnx
+
+    if isinstance(model, str | Path):
+        model = onnx.load(str(model), load_external_data=False)
+    counts = Counter(node.op_type for node in model.graph.node)
+    return {"nodes": sum(counts.values()), **{op: counts.get(op, 0) for op in FUSED_OP_TYPES}}
+
+
+def _nonzero(counts: dict[str, int]) -> dict[str, int]:
+    return {k: v for k, v in counts.items() if v}
+
+
+def _onnxscript_pass(path: Path, out: Path) -> dict[str, int]:
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    model = ir.load(str(path))
+    model, fusions = optimize_for_ort(model)
+    save_model(ir.to_proto(model), out)
+    return _nonzero(fusions)
+
+
+def _ort_pass(path: Path, out: Path, model_type: str, num_heads: int, hidden_size: int) -> None:
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions(model_type)
+    options.enable_gelu_approximation = False  # keep the exact erf/tanh GELU: parity, not speed, comes first
+    optimized = optimize_model(str(path), model_type=model_type, num_heads=num_heads, hidden_size=hidden_size,
+                               opt_level=0, optimization_options=options, use_gpu=False)
+    save_model(optimized.model, out)
+
+
+def fuse_graph(path: str | Path, model_type: str, num_heads: int, hidden_size: int,
+               out_path: str | Path | None = None) -> dict[str, Any]:
+    """Fuse one graph (in place unless `out_path`); returns op counts before / after and what each pass did."""
+    import onnx
+
+    from compress.export.qdq import unshare_qdq
+
+    path = Path(path)
+    out = Path(out_path) if out_path is not None else path
+    before = count_ops(path)
+    with tempfile.TemporaryDirectory(prefix="fuse-") as tmp:
+        step1 = Path(tmp) / "step1.onnx"
+        step2 = Path(tmp) / "step2.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fusions = _onnxscript_pass(path, step1)
+            _ort_pass(step1, step2, model_type, num_heads, hidden_size)
+        proto = onnx.load(str(step2))
+        unshare_qdq(proto)  # the passes' CSE merges per-projection Q/DQ copies again
+        save_model(proto, out)
+    return {
+        "before": before,
+        "after": count_ops(out),
+        "passes": [
+            {"tool": "onnxscript.rewriter.ort_fusions.optimize_for_ort", "fusions": fusions},
+            {"tool": "onnxruntime.transformers.optimizer.optimize_model", "model_type": model_type, "opt_level": 0},
+        ],
+    }
+
+
+def fuse_export(out_dir: str | Path) -> dict[str, Any]:
+    """Fuse the vision and decoder graphs of an export folder in place and record the counts in export.json.
+
+    The embed graph is a single Gather and is left alone. Returns {graph: fuse_graph(...) result}.
+    """
+    out_dir = Path(out_dir)
+    meta = read_meta(out_dir)
+    family = meta["family"]
+    results: dict[str, Any] = {}
+    for name, file in meta["graphs"].items():
+        if name == "embed":
+            continue
+        if name == "decoder":
+            model_type, heads, hidden = DECODER_MODEL_TYPE, meta["num_heads"], meta["hidden_size"]
+        else:
+            model_type = ORT_MODEL_TYPES.get((family, name), "vit")
+            heads, hidden = meta.get("vision_num_heads", 0), meta.get("vision_hidden_size", 0)
+        results[name] = fuse_graph(out_dir / file, model_type, heads, hidden)
+    meta["fused"] = True
+    meta["fused_ops"] = results
+    write_meta(out_dir, meta)
+    describe_files(out_dir)
+    return results
+
+
+def runtime_ops(path: str | Path, providers: list[Any] | None = None,
+                disabled_optimizers: list[str] | tuple[str, ...] = ()) -> dict[str, int]:
+    """Op counts of the graph ONNX Runtime actually runs (after its own session-time optimizations).
+
+    Uses ORT_ENABLE_EXTENDED, the highest level whose saved graph is not hardware-specific; this is where
+    the QDQ -> MatMulIntegerToFloat rewrites happen, so it shows whether int8 kernels are used.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    with tempfile.TemporaryDirectory(prefix="ort-opt-") as tmp:
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"],
+                             disabled_optimizers=list(disabled_optimizers))
+        return _nonzero(count_ops(options.optimized_model_filepath))
+
+
+__all__ = ["FUSED_OP_TYPES", "META_FILE", "count_ops", "fuse_export", "fuse_graph", "runtime_ops"]

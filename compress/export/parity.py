@@ -1,0 +1,191 @@
+"""Prove an export folder computes what the PyTorch model computes, graph by graph and end to end.
+
+Inputs are fresh and shaped unlike the export's tracing dummies (batch 3 instead of 2, a 9-token
+left-padded prefill instead of 5 tokens on a 3-token past, an empty past, then several decode
+steps), so a dimension the exporter accidentally froze shows up here rather than in production.
+
+Compared, each against the same torch modules the graph was exported from (with the model's own
+quantized modules: fake-quant Int8Linear, bnb Linear4bit):
+- vision: image_features for a batch of random pixel values;
+- embed: inputs_embeds for random token ids;
+- decoder: logits and every present.N.key/value at prefill and at each decode step, the ONNX side
+  feeding back its own presents (so cache drift accumulates as it would in generation);
+- end_to_end: `OrtRunner.logits` vs `TorchRunner.logits` on processor-built image + prompt batches,
+  which also checks the feature merge and, through the real model, the export wrappers.
+Only positions the attention mask keeps are compared: a left-padding row attends to nothing, and
+its (never used) values differ between implementations of the fully-masked softmax.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from compress.errors import CompressError
+from compress.export.onnx import (
+    DecoderWithPast,
+    decoder_module,
+    dummy_images,
+    read_meta,
+    vision_module,
+    write_meta,
+)
+
+GRAPHS = ("vision", "embed", "decoder", "end_to_end")
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-3
+QUESTIONS = ("what is it?", "what color is the largest shape in this picture?", "where?")
+
+
+class ParityError(CompressError):
+    """An exported graph disagrees with PyTorch beyond its tolerance; names the output and the error."""
+
+
+def _tol(value: float | dict[str, float], graph: str, default: float) -> float:
+    if isinstance(value, dict):
+        return float(value.get(graph, default))
+    return float(value)
+
+
+class _Checker:
+    def __init__(self, atol: float | dict[str, float], rtol: float | dict[str, float]):
+        self.atol, self.rtol = atol, rtol
+        self.errors: dict[str, float] = {}
+
+    def compare(self, graph: str, name: str, got: np.ndarray, ref: np.ndarray, keep: np.ndarray | None = None) -> None:
+        """Record max |got - ref| under `graph.name`; raise if any element is beyond atol + rtol*|ref|."""
+        got = np.asarray(got, dtype=np.float64)
+        ref = np.asarray(ref, dtype=np.float64)
+        if got.shape != ref.shape:
+            raise ParityError(f"{graph} output '{name}': shape {got.shape} from ONNX Runtime, {ref.shape} from torch")
+        if keep is not None:
+            got, ref = got[keep], ref[keep]
+        diff = np.abs(got - ref)
+        err = float(diff.max()) if diff.size else 0.0
+        if not np.isfinite(diff).all():
+            raise ParityError(f"{graph} output '{name}': non-finite values (ONNX Runtime or torch)")
+        key = f"{graph}.{name}"
+        self.errors[key] = max(err, self.errors.get(key, 0.0))
+        atol, rtol = _tol(self.atol, graph, DEFAULT_ATOL), _tol(self.rtol, graph, DEFAULT_RTOL)
+        bad = diff > atol + rtol * np.abs(ref)
+        if bad.any():
+            raise ParityError(
+                f"{graph} output '{name}': max abs error {err:.3g} exceeds atol={atol:g} + rtol={rtol:g}*|ref| "
+                f"at {int(bad.sum())} of {diff.size} compared values"
+            )
+
+
+def _valid_kv(mask: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """[B, kv_heads, total, head_dim] boolean: cache positions the mask keeps."""
+    return np.broadcast_to(mask.astype(bool)[:, None, :, None], like.shape)
+
+
+def _left_padded_mask(lengths: list[int], total: int) -> np.ndarray:
+    mask = np.zeros((len(lengths), total), dtype=np.int64)
+    for row, n in enumerate(lengths):
+        mask[row, total - n :] = 1
+    return mask
+
+
+@torch.no_grad()
+def _torch_decoder(module: DecoderWithPast, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
+                   past: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    out = module(torch.from_numpy(embeds), torch.from_numpy(mask), torch.from_numpy(positions), tuple(past))
+    return out[0], list(out[1:])
+
+
+def check_parity(
+    model: torch.nn.Module,
+    adapter: Any,
+    processor: Any,
+    out_dir: str | Path,
+    atol: float | dict[str, float] = DEFAULT_ATOL,
+    rtol: float | dict[str, float] = DEFAULT_RTOL,
+    samples: list[tuple[Image.Image, str]] | None = None,
+    decode_steps: int = 3,
+    providers: Any = None,
+    seed: int = 0,
+    record: bool = True,
+    session_options: Any = None,
+) -> dict[str, float]:
+    """Max abs error per graph output (keys like "decoder.prefill.logits"); raises ParityError on a miss.
+
+    `atol` / `rtol` are one number or a dict by graph name (vision, embed, decoder, end_to_end).
+    `samples` are (image, question) pairs for the end-to-end check (default: 3 random images with
+    questions of different lengths). `record=True` also stores the errors in export.json.
+    `session_options` (an onnxruntime.SessionOptions) e.g. lowers the optimization level to compare
+    the graph's float QDQ semantics instead of ORT's integer kernels.
+    """
+    from compress.runtime.ort_runner import OrtRunner, position_ids
+    from compress.runtime.torch_runner import TorchRunner
+
+    meta = read_meta(out_dir)
+    runner = OrtRunner.from_dir(out_dir, providers=providers, session_options=session_options)
+    check = _Checker(atol, rtol)
+    rng = np.random.default_rng(seed)
+    np_dtype = runner.dtype
+    model.eval()
+
+    if "vision" in runner.sessions:
+        pixels = rng.standard_normal((3, *meta["pixel_shape"])).astype(np_dtype)
+        vision = vision_module(model, adapter, pixels.shape)
+        with torch.no_grad():
+            ref = vision(torch.from_numpy(pixels)).float().numpy()
+        got = runner.sessions["vision"].run(["image_features"], {"pixel_values": pixels})[0]
+        check.compare("vision", "image_features", got, ref)
+
+    embedding = adapter.component(model, "language").get_input_embeddings()
+    ids = rng.integers(0, meta["vocab_size"], (3, 7))
+    with torch.no_grad():
+        ref = embedding(torch.from_numpy(ids)).float().numpy()
+    check.compare("embed", "inputs_embeds", runner.embed(ids), ref)
+
+    decoder = decoder_module(model, adapter)
+    lengths, total = [6, 9, 4], 9
+    mask = _left_padded_mask(lengths, total)
+    ids = rng.integers(0, meta["vocab_size"], (3, total))
+    with torch.no_grad():
+        embeds = embedding(torch.from_numpy(ids)).numpy().astype(np_dtype)
+    positions = position_ids(mask)
+    empty = runner.empty_past(3)
+    ref_logits, ref_past = _torch_decoder(decoder, embeds, mask, positions, [torch.from_numpy(p) for p in empty])
+    logits, past = runner.decode(embeds, mask, positions, empty)
+    keep = mask.astype(bool)
+    check.compare("decoder", "prefill.logits", logits, ref_logits.float().numpy(), keep)
+    for got, ref in zip(past, ref_past, strict=True):
+        check.compare("decoder", "prefill.present", got, ref.float().numpy(), _valid_kv(mask, got))
+    next_tok = ref_logits[:, -1].argmax(-1).numpy()
+    pos = positions[:, -1:]
+    for _ in range(decode_steps):
+        mask = np.concatenate([mask, np.ones((3, 1), dtype=np.int64)], axis=-1)
+        pos = pos + 1
+        with torch.no_grad():
+            step = embedding(torch.from_numpy(next_tok[:, None])).numpy().astype(np_dtype)
+        ref_logits, ref_past = _torch_decoder(decoder, step, mask, pos, ref_past)
+        logits, past = runner.decode(step, mask, pos, past)
+        check.compare("decoder", "decode.logits", logits, ref_logits.float().numpy())
+        for got, ref in zip(past, ref_past, strict=True):
+            check.compare("decoder", "decode.present", got, ref.float().numpy(), _valid_kv(mask, got))
+        next_tok = ref_logits[:, -1].argmax(-1).numpy()
+
+    if "vision" in runner.sessions:
+        if samples is None:
+            samples = list(zip(dummy_images(3, seed=seed + 1), QUESTIONS, strict=True))
+        images, questions = [s[0] for s in samples], [s[1] for s in samples]
+        batch = adapter.build_inputs(processor, images, questions)
+        torch_runner = TorchRunner.for_adapter(model, adapter, processor)
+        ref = torch_runner.logits(batch.inputs).numpy()
+        got = runner.logits(batch.inputs).numpy()
+        keep = batch.inputs["attention_mask"].numpy().astype(bool)
+        check.compare("end_to_end", "logits", got, ref, keep)
+
+    errors = dict(sorted(check.errors.items()))
+    if record:
+        meta = read_meta(out_dir)
+        meta["parity"] = {"max_abs_error": errors, "atol": atol, "rtol": rtol, "providers": runner.providers}
+        write_meta(out_dir, meta)
+    return errors

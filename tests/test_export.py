@@ -1,0 +1,295 @@
+"""ONNX export, fusion, carried quantization and the ONNX Runtime runner, on tiny real models (no mocks).
+
+Each export traces real torch modules with the dynamo exporter and runs the graphs in ONNX Runtime's
+CPU provider; module-scoped fixtures export each model once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from compress.arch import get_adapter, select_modules
+from compress.arch.tiny import tiny_model
+from compress.errors import ConfigError
+from compress.export import copy_export, export_onnx, read_meta
+from compress.export.fuse import count_ops, fuse_export, runtime_ops
+from compress.export.onnx import dummy_images
+from compress.export.parity import ParityError, check_parity
+from compress.quant import ActQuant, Int8Linear, WeightQuant, quantize_linears
+from compress.runtime.ort_runner import OrtRunner, resolve_providers
+from compress.runtime.torch_runner import TorchRunner
+from compress.stages.base import Targets
+
+pytest.importorskip("onnxscript")
+
+QUESTIONS = ["what?", "what color is the large shape in the top left corner?", "which one is it"]
+FP32_ATOL = 1e-5
+# INT8: graph and torch use the same grid, but ORT's integer GEMM accumulates exactly where torch's fake-quant
+# accumulates in float; a value within ~1e-6 of a rounding boundary can land one step apart in the next
+# layer. On these tiny models the measured error is ~1e-7; the tolerance allows a few such flips.
+INT8_ATOL = {"vision": 5e-3, "embed": 0.0, "decoder": 5e-3, "end_to_end": 5e-3}
+NF4_ATOL = 1e-5  # bnb's own codes and absmax: exact weights, float32 GEMM on both sides
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+class Exported:
+    def __init__(self, family: str, out: Path, model: nn.Module, adapter: Any, processor: Any, result: Any):
+        self.family, self.out, self.model, self.adapter, self.processor, self.result = (
+            family, out, model, adapter, processor, result)
+
+    def inputs(self, answers: list[str] | None = None, seed: int = 7) -> Any:
+        return self.adapter.build_inputs(self.processor, dummy_images(3, seed=seed), QUESTIONS, answers)
+
+    def torch_runner(self) -> TorchRunner:
+        return TorchRunner.for_adapter(self.model, self.adapter, self.processor)
+
+
+def _export(family: str, out: Path, fusion: bool, prepare=None) -> Exported:
+    model, processor = tiny_model(family)
+    adapter = get_adapter(family).bind(model)
+    if prepare is not None:
+        model = prepare(model, adapter, processor)
+        adapter = get_adapter(family).bind(model)
+    result = export_onnx(model, adapter, processor, out, fusion=fusion)
+    return Exported(family, out, model, adapter, processor, result)
+
+
+def _w8a8(model: nn.Module, adapter: Any, processor: Any) -> nn.Module:
+    targets = Targets(components=["vision", "projector", "language", "lm_head"])
+    calib = [adapter.build_inputs(processor, dummy_images(3, seed=s), QUESTIONS).inputs for s in (1, 2)]
+
+    def loop(m: nn.Module) -> None:
+        with torch.inference_mode():
+            for batch in calib:
+                m(**batch)
+
+    quantize_linears(model, select_modules(model, adapter, targets), WeightQuant(), ActQuant("minmax"), loop)
+    return model
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    return _export("llava", tmp_path_factory.mktemp("llava") / "onnx", fusion=False)
+
+
+@pytest.fixture(scope="module")
+def llava_fused(llava: Exported, tmp_path_factory: pytest.TempPathFactory) -> tuple[Exported, dict[str, Any]]:
+    out = copy_export(llava.out, tmp_path_factory.mktemp("llava-fused") / "onnx")
+    fused = fuse_export(out)
+    return Exported(llava.family, out, llava.model, llava.adapter, llava.processor, llava.result), fused
+
+
+def _same_generation(exp: Exported, runner: OrtRunner, tokens: int = 10) -> None:
+    batch = exp.inputs()
+    ref = exp.torch_runner()
+    want = ref.generate(batch.inputs, tokens)
+    assert runner.generate(batch.inputs, tokens) == want
+    # Stopping rule: make a token the middle row produces an eos, so rows stop at different steps and
+    # finished rows are fed the pad token, exactly as TorchRunner does.
+    stop = want[1][2]
+    ref.eos.add(stop)
+    runner.eos.add(stop)
+    try:
+        stopped = ref.generate(batch.inputs, tokens)
+        assert len(stopped[1]) <= 2
+        assert runner.generate(batch.inputs, tokens) == stopped
+    finally:
+        ref.eos.discard(stop)
+        runner.eos.discard(stop)
+
+
+# ---- fp32 LLaVA ----------------------------------------------------------------------------------------
+
+
+def test_llava_artifact_is_self_describing(llava: Exported):
+    meta = read_meta(llava.out)
+    assert meta["graphs"] == {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx"}
+    assert set(llava.result.files) == {"vision", "embed", "decoder"}
+    assert meta["num_layers"] == 2 and meta["num_kv_heads"] == 2 and meta["head_dim"] == 8
+    assert meta["image_token_id"] == llava.model.config.image_token_index
+    assert meta["image_tokens_per_image"] == 16 and meta["dtype"] == "float32"
+    io = {g: {v["name"]: v["shape"] for v in d["inputs"] + d["outputs"]} for g, d in meta["io"].items()}
+    assert io["vision"]["pixel_values"][0] == "batch" and io["vision"]["image_features"] == ["batch", 16, 32]
+    dec = io["decoder"]
+    assert dec["inputs_embeds"] == ["batch", "seq", 32]
+    assert dec["attention_mask"] == ["batch", "total"]
+    assert dec["past_key_values.1.value"] == ["batch", 2, "past", 8]
+    assert dec["present.1.value"] == ["batch", 2, "total", 8]
+    assert dec["logits"][:2] == ["batch", "seq"]
+    assert all(size > 0 for size in meta["sizes"].values())
+
+
+def test_llava_fp32_parity(llava: Exported):
+    errors = check_parity(llava.model, llava.adapter, llava.processor, llava.out, atol=FP32_ATOL, rtol=1e-4)
+    assert {"vision.image_features", "embed.inputs_embeds", "decoder.prefill.logits", "decoder.prefill.present",
+            "decoder.decode.logits", "decoder.decode.present", "end_to_end.logits"} <= set(errors)
+    assert max(errors.values()) < FP32_ATOL
+    assert read_meta(llava.out)["parity"]["max_abs_error"] == errors
+
+
+def test_ort_runner_matches_torch_runner(llava: Exported):
+    runner = OrtRunner.from_dir(llava.out)
+    assert runner.backend == "onnxruntime" and runner.providers == ["CPUExecutionProvider"]
+    _same_generation(llava, runner)
+    batch = llava.inputs(answers=["red", "a blue circle", "no"])
+    got, want = runner.logits(batch.inputs), llava.torch_runner().logits(batch.inputs)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    keep = batch.inputs["attention_mask"].bool()
+    torch.testing.assert_close(got[keep], want[keep], atol=FP32_ATOL, rtol=1e-4)
+
+
+def test_parity_failure_names_the_output(llava: Exported):
+    head = llava.model.lm_head.weight
+    saved = head.detach().clone()
+    try:
+        with torch.no_grad():
+            head.add_(0.05)
+        with pytest.raises(ParityError, match=r"decoder output 'prefill.logits': max abs error"):
+            check_parity(llava.model, llava.adapter, llava.processor, llava.out, record=False)
+    finally:
+        with torch.no_grad():
+            head.copy_(saved)
+
+
+def test_fused_graphs_show_fused_ops_and_keep_parity(llava_fused: tuple[Exported, dict[str, Any]]):
+    exp, fused = llava_fused
+    vision, decoder = fused["vision"], fused["decoder"]
+    assert vision["after"]["Attention"] == 2 and vision["before"]["Attention"] == 0
+    assert vision["after"]["SkipLayerNormalization"] >= 2 and vision["after"]["QuickGelu"] == 2
+    assert decoder["after"]["MultiHeadAttention"] == 2
+    assert decoder["after"]["SkipSimplifiedLayerNormalization"] == 4
+    assert decoder["after"]["SimplifiedLayerNormalization"] == 1
+    for graph in (vision, decoder):
+        assert graph["after"]["nodes"] < graph["before"]["nodes"]
+    meta = read_meta(exp.out)
+    assert meta["fused"] and meta["fused_ops"]["decoder"]["after"] == count_ops(exp.out / "decoder.onnx")
+    errors = check_parity(exp.model, exp.adapter, exp.processor, exp.out, atol=FP32_ATOL, rtol=1e-4)
+    assert max(errors.values()) < FP32_ATOL
+    _same_generation(exp, OrtRunner.from_dir(exp.out))
+
+
+# ---- quantized graphs ----------------------------------------------------------------------------------
+
+
+def test_int8_w8a8_export_carries_the_quantize_stage_scales(tmp_path: Path):
+    exp = _export("llava", tmp_path / "int8", fusion=True, prepare=_w8a8)
+    int8 = {n: m for n, m in exp.model.named_modules() if isinstance(m, Int8Linear)}
+    decoder_int8 = [n for n in int8 if n.startswith(("model.language_model", "lm_head"))]
+    assert exp.result.quantized["schemes"] == {"w8a8": len(int8)}
+    meta = read_meta(exp.out)
+    assert meta["session"]["disabled_optimizers"] == ["CommonSubexpressionElimination"]
+
+    decoder = onnx.load(str(exp.out / "decoder.onnx"))
+    ops = count_ops(decoder)
+    # One activation QuantizeLinear per module; one DequantizeLinear per activation and per weight.
+    assert ops["QuantizeLinear"] == len(decoder_int8) and ops["DequantizeLinear"] == 2 * len(decoder_int8)
+    int8_weights = [t for t in decoder.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    assert len(int8_weights) == len(decoder_int8)
+    # The scales are the module's own, not recalibrated.
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in decoder.graph.initializer}
+    q_scales = {float(consts[n.input[1]]) for n in decoder.graph.node if n.op_type == "QuantizeLinear"}
+    assert q_scales == {float(int8[n].input_scale) for n in decoder_int8}
+    # ONNX Runtime's CPU provider runs every decoder projection as an integer GEMM.
+    used = runtime_ops(exp.out / "decoder.onnx", disabled_optimizers=meta["session"]["disabled_optimizers"])
+    assert used.get("MatMulIntegerToFloat") == len(decoder_int8)
+    assert runtime_ops(exp.out / "vision.onnx", disabled_optimizers=meta["session"]["disabled_optimizers"]).get(
+        "MatMulIntegerToFloat", 0) > 0
+
+    errors = check_parity(exp.model, exp.adapter, exp.processor, exp.out, atol=INT8_ATOL, rtol=1e-3)
+    assert max(errors.values()) < 5e-3
+    _same_generation(exp, OrtRunner.from_dir(exp.out))
+
+
+def test_nf4_export_packs_bnb_codes_into_matmulbnb4(tmp_path: Path, llava: Exported):
+    pytest.importorskip("bitsandbytes")
+    from compress.export.qdq import Bnb4Linear
+    from compress.quant import quantize_nf4
+
+    def nf4(model: nn.Module, adapter: Any, processor: Any) -> nn.Module:
+        names = list(select_modules(model, adapter, Targets(components=["language"])))
+        return quantize_nf4(model, names, blocksize=32, double_quant=True, workdir=tmp_path / "work")
+
+    exp = _export("llava", tmp_path / "nf4", fusion=False, prepare=nf4)
+    layers = {n: m for n, m in exp.model.named_modules() if type(m).__name__ == "Linear4bit"}
+    import bitsandbytes as bnb
+
+    for layer in layers.values():  # the packed codes reproduce bnb's weight exactly
+        want = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        assert torch.equal(Bnb4Linear(layer).dequantized_weight(), want.float())
+    decoder = onnx.load(str(exp.out / "decoder.onnx"))
+    bnb_nodes = [n for n in decoder.graph.node if n.op_type == "MatMulBnb4"]
+    assert len(bnb_nodes) == len(layers) and all(n.domain == "com.microsoft" for n in bnb_nodes)
+    attrs = {a.name: a.i for a in bnb_nodes[0].attribute}
+    assert attrs["quant_type"] == 1 and attrs["block_size"] == 32
+    assert read_meta(exp.out)["sizes"]["decoder.onnx"] < read_meta(llava.out)["sizes"]["decoder.onnx"]
+    fp32_weights = sum(t.ByteSize() for t in onnx.load(str(llava.out / "decoder.onnx")).graph.initializer)
+    assert sum(t.ByteSize() for t in decoder.graph.initializer) < 0.6 * fp32_weights  # lm_head stays fp32
+
+    errors = check_parity(exp.model, exp.adapter, exp.processor, exp.out, atol=NF4_ATOL, rtol=1e-4)
+    assert max(errors.values()) < NF4_ATOL
+    _same_generation(exp, OrtRunner.from_dir(exp.out))
+
+
+# ---- other families ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
+def test_idefics3_family_exports_fused_with_parity(family: str, tmp_path: Path):
+    exp = _export(family, tmp_path / family, fusion=True)
+    assert exp.result.fused_ops["vision"]["after"]["Attention"] == 2
+    errors = check_parity(exp.model, exp.adapter, exp.processor, exp.out, atol=FP32_ATOL, rtol=1e-4)
+    assert max(errors.values()) < FP32_ATOL
+    _same_generation(exp, OrtRunner.from_dir(exp.out))
+
+
+def test_idefics3_refuses_padded_images():
+    from compress.export.onnx import vision_pixels
+
+    pixels = np.ones((1, 1, 3, 32, 32), dtype=np.float32)
+    mask = np.ones((1, 1, 32, 32), dtype=np.int64)
+    assert vision_pixels("idefics3", {"pixel_values": pixels, "pixel_attention_mask": mask}).shape == (1, 3, 32, 32)
+    mask[..., 20:] = 0
+    with pytest.raises(ConfigError, match="whole images only"):
+        vision_pixels("idefics3", {"pixel_values": pixels, "pixel_attention_mask": mask})
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_families_raise_a_specific_config_error(family: str, tmp_path: Path):
+    model, processor = tiny_model(family)
+    with pytest.raises(ConfigError, match=rf"\({family}\) cannot be exported to ONNX yet: .*M-RoPE"):
+        export_onnx(model, get_adapter(family).bind(model), processor, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ---- runner plumbing -----------------------------------------------------------------------------------
+
+
+def test_providers_and_folder_errors(tmp_path: Path, llava: Exported):
+    assert resolve_providers(None) == ["CPUExecutionProvider"]
+    assert resolve_providers("auto")[-1] == "CPUExecutionProvider"
+    assert resolve_providers(["CUDAExecutionProvider", "CPUExecutionProvider"])[-1] == "CPUExecutionProvider"
+    with pytest.raises(ConfigError, match="none of the execution providers"):
+        resolve_providers(["NoSuchExecutionProvider"])
+    with pytest.raises(ConfigError, match=r"export\.json is missing"):
+        OrtRunner.from_dir(tmp_path)
+    broken = copy_export(llava.out, tmp_path / "broken")
+    (broken / "decoder.onnx").unlink()
+    with pytest.raises(ConfigError, match="graph 'decoder'"):
+        OrtRunner.from_dir(broken)
+    meta = json.loads((broken / "export.json").read_text())
+    meta["format"] = "other"
+    (broken / "export.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="not a compress-onnx manifest"):
+        read_meta(broken)
