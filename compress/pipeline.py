@@ -33,7 +33,7 @@ from compress.checkpoint import load_checkpoint, save_checkpoint
 from compress.checks.evaluator import Evaluation, Evaluator, Reference
 from compress.checks.gate import run_checks
 from compress.data import Dataset, load_dataset
-from compress.errors import ConfigError
+from compress.errors import CompressError, ConfigError
 from compress.recipe import LoadedRecipe, load_recipe, stage_name
 from compress.registry import get_stage
 from compress.report import summary_rows, table, write_report
@@ -240,23 +240,33 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
                            seed=r.seed, forward_loop=forward_loop)
         try:
             result = spec.apply(model, cfg, ctx)
-        except ConfigError as e:
+        except CompressError as e:
             rec.update(status="error", message=str(e), wall_s=round(time.time() - t0, 2))
             run_dir.set_stage_record(rec)
-            raise ConfigError(f"stage {name}: {e}") from None
+            raise type(e)(f"stage {name}: {e}") from None
         model = result.model
         _fault(f"after_apply:{i}")
-        ev = evaluator.evaluate(runner(model), reference, desc=name)
+        scored = result.runner or runner(model)
+        ev = evaluator.evaluate(scored, reference, desc=f"{name} ({scored.backend})")
+        rec["backend"] = scored.backend
         checks = run_checks(cfg.gate, baseline, ev.metrics)
         passed = all(c.passed for c in checks)
         rec.update(_record_eval(ev), checks=[c.to_dict() for c in checks], details=result.details)
         if passed or cfg.gate.on_fail == "warn":
             rel = f"stages/{name}"
-            with atomic_dir(run_dir.path(rel)) as tmp:
-                save_checkpoint(model, processor, tmp)
+            if result.artifacts is not None:  # an export: keep its files; the torch state is unchanged
+                dest = run_dir.path(rel)
+                if dest.exists():  # left by a killed attempt; the manifest never claimed it
+                    shutil.rmtree(dest)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(result.artifacts, dest)  # same file system: one rename
+                rec["artifacts"] = rel
+            else:
+                with atomic_dir(run_dir.path(rel)) as tmp:
+                    save_checkpoint(model, processor, tmp)
+                rec["checkpoint"] = rel
             _fault(f"after_checkpoint:{i}")
-            rec.update(status="completed" if passed else "warned", checkpoint=rel,
-                       files=run_dir.file_entries(rel))
+            rec.update(status="completed" if passed else "warned", files=run_dir.file_entries(rel))
             if not passed:
                 rec["message"] = "gate failed; continuing because on_fail is 'warn'"
                 log(f"WARNING stage {name}: gate failed ({_failed(checks)}); continuing (on_fail: warn)")

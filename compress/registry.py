@@ -19,7 +19,7 @@ class StageSpec:
 
 
 _STAGES: dict[str, StageSpec] = {}
-BUILTIN_STAGES = ("compress.stages.prune", "compress.stages.quantize")
+BUILTIN_STAGES = ("compress.stages.prune", "compress.stages.quantize", "compress.stages.export")
 
 
 def register_stage(config: type[StageConfig]) -> Callable[[Apply], Apply]:

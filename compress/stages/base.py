@@ -79,5 +79,13 @@ class StageContext:
 
 @dataclass
 class StageResult:
+    """The (possibly new) model, details for the manifest, and for exports what to score and keep.
+
+    `runner` (when set) is what the gate evaluates instead of the PyTorch model; `artifacts` is a
+    folder the pipeline moves into the run folder when the stage is kept.
+    """
+
     model: torch.nn.Module
     details: dict[str, Any] = field(default_factory=dict)
+    runner: Any = None
+    artifacts: Path | None = None

@@ -1,0 +1,91 @@
+"""`type: export`: write ONNX graphs, prove them against PyTorch, and hand the gate an ONNX Runtime runner.
+
+The stage's accuracy check answers the evaluation questions through the exported files themselves
+(the pipeline evaluates the runner this stage returns), so what passes the gate is what ships.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from compress.registry import register_stage
+from compress.stages.base import StageConfig, StageContext, StageResult, Strict
+
+Graph = Literal["vision", "embed", "decoder", "end_to_end"]
+
+
+class OptimizeConfig(Strict):
+    fusion: bool = True
+
+
+class DynamicConfig(Strict):
+    """Graphs are always exported with dynamic axes; the fields document it (static shapes: not yet)."""
+
+    batch: Literal[True] = True
+    image_count: Literal[True] = True
+    sequence: Literal[True] = True
+
+
+class ParityConfig(Strict):
+    atol: float | dict[Graph, float] = 1e-4
+    rtol: float | dict[Graph, float] = 1e-3
+    decode_steps: int = Field(3, ge=1, le=64)
+
+
+class ExportConfig(StageConfig):
+    type: Literal["export"]
+    format: Literal["onnx"]
+    opset: int = Field(18, ge=18, le=21)
+    # Both graphs are needed for the gate: it answers questions through the exported files.
+    components: list[Literal["vision", "decoder"]] = Field(default_factory=lambda: ["vision", "decoder"])
+    optimize: OptimizeConfig = OptimizeConfig()
+    quantize: Literal["from_stage", "none"] = "from_stage"
+    dynamic: DynamicConfig = DynamicConfig()
+    parity: ParityConfig = ParityConfig()
+    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"], min_length=1)
+
+    accepts = frozenset({"float", "sparse", "fake_quant", "quantized"})
+    requirement = "a PyTorch model (float, sparse or quantized); export it once, at the end"
+
+    def output_state(self, state: str) -> str:
+        return "exported"
+
+    @model_validator(mode="after")
+    def _both_graphs(self) -> ExportConfig:
+        if sorted(set(self.components)) != ["decoder", "vision"]:
+            raise ValueError("components must be [vision, decoder]: the gate answers questions through "
+                             "both exported graphs")
+        return self
+
+
+@register_stage(ExportConfig)
+def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> StageResult:
+    from compress.export import check_parity, export_onnx
+    from compress.runtime.ort_runner import OrtRunner
+
+    out = ctx.workdir / "onnx"
+    result = export_onnx(model, ctx.adapter, ctx.processor, out, opset=cfg.opset, components=cfg.components,
+                         fusion=cfg.optimize.fusion, quantize=cfg.quantize == "from_stage")
+    parity = check_parity(model, ctx.adapter, ctx.processor, out, atol=cfg.parity.atol, rtol=cfg.parity.rtol,
+                          decode_steps=cfg.parity.decode_steps, providers=cfg.providers, seed=ctx.seed)
+    runner = OrtRunner.from_dir(out, providers=cfg.providers)
+    files = {name: {"file": path.name, "bytes": path.stat().st_size} for name, path in result.files.items()}
+    return StageResult(model, {
+        "format": cfg.format,
+        "opset": cfg.opset,
+        "providers": runner_providers(runner),
+        "files": files,
+        "total_bytes": sum(f["bytes"] for f in files.values()),
+        "fused_ops": result.meta.get("fused_ops", {}),
+        "quantized": result.quantized.get("summary", result.quantized),
+        "parity_max_abs_error": parity,
+    }, runner=runner, artifacts=out)
+
+
+def runner_providers(runner: object) -> list[str]:
+    sessions = getattr(runner, "sessions", {})
+    first = next(iter(sessions.values()), None)
+    return list(first.get_providers()) if first is not None else []

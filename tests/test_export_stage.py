@@ -1,0 +1,103 @@
+"""The export stage in the pipeline: recipes, ordering, and the gate scoring ONNX Runtime's answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compress.cli import main
+from compress.errors import RecipeError
+from compress.recipe import load_recipe
+from compress.runtime.ort_runner import OrtRunner
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPORT = {"type": "export", "format": "onnx", "gate": {"min_retention": 0.99}}
+PRUNE = {"type": "prune", "method": "l1_unstructured", "sparsity": 0.1, "targets": {"components": ["language"]},
+         "gate": {"min_retention": 0.9}}
+
+
+def _recipe(tmp_path: Path, stages: list[dict], name: str = "e") -> Path:
+    doc = {"name": name, "model": {"source": "zoo:shapes-vqa"},
+           "evaluation": {"source": str(ROOT / "calibration/shapes-vqa/eval"), "num_samples": 100,
+                          "batch_size": 50, "max_new_tokens": 24},
+           "stages": stages}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("stages", "needle"),
+    [
+        ([EXPORT, PRUNE], "'prune' stage cannot run after a 'export' stage (model is exported)"),
+        ([EXPORT, EXPORT], "'export' stage cannot run after a 'export' stage"),
+        ([{**EXPORT, "components": ["vision"]}], "components must be [vision, decoder]"),
+        ([{**EXPORT, "format": "tflite"}], "stages[0].format"),
+        ([{**EXPORT, "opset": 13}], "stages[0].opset"),
+        ([{**EXPORT, "dynamic": {"batch": False}}], "stages[0].dynamic.batch"),
+        ([{**EXPORT, "parity": {"atol": {"audio": 1.0}}}], "stages[0].parity.atol"),
+    ],
+)
+def test_export_recipe_errors(tmp_path, stages, needle):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_recipe(tmp_path, stages))
+    assert needle in str(e.value) and ".yaml:" in str(e.value)
+
+
+def test_onnx_fp32_recipe(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", str(ROOT / "recipes/onnx-fp32.yaml"), "--out", str(out)]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    (stage,) = m["stages"]
+    assert stage["status"] == "completed" and stage["backend"] == "onnxruntime"
+    assert stage["checks"][0]["retention"] >= 0.995
+    assert stage["artifacts"] == "stages/onnx" and "checkpoint" not in stage
+    art = out / stage["artifacts"]
+    assert {p.name for p in art.iterdir()} >= {"vision.onnx", "embed.onnx", "decoder.onnx", "export.json"}
+    errors = stage["details"]["parity_max_abs_error"]
+    assert errors and max(errors.values()) <= 1e-3
+    fused = stage["details"]["fused_ops"]
+    assert fused["decoder"]["after"]["MultiHeadAttention"] > 0 and fused["vision"]["after"]["Attention"] > 0
+    listed = {f["path"] for f in m["files"]}
+    assert "stages/onnx/decoder.onnx" in listed
+    assert not (out / ".work").exists()
+    # The folder is self-describing: it runs on its own.
+    runner = OrtRunner.from_dir(art)
+    assert runner.backend == "onnxruntime"
+
+
+def test_export_after_int8_carries_the_integers(tmp_path):
+    stages = [
+        {"type": "quantize", "scheme": "int8", "targets": {"components": ["language"]},
+         "activations": {"calibration": "minmax"}, "gate": {"min_retention": 0.98}},
+        {**EXPORT, "parity": {"atol": {"vision": 1e-4, "decoder": 0.01, "end_to_end": 0.05}, "rtol": 1e-2}},
+    ]
+    path = _recipe(tmp_path, stages)
+    doc = yaml.safe_load(path.read_text())
+    doc["calibration"] = {"source": str(ROOT / "calibration/shapes-vqa/calib"), "num_samples": 64}
+    path.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--out", str(out)]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    int8, export = m["stages"]
+    assert export["status"] == "completed" and export["backend"] == "onnxruntime"
+    after = export["details"]["fused_ops"]["decoder"]["after"]
+    assert after["QuantizeLinear"] > 0 and after["DequantizeLinear"] > 0
+    # ONNX Runtime answers like the torch INT8 model it came from.
+    assert export["metrics"]["exact_match"] == pytest.approx(int8["metrics"]["exact_match"], abs=0.011)
+    assert (out / "stages/01-export/decoder.onnx").stat().st_size < 0.5 * (
+        (out / "stages/00-quantize/compress_quant.safetensors").stat().st_size * 4)
+
+
+def test_parity_failure_is_a_clear_error(tmp_path, capsys):
+    stage = {**EXPORT, "parity": {"atol": 1e-12, "rtol": 0.0}}
+    out = tmp_path / "run"
+    assert main(["run", str(_recipe(tmp_path, [stage])), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "stage 00-export:" in err and "max abs error" in err and "Traceback" not in err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["stages"][0]["status"] == "error"
+    assert not (out / "stages" / "00-export").exists()
