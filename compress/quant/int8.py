@@ -30,7 +30,7 @@ from compress.quant.smoothquant import (
     Fp32BuffersMixin,
     SmoothedLinear,
     check_unshared,
-    input_of,
+    observe_inputs,
     resolve,
 )
 
@@ -214,28 +214,7 @@ def calibrate(
     if forward_loop is None:
         raise ConfigError("activation quantization needs calibration data (a forward_loop), but none was given")
     observers = {name: make_observer(act.observer, **act.params) for name in modules}
-
-    def make_hook(obs: Observer):
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            x = input_of(args, kwargs)
-            smooth = getattr(module, "smooth_scale", None)
-            obs.update(x * smooth if smooth is not None else x)
-
-        return hook
-
-    handles = [m.register_forward_pre_hook(make_hook(observers[n]), with_kwargs=True) for n, m in modules.items()]
-    try:
-        forward_loop(model)
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n, o in observers.items() if o.batches == 0]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
-        raise ConfigError(
-            f"calibration observed no activations for {len(missing)} of {len(modules)} modules: {shown}; "
-            "the calibration set is empty or these modules are not used by the model's forward pass"
-        )
+    observe_inputs(model, modules, forward_loop, lambda name, x: observers[name].update(x))
     return observers
 
 

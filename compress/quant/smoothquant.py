@@ -131,21 +131,22 @@ def smoothing_factors(act_amax: torch.Tensor, weight: torch.Tensor, alpha: float
     return torch.where(dead, torch.ones_like(s), s).clamp(S_MIN, S_MAX)
 
 
-def collect_channel_amax(
-    model: nn.Module, modules: dict[str, nn.Module], forward_loop: Callable[[nn.Module], None] | None
-) -> dict[str, torch.Tensor]:
-    """Per-input-channel max |x| of each module's input (after any existing smooth_scale), over forward_loop."""
-    if forward_loop is None:
-        raise ConfigError("SmoothQuant needs calibration data (a forward_loop), but none was given")
-    amax: dict[str, torch.Tensor] = {}
+def observe_inputs(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    forward_loop: Callable[[nn.Module], None],
+    observe: Callable[[str, torch.Tensor], None],
+) -> None:
+    """Run `forward_loop` once, calling `observe(name, x)` on each module's input as the module sees it
+    (after any smooth_scale); every module must see data, or nothing downstream may change."""
+    seen: set[str] = set()
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = input_of(args, kwargs).detach()
-            if isinstance(module, SmoothedLinear):
-                x = x * module.smooth_scale
-            cur = x.abs().float().reshape(-1, x.shape[-1]).amax(dim=0)
-            amax[name] = cur if name not in amax else torch.maximum(amax[name], cur)
+            smooth = getattr(module, "smooth_scale", None)
+            observe(name, x * smooth if smooth is not None else x)
+            seen.add(name)
 
         return hook
 
@@ -155,13 +156,28 @@ def collect_channel_amax(
     finally:
         for h in handles:
             h.remove()
-    missing = [n for n in modules if n not in amax]
+    missing = [n for n in modules if n not in seen]
     if missing:
         shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
         raise ConfigError(
-            f"calibration produced no activations for {len(missing)} of {len(modules)} modules: {shown}; "
+            f"calibration observed no activations for {len(missing)} of {len(modules)} modules: {shown}; "
             "the calibration set is empty or these modules are not used by the model's forward pass"
         )
+
+
+def collect_channel_amax(
+    model: nn.Module, modules: dict[str, nn.Module], forward_loop: Callable[[nn.Module], None] | None
+) -> dict[str, torch.Tensor]:
+    """Per-input-channel max |x| of each module's input (after any existing smooth_scale), over forward_loop."""
+    if forward_loop is None:
+        raise ConfigError("SmoothQuant needs calibration data (a forward_loop), but none was given")
+    amax: dict[str, torch.Tensor] = {}
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        cur = x.abs().float().reshape(-1, x.shape[-1]).amax(dim=0)
+        amax[name] = cur if name not in amax else torch.maximum(amax[name], cur)
+
+    observe_inputs(model, modules, forward_loop, observe)
     return amax
 
 
