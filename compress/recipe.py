@@ -27,7 +27,6 @@ class ModelConfig(Strict):
     source: str = Field(min_length=1, description="zoo:NAME, a local folder, or a hub id (online only)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
-    revision: str | None = None
 
 
 class EvaluationConfig(DataConfig):
