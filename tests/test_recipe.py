@@ -183,3 +183,12 @@ def test_ordering_rule_names_the_stage_and_line(tmp_path, engine_stage):
     assert "'prune' stage cannot run after a 'engine_for_test' stage (model is engine)" in msg
     # The other order is fine.
     load_recipe(write(tmp_path, VALID.replace(stage, stage + engine)))
+
+
+def test_every_registered_stage_has_a_bundled_recipe():
+    """A stage type nobody ships a recipe for is a stage nobody ran end to end."""
+    from compress.registry import stages
+
+    used = {s.type for p in Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml")
+            for s in load_recipe(p).recipe.stages}
+    assert set(stages()) <= used, set(stages()) - used
