@@ -174,8 +174,10 @@ def _fmt_loc(loc: tuple) -> str:
 
 
 def _clean_loc(loc: tuple) -> tuple:
-    """Drop pydantic's internal location parts (union tags, function-after markers)."""
-    return tuple(x for x in loc if not (isinstance(x, str) and (x in registered_stages() or "[" in x)))
+    """Drop pydantic's internal location parts: union tags and member names ("ActivationsConfig",
+    "literal['none']"). Recipe field names are all lower-case, so capitalised parts are never fields."""
+    return tuple(x for x in loc if not (isinstance(x, str) and (
+        x in registered_stages() or "[" in x or x[:1].isupper())))
 
 
 def _message(err: dict) -> str:
@@ -196,9 +198,14 @@ def _message(err: dict) -> str:
 
 
 def _format_errors(e: ValidationError, root: yaml.Node, path: Path) -> str:
+    errors = [(err, _clean_loc(tuple(err["loc"]))) for err in e.errors(include_url=False)]
+    # A union reports every member's complaint; where one member got further into the value,
+    # only its (deeper) errors say what is wrong.
+    deeper = {loc[:i] for _, loc in errors for i in range(len(loc))}
     lines = []
-    for err in e.errors(include_url=False):
-        loc = _clean_loc(tuple(err["loc"]))
+    for err, loc in errors:
+        if loc in deeper:
+            continue
         if err["type"] == "extra_forbidden":
             node = _key_node(root, loc) or _node_at(root, loc)[0]
         else:

@@ -236,3 +236,11 @@ def test_bad_calibration_data_fails_before_anything(tmp_path, capsys, image, nee
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_union_field_errors_name_only_the_real_problem(tmp_path):
+    stage = {**INT8, "activations": {"calibration": "percentile", "percentile": 101}}
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_recipe(tmp_path, [stage]))
+    (line,) = str(e.value).splitlines()  # not also "Input should be 'none'" from the other union member
+    assert "stages[0].activations.percentile: Input should be less than or equal to 100 (got 101)" in line
