@@ -20,6 +20,7 @@ import torch
 
 from compress.errors import ConfigError
 from compress.export.onnx import read_meta, vision_pixels
+from compress.runtime.greedy import greedy
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 ACCELERATED = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -149,30 +150,19 @@ class OrtRunner:
         logits, _ = self.decode(embeds, mask, position_ids(mask), self.empty_past(mask.shape[0]))
         return torch.from_numpy(np.ascontiguousarray(logits)).float()
 
-    def generate(self, inputs: dict[str, Any], max_new_tokens: int) -> list[list[int]]:
+    def generate(self, inputs: dict[str, Any], max_new_tokens: int, ignore_eos: bool = False) -> list[list[int]]:
         mask = _numpy(inputs["attention_mask"]).astype(np.int64)
-        batch = mask.shape[0]
-        logits, past = self.decode(self.prompt_embeds(inputs), mask, position_ids(mask), self.empty_past(batch))
-        next_tok = logits[:, -1].argmax(-1)
-        tokens: list[list[int]] = [[] for _ in range(batch)]
-        done = np.zeros(batch, dtype=bool)
-        pos = position_ids(mask)[:, -1:]
-        for step in range(max_new_tokens):
-            for i in range(batch):
-                if not done[i]:
-                    tok = int(next_tok[i])
-                    if tok in self.eos:
-                        done[i] = True
-                    else:
-                        tokens[i].append(tok)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            fed = np.where(done, self.pad, next_tok).astype(np.int64)
-            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=-1)
-            pos = pos + 1
-            logits, past = self.decode(self.embed(fed[:, None]), mask, pos, past)
-            next_tok = logits[:, -1].argmax(-1)
-        return tokens
+        logits, past = self.decode(self.prompt_embeds(inputs), mask, position_ids(mask), self.empty_past(len(mask)))
+        state = {"mask": mask, "pos": position_ids(mask)[:, -1:], "past": past}
+
+        def step(fed: list[int]) -> list[int]:
+            mask = np.concatenate([state["mask"], np.ones((len(fed), 1), dtype=np.int64)], axis=-1)
+            pos = state["pos"] + 1
+            logits, past = self.decode(self.embed(np.asarray(fed, dtype=np.int64)[:, None]), mask, pos, state["past"])
+            state.update(mask=mask, pos=pos, past=past)
+            return logits[:, -1].argmax(-1).tolist()
+
+        return greedy(logits[:, -1].argmax(-1).tolist(), step, self.eos, self.pad, max_new_tokens, ignore_eos)
 
 
 def position_ids(mask: np.ndarray) -> np.ndarray:

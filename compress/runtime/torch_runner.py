@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from compress.runtime.greedy import greedy
+
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -45,36 +47,19 @@ class TorchRunner:
         return self.model(**inputs, **self._positions(mask), use_cache=False).logits.float()
 
     @torch.inference_mode()
-    def generate(self, inputs: dict[str, Any], max_new_tokens: int) -> list[list[int]]:
+    def generate(self, inputs: dict[str, Any], max_new_tokens: int, ignore_eos: bool = False) -> list[list[int]]:
         self.model.eval()
-        mask = inputs["attention_mask"]
-        out = self.model(**inputs, **self._positions(mask), use_cache=True)
-        past = out.past_key_values
-        next_tok = out.logits[:, -1].argmax(-1)
-        batch = next_tok.shape[0]
-        tokens: list[list[int]] = [[] for _ in range(batch)]
-        done = torch.zeros(batch, dtype=torch.bool)
-        pos = position_ids(mask)[:, -1:]
-        for step in range(max_new_tokens):
-            for i in range(batch):
-                if not done[i]:
-                    tok = int(next_tok[i])
-                    if tok in self.eos:
-                        done[i] = True
-                    else:
-                        tokens[i].append(tok)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            fed = torch.where(done, torch.full_like(next_tok, self.pad), next_tok)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-            pos = pos + 1
-            out = self.model(
-                input_ids=fed[:, None],
-                attention_mask=mask,
-                **self._positions(mask, pos),
-                past_key_values=past,
-                use_cache=True,
-            )
-            past = out.past_key_values
-            next_tok = out.logits[:, -1].argmax(-1)
-        return tokens
+        state = {"mask": inputs["attention_mask"], "pos": position_ids(inputs["attention_mask"])[:, -1:]}
+        out = self.model(**inputs, **self._positions(state["mask"]), use_cache=True)
+        state["past"] = out.past_key_values
+
+        def step(fed: list[int]) -> list[int]:
+            mask = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=-1)
+            pos = state["pos"] + 1
+            out = self.model(input_ids=torch.tensor(fed)[:, None], attention_mask=mask,
+                             **self._positions(mask, pos), past_key_values=state["past"], use_cache=True)
+            state.update(mask=mask, pos=pos, past=out.past_key_values)
+            return out.logits[:, -1].argmax(-1).tolist()
+
+        first = out.logits[:, -1].argmax(-1).tolist()
+        return greedy(first, step, self.eos, self.pad, max_new_tokens, ignore_eos)
