@@ -10,7 +10,7 @@ import hashlib
 import json
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, create_model
@@ -49,20 +49,11 @@ class RecipeBase(Strict):
     output: OutputConfig = OutputConfig()
 
 
-class _NoStage(StageConfig):
-    """Placeholder union member: keeps the discriminated union valid with one real stage."""
-
-    type: Literal["__none__"]
-    accepts: ClassVar[frozenset[str]] = frozenset()
-    requirement: ClassVar[str] = "nothing: '__none__' is not a stage"
-
-
 @cache
 def recipe_model() -> type[RecipeBase]:
     """The Recipe class, with `stages` a union over every registered stage config."""
     configs = tuple(spec.config for spec in registered_stages().values())
-    # A one-member union still gets the tag check, so an unknown `type` reads the same always.
-    union = Annotated[Union[(*configs, _NoStage)], Field(discriminator="type")]
+    union = Annotated[Union[configs], Field(discriminator="type")]  # noqa: UP007 (built at run time)
     return create_model(
         "Recipe",
         __base__=RecipeBase,
