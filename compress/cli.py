@@ -33,6 +33,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from compress.bench import bench, markdown
+
+    result = bench(args.run_dir, batch=args.batch, new_tokens=args.new_tokens, warmup=args.warmup,
+                   repeats=args.repeats, providers=args.providers)
+    print(markdown(result))
+    print(f"written: {result['run']}/bench/bench.json, bench.md, bench.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlm-compress", description="Accuracy-gated VLM compression.")
     p.add_argument("--version", action="version", version=f"vlm-compress {__version__}")
@@ -46,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue a run folder after its last done stage")
     r.add_argument("--force", action="store_true", help="replace an existing run folder's contents")
     r.set_defaults(fn=_cmd_run)
+    b = sub.add_parser("bench", help="latency / throughput / memory / size of every artifact in a run folder")
+    b.add_argument("run_dir")
+    b.add_argument("--batch", type=int, default=1, help="questions per call (default 1)")
+    b.add_argument("--new-tokens", type=int, default=16, help="tokens generated per call, EOS ignored")
+    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers (default: CPU)")
+    b.set_defaults(fn=_cmd_bench)
     return p
 
 

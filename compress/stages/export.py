@@ -69,6 +69,7 @@ def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> Stage
     out = ctx.workdir / "onnx"
     result = export_onnx(model, ctx.adapter, ctx.processor, out, opset=cfg.opset, components=cfg.components,
                          fusion=cfg.optimize.fusion, quantize=cfg.quantize == "from_stage")
+    ctx.processor.save_pretrained(out)  # the folder answers questions on its own: graphs + processor
     parity = check_parity(model, ctx.adapter, ctx.processor, out, atol=cfg.parity.atol, rtol=cfg.parity.rtol,
                           decode_steps=cfg.parity.decode_steps, providers=cfg.providers, seed=ctx.seed)
     runner = OrtRunner.from_dir(out, providers=cfg.providers)
