@@ -12,6 +12,7 @@ embeddings (embed graph) at the image-token positions -> decoder graph with an e
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,8 @@ class OrtRunner:
                               "including 'decoder')")
         self.sessions = sessions
         self.meta = meta
+        # Filled by each `generate`, as in TorchRunner: first_token_s, decode_s, decode_steps.
+        self.timings: dict[str, float] = {}
         self.family = meta["family"]
         self.eos = {int(i) for i in meta["eos_token_ids"]}
         self.pad = int(meta["pad_token_id"])
@@ -151,18 +154,23 @@ class OrtRunner:
         return torch.from_numpy(np.ascontiguousarray(logits)).float()
 
     def generate(self, inputs: dict[str, Any], max_new_tokens: int, ignore_eos: bool = False) -> list[list[int]]:
+        t0 = time.perf_counter()
         mask = _numpy(inputs["attention_mask"]).astype(np.int64)
         logits, past = self.decode(self.prompt_embeds(inputs), mask, position_ids(mask), self.empty_past(len(mask)))
-        state = {"mask": mask, "pos": position_ids(mask)[:, -1:], "past": past}
+        state = {"mask": mask, "pos": position_ids(mask)[:, -1:], "past": past, "steps": 0}
 
         def step(fed: list[int]) -> list[int]:
             mask = np.concatenate([state["mask"], np.ones((len(fed), 1), dtype=np.int64)], axis=-1)
             pos = state["pos"] + 1
             logits, past = self.decode(self.embed(np.asarray(fed, dtype=np.int64)[:, None]), mask, pos, state["past"])
-            state.update(mask=mask, pos=pos, past=past)
+            state.update(mask=mask, pos=pos, past=past, steps=state["steps"] + 1)
             return logits[:, -1].argmax(-1).tolist()
 
-        return greedy(logits[:, -1].argmax(-1).tolist(), step, self.eos, self.pad, max_new_tokens, ignore_eos)
+        first = logits[:, -1].argmax(-1).tolist()
+        t1 = time.perf_counter()
+        tokens = greedy(first, step, self.eos, self.pad, max_new_tokens, ignore_eos)
+        self.timings = {"first_token_s": t1 - t0, "decode_s": time.perf_counter() - t1, "decode_steps": state["steps"]}
+        return tokens
 
 
 def position_ids(mask: np.ndarray) -> np.ndarray:

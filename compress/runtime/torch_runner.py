@@ -7,6 +7,8 @@ same stopping rule. That is what lets one evaluator score every artifact alike.
 
 from __future__ import annotations
 
+import inspect
+import time
 from typing import Any
 
 import torch
@@ -29,6 +31,9 @@ class TorchRunner:
         self.eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
         self.pad = pad_token_id
         self.explicit_positions = explicit_positions
+        # Filled by each `generate`: seconds to the first token (vision + prefill + argmax), seconds
+        # spent in the decode steps after it, and how many steps ran. Benchmarks read it.
+        self.timings: dict[str, float] = {}
 
     @classmethod
     def for_adapter(cls, model: torch.nn.Module, adapter, processor) -> TorchRunner:
@@ -47,9 +52,17 @@ class TorchRunner:
         return self.model(**inputs, **self._positions(mask), use_cache=False).logits.float()
 
     @torch.inference_mode()
+    def image_features(self, inputs: dict[str, Any]) -> Any:
+        """The vision tower + projector alone on the batch's images (what benchmarks time as "vision")."""
+        get = self.model.model.get_image_features
+        accepted = inspect.signature(get).parameters
+        return get(**{k: v for k, v in inputs.items() if k in accepted and k not in ("input_ids", "attention_mask")})
+
+    @torch.inference_mode()
     def generate(self, inputs: dict[str, Any], max_new_tokens: int, ignore_eos: bool = False) -> list[list[int]]:
         self.model.eval()
-        state = {"mask": inputs["attention_mask"], "pos": position_ids(inputs["attention_mask"])[:, -1:]}
+        t0 = time.perf_counter()
+        state = {"mask": inputs["attention_mask"], "pos": position_ids(inputs["attention_mask"])[:, -1:], "steps": 0}
         out = self.model(**inputs, **self._positions(state["mask"]), use_cache=True)
         state["past"] = out.past_key_values
 
@@ -58,8 +71,11 @@ class TorchRunner:
             pos = state["pos"] + 1
             out = self.model(input_ids=torch.tensor(fed)[:, None], attention_mask=mask,
                              **self._positions(mask, pos), past_key_values=state["past"], use_cache=True)
-            state.update(mask=mask, pos=pos, past=out.past_key_values)
+            state.update(mask=mask, pos=pos, past=out.past_key_values, steps=state["steps"] + 1)
             return out.logits[:, -1].argmax(-1).tolist()
 
         first = out.logits[:, -1].argmax(-1).tolist()
-        return greedy(first, step, self.eos, self.pad, max_new_tokens, ignore_eos)
+        t1 = time.perf_counter()
+        tokens = greedy(first, step, self.eos, self.pad, max_new_tokens, ignore_eos)
+        self.timings = {"first_token_s": t1 - t0, "decode_s": time.perf_counter() - t1, "decode_steps": state["steps"]}
+        return tokens
