@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from compress.arch import get_adapter
-from compress.bench import machine
+from compress.bench import machine, median_ms
 from compress.export import export_onnx
 from compress.quant import ActQuant, WeightQuant, quantize_linears
 from compress.runtime.ort_runner import OrtRunner
@@ -67,17 +66,6 @@ def build(layers: int, vocab: int = 32000) -> tuple[LlavaForConditionalGeneratio
         vision_feature_select_strategy="default", image_seq_length=196, pad_token_id=fast.pad_token_id)
     torch.manual_seed(0)
     return LlavaForConditionalGeneration(config).eval(), processor
-
-
-def median_ms(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
 
 
 def main() -> None:

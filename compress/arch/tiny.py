@@ -241,37 +241,28 @@ def _idefics3(model_type: str) -> tuple[Any, Any]:
     text = {"model_type": "llama", **_text_kwargs(tokenizer)}
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     if model_type == "idefics3":
-        from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
-        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
-
-        processor = Idefics3Processor(
-            image_processor=Idefics3ImageProcessorPil(**image_kwargs),
-            tokenizer=tokenizer,
-            image_seq_len=image_seq_len,
-            chat_template=IDEFICS3_TEMPLATE,
+        from transformers import Idefics3Config as Config
+        from transformers import Idefics3ForConditionalGeneration as Model
+        from transformers import Idefics3Processor as Processor
+        from transformers.models.idefics3.image_processing_pil_idefics3 import (
+            Idefics3ImageProcessorPil as ImageProcessor,
         )
-        config = Idefics3Config(
-            vision_config=vision,
-            text_config=text,
-            image_token_id=image_id,
-            scale_factor=scale,
-            pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=False,
+    else:
+        from transformers import SmolVLMConfig as Config
+        from transformers import SmolVLMForConditionalGeneration as Model
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import (
+            SmolVLMImageProcessorPil as ImageProcessor,
         )
-        return Idefics3ForConditionalGeneration(config), processor
 
-    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
-    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+        from compress.arch.idefics3 import ImageOnlySmolVLMProcessor as Processor
 
-    from compress.arch.idefics3 import ImageOnlySmolVLMProcessor
-
-    processor = ImageOnlySmolVLMProcessor(
-        image_processor=SmolVLMImageProcessorPil(**image_kwargs),
+    processor = Processor(
+        image_processor=ImageProcessor(**image_kwargs),
         tokenizer=tokenizer,
         image_seq_len=image_seq_len,
         chat_template=IDEFICS3_TEMPLATE,
     )
-    config = SmolVLMConfig(
+    config = Config(
         vision_config=vision,
         text_config=text,
         image_token_id=image_id,
@@ -279,7 +270,7 @@ def _idefics3(model_type: str) -> tuple[Any, Any]:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    return SmolVLMForConditionalGeneration(config), processor
+    return Model(config), processor
 
 
 def tiny_model(family: str, seed: int = 0) -> tuple[torch.nn.Module, Any]:
