@@ -105,8 +105,8 @@ def machine() -> dict[str, Any]:
 # ---- one artifact (runs in a subprocess) ------------------------------------------------------------
 
 
-def _repeat(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
-    """Seconds per call for `repeats` calls after `warmup` untimed ones."""
+def timed(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
+    """Seconds per call for `repeats` calls after `warmup` untimed ones (warm-up pays for lazy init)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -115,6 +115,11 @@ def _repeat(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
         fn()
         times.append(time.perf_counter() - t0)
     return times
+
+
+def median_ms(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
+    """Median milliseconds per call, warm-up excluded: the one timer bench and the benchmarks share."""
+    return statistics.median(timed(fn, warmup, repeats)) * 1000
 
 
 def _med_ms(seconds: list[float]) -> float:
@@ -143,7 +148,7 @@ def measure_one(runner: Any, processor: Any, adapter: Any, images: list, questio
                 warmup: int, repeats: int) -> dict[str, float]:
     """Vision at batch 1, then image -> answer at the full batch; timings from the runner's own hooks."""
     one = adapter.build_inputs(processor, images[:1], questions[:1]).inputs
-    vision = _repeat(lambda: runner.image_features(one), warmup, repeats)
+    vision = timed(lambda: runner.image_features(one), warmup, repeats)
     runs: list[dict[str, float]] = []
 
     def answer() -> None:
@@ -156,7 +161,7 @@ def measure_one(runner: Any, processor: Any, adapter: Any, images: list, questio
             raise CompressError(f"ignore_eos did not give {new_tokens} tokens per row: {[len(t) for t in tokens]}")
         runs.append({"preprocess": t1 - t0, "e2e": time.perf_counter() - t0, **runner.timings})
 
-    _repeat(answer, warmup, repeats)
+    timed(answer, warmup, repeats)
     runs = runs[warmup:]
     step_s = statistics.median(r["decode_s"] / r["decode_steps"] for r in runs)
     return {
@@ -282,17 +287,17 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"# Benchmark: {result['run']}", "",
              f"{mach['cpu']}, {mach['cores']} cores, torch {mach['torch']} ({mach['torch_threads']} threads), "
              f"onnxruntime {mach['onnxruntime']} ({', '.join(s['providers'])}). Batch {s['batch']}, "
-             f"{s['new_tokens']} new tokens per row (EOS ignored), {s['warmup']} warm-ups, median of "
-             f"{s['repeats']}. Ratios vs the source model in brackets (decode: >1 is faster, others: <1 is "
-             f"better). Net RSS = peak RSS - {result['reference_rss_mb']:.0f} MB of a process that imports the "
-             f"same libraries and loads the inputs but no model.", "",
+             f"{s['new_tokens']} new tokens per row (EOS ignored), median of {s['repeats']} after "
+             f"{s['warmup']} warm-up call(s). Ratios vs the source model in brackets (decode: >1 is faster, "
+             f"others: <1 is better). Net RSS = peak RSS - {result['reference_rss_mb']:.0f} MB of a process "
+             f"that imports the same libraries and loads the inputs but no model.", "",
              "| artifact | kind | size MB | vision ms/img | TTFT ms | decode tok/s | e2e ms | peak RSS MB "
              "| net RSS MB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["artifacts"]:
         if "error" in r:
             err = r["error"].replace("\n", " ").replace("|", "/")[:160]
-            lines.append(f"| {r['name']} | {r['kind']} | {r['bytes'] / 1e6:.2f} | failed: {err} ||||||")
+            lines.append(f"| {r['name']} | {r['kind']} | {r['bytes'] / 1e6:.2f} | failed: {err} |" + " |" * 5)
             continue
         lines.append(f"| {r['name']} | {r['kind']} | {_cell(r, 'bytes', '.2f', 1e-6)} | "
                      f"{_cell(r, 'vision_ms_per_image', '.2f')} | {_cell(r, 'ttft_ms', '.2f')} | "

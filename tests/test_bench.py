@@ -1,4 +1,7 @@
-"""`vlm-compress bench` on a real run folder: every artifact measured, ratios against the source."""
+"""`vlm-compress bench` on a real run folder, and the runner hooks it relies on.
+
+Speed is measured, never asserted: these tests check what is measured and written, not how fast.
+"""
 
 from __future__ import annotations
 
@@ -8,42 +11,134 @@ from pathlib import Path
 import pytest
 import yaml
 
+from compress.arch import get_adapter
+from compress.bench import Artifact, artifacts, chart, markdown, median_ms, timed
+from compress.checkpoint import load_checkpoint
 from compress.cli import main
 from compress.errors import CompressError
+from compress.runtime.ort_runner import OrtRunner
+from compress.runtime.torch_runner import TorchRunner
+from compress.zoo import MODELS, shapes
 
 ROOT = Path(__file__).resolve().parent.parent
+METRICS = ("vision_ms_per_image", "ttft_ms", "decode_tokens_per_s", "decode_ms_per_step", "e2e_ms", "peak_rss_mb")
 
 
-def test_bench_measures_every_artifact(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A real run: the bundled model, a light prune (a torch checkpoint) and an ONNX export."""
+    tmp = tmp_path_factory.mktemp("bench")
     doc = {"name": "b", "model": {"source": "zoo:shapes-vqa"},
            "evaluation": {"source": str(ROOT / "calibration/shapes-vqa/eval"), "num_samples": 20,
                           "batch_size": 20, "max_new_tokens": 24},
            "stages": [{"type": "prune", "method": "l1_unstructured", "sparsity": 0.1,
                        "targets": {"components": ["language"]}, "gate": {"min_retention": 0.9}},
                       {"type": "export", "format": "onnx", "gate": {"min_retention": 0.9}}]}
-    recipe = tmp_path / "b.yaml"
+    recipe = tmp / "b.yaml"
     recipe.write_text(yaml.safe_dump(doc))
-    run = tmp_path / "run"
+    run = tmp / "run"
     assert main(["run", str(recipe), "--out", str(run)]) == 0
+    return run
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_bench_measures_every_artifact(run_dir, capsys):
     capsys.readouterr()
-    assert main(["bench", str(run), "--batch", "2", "--new-tokens", "3", "--warmup", "0", "--repeats", "1"]) == 0
-    assert "| 01-export | onnx |" in capsys.readouterr().out
-    result = json.loads((run / "bench" / "bench.json").read_text())
-    names = [a["name"] for a in result["artifacts"]]
-    assert names == ["source", "00-prune", "01-export"]
-    for a in result["artifacts"]:
-        for key in ("vision_ms_per_image", "ttft_ms", "decode_tokens_per_s", "e2e_ms", "peak_rss_mb"):
+    before = _files(run_dir)
+    assert main(["bench", str(run_dir), "--batch", "2", "--new-tokens", "3", "--warmup", "1", "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| 01-export | onnx |" in out and "| source | torch |" in out
+
+    after = _files(run_dir)
+    assert {k: v for k, v in after.items() if not k.startswith("bench/")} == before  # manifest etc. untouched
+    assert sorted(k for k in after if k.startswith("bench/")) == ["bench/bench.json", "bench/bench.md",
+                                                                  "bench/bench.png"]
+    assert after["bench/bench.png"][:4] == b"\x89PNG"
+    assert after["bench/bench.md"].decode() in out
+
+    result = json.loads(after["bench/bench.json"])
+    rows = result["artifacts"]
+    assert [(a["name"], a["kind"]) for a in rows] == [("source", "torch"), ("00-prune", "torch"), ("01-export", "onnx")]
+    base = rows[0]
+    for a in rows:
+        assert "error" not in a, a
+        for key in METRICS:
             assert a[key] > 0, (a["name"], key)
-        assert a["ratios"]["e2e_ms"] == pytest.approx(a["e2e_ms"] / result["artifacts"][0]["e2e_ms"])
-    assert result["artifacts"][0]["ratios"]["e2e_ms"] == 1.0
-    assert (run / "bench" / "bench.png").read_bytes()[:4] == b"\x89PNG"
-    assert result["machine"]["cores"] >= 1 and result["settings"]["new_tokens"] == 3
+        assert a["bytes"] > 0 and a["load_s"] > 0 and a["e2e_ms"] >= a["ttft_ms"]
+        assert a["decode_tokens_per_s"] == pytest.approx(2 / (a["decode_ms_per_step"] / 1000))
+        for key in (*METRICS, "bytes"):
+            assert a["ratios"][key] == pytest.approx(a[key] / base[key])
+        assert a["net_rss_mb"] == pytest.approx(a["peak_rss_mb"] - result["reference_rss_mb"])
+    assert set(base["ratios"].values()) == {1.0}
+    assert rows[2]["providers"] == ["CPUExecutionProvider"]
+    assert result["settings"] == {"batch": 2, "new_tokens": 3, "warmup": 1, "repeats": 2,
+                                  "providers": ["CPUExecutionProvider"], "ignore_eos": True, "statistic": "median"}
+    mach = result["machine"]
+    assert mach["cores"] >= 1 and mach["cpu"] and mach["torch"] and mach["onnxruntime"]
 
 
-def test_bench_refuses_a_non_run_folder(tmp_path, capsys):
+def test_ignore_eos_gives_exact_lengths_and_timings_on_both_runners(run_dir):
+    adapter = get_adapter("llava")
+    model, processor = load_checkpoint(MODELS["shapes-vqa"], adapter)
+    batch = [shapes.sample(s) for s in range(3)]
+    enc = adapter.build_inputs(processor, [s.image for s in batch], [s.question for s in batch]).inputs
+    torch_runner = TorchRunner.for_adapter(model, adapter, processor)
+    ort_runner = OrtRunner.from_dir(run_dir / "stages/01-export")
+    for runner in (torch_runner, ort_runner):
+        assert [len(t) for t in runner.generate(enc, 40, ignore_eos=True)] == [40] * 3
+        assert runner.timings["decode_steps"] == 39
+        assert runner.timings["first_token_s"] > 0 and runner.timings["decode_s"] > 0
+        default = runner.generate(enc, 40)  # default behaviour: stop at eos (short answers)
+        assert max(len(t) for t in default) < 40
+        assert runner.image_features({"pixel_values": enc["pixel_values"][:1]}) is not None
+    # Same answers both ways: the timing hooks do not change what is generated.
+    assert torch_runner.generate(enc, 24) == ort_runner.generate(enc, 24)
+
+
+def test_artifacts_skip_failed_stages_and_markdown_reports_errors(tmp_path):
+    (tmp_path / "stages/a").mkdir(parents=True)
+    (tmp_path / "stages/a/w.bin").write_bytes(b"x" * 10)
+    (tmp_path / "stages/b").mkdir()
+    manifest = {"model": {"resolved": str(MODELS["shapes-vqa"]), "model_type": "llava"},
+                "stages": [{"name": "a", "status": "warned", "checkpoint": "stages/a"},
+                           {"name": "b", "status": "failed", "artifacts": "stages/b"},
+                           {"name": "c", "status": "completed", "checkpoint": None}]}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    arts = artifacts(tmp_path)
+    assert [(a.name, a.kind, a.bytes) for a in arts[1:]] == [("a", "torch", 10)]
+    assert arts[0] == Artifact("source", "torch", str(MODELS["shapes-vqa"]), arts[0].bytes)
+
+    row = {"vision_ms_per_image": 2.0, "ttft_ms": 4.0, "decode_tokens_per_s": 100.0, "decode_ms_per_step": 10.0,
+           "e2e_ms": 40.0, "peak_rss_mb": 400.0, "net_rss_mb": 40.0, "bytes": 8_000_000}
+    result = {"run": str(tmp_path), "reference_rss_mb": 360.0,
+              "settings": {"batch": 1, "new_tokens": 4, "warmup": 2, "repeats": 5, "providers": ["CPU"]},
+              "machine": {"cpu": "X", "cores": 2, "torch": "t", "torch_threads": 2, "onnxruntime": "o"},
+              "artifacts": [{"name": "source", "kind": "torch", **row, "ratios": dict.fromkeys(row, 1.0)},
+                            {"name": "a", "kind": "onnx", **{**row, "e2e_ms": 10.0},
+                             "ratios": {**dict.fromkeys(row, 1.0), "e2e_ms": 0.25}},
+                            {"name": "b", "kind": "onnx", "path": "p", "bytes": 5, "error": "exit 1: boom | x"}]}
+    md = markdown(result)
+    assert "| a | onnx | 8.00 (1.00×) |" in md and "10.00 (0.25×)" in md
+    assert "| b | onnx | 0.00 | failed: exit 1: boom / x" in md
+    assert chart(result)[:4] == b"\x89PNG"
+
+
+def test_timer_excludes_warmup():
+    calls = []
+    assert len(timed(lambda: calls.append(1), warmup=2, repeats=5)) == 5
+    assert len(calls) == 7
+    assert median_ms(lambda: None, 0, 3) >= 0
+
+
+def test_bench_refuses_a_non_run_folder_and_bad_settings(tmp_path, capsys):
     assert main(["bench", str(tmp_path)]) == 1
     assert "not a run folder" in capsys.readouterr().err
-    with pytest.raises(CompressError, match="at least 2"):
-        from compress.bench import bench
+    assert main(["bench", str(tmp_path), "--new-tokens", "1"]) == 1
+    assert "at least 2" in capsys.readouterr().err
+    from compress.bench import bench
 
-        bench(tmp_path, new_tokens=1)
+    with pytest.raises(CompressError, match="at least 1"):
+        bench(tmp_path, repeats=0)
