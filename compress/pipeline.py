@@ -186,16 +186,27 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
         log(f"resuming {run_dir.root}")
         m["status"] = "running"
 
-    model, processor = load_checkpoint(inputs.source, adapter, r.model.dtype, r.model.trust_remote_code)
-    m["model"].update(model_type=model.config.model_type,
-                      parameters=sum(p.numel() for p in model.parameters()))
+    # The latest kept state: the source, or on resume the last kept checkpoint.
+    state_source = inputs.source
+    for rec in m.get("stages", []):
+        if rec["status"] in ("completed", "warned") and rec.get("checkpoint"):
+            state_source = str(run_dir.path(rec["checkpoint"]))
+    baseline_recorded = resuming and "baseline" in m and run_dir.path(REFERENCE).exists()
+    # The source is only needed when the baseline must be measured; otherwise load the latest state once.
+    first = inputs.source if not baseline_recorded else state_source
+    if first != inputs.source:
+        log(f"restoring model state from {first}")
+    model, processor = load_checkpoint(first, adapter, r.model.dtype, r.model.trust_remote_code)
+    if not resuming:
+        m["model"].update(model_type=model.config.model_type,
+                          parameters=sum(p.numel() for p in model.parameters()))
     evaluator = Evaluator(adapter, processor, inputs.evaluation, r.evaluation)
 
     def runner(mdl: torch.nn.Module) -> TorchRunner:
         return TorchRunner.for_adapter(mdl, adapter, processor)
 
     # ---- baseline ---------------------------------------------------------------------------------
-    if resuming and "baseline" in m and run_dir.path(REFERENCE).exists():
+    if baseline_recorded:
         reference = Reference(**load_file(run_dir.path(REFERENCE)))
         baseline = m["baseline"]["metrics"]
         log(f"baseline (recorded): {baseline}")
@@ -210,12 +221,8 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
         run_dir.save_manifest()
         log(f"baseline: {baseline}")
 
-    # ---- restore the latest good state when resuming ---------------------------------------------
-    state_source = inputs.source
-    for rec in m.get("stages", []):
-        if rec["status"] in ("completed", "warned") and rec.get("checkpoint"):
-            state_source = str(run_dir.path(rec["checkpoint"]))
-    if state_source != inputs.source:
+    # ---- a resumed run whose baseline had to be measured now moves to its latest kept state ---------
+    if first != state_source:
         log(f"restoring model state from {state_source}")
         model, _ = load_checkpoint(state_source, adapter, r.model.dtype, r.model.trust_remote_code)
 
