@@ -50,9 +50,6 @@ class Evaluator:
             raise ConfigError(f"evaluation set {data.source} has records without a reference answer")
         self.adapter, self.processor, self.data, self.cfg = adapter, processor, data, cfg
 
-    def _batches(self):
-        yield from self.data.batches(self.cfg.batch_size)
-
     def evaluate(self, runner: Runner, reference: Reference | None = None, desc: str = "eval") -> Evaluation:
         """Score `runner`; with no `reference` the result carries one (this is the baseline)."""
         wanted = set(self.cfg.metrics)
@@ -62,7 +59,7 @@ class Evaluator:
         predictions: list[str] = []
         top1s, logps = [], []
         n_batches = -(-len(self.data) // self.cfg.batch_size)
-        for batch in tqdm(self._batches(), total=n_batches, desc=desc, leave=False):
+        for batch in tqdm(self.data.batches(self.cfg.batch_size), total=n_batches, desc=desc, leave=False):
             images = [r.image for r in batch]
             questions = [r.prompt for r in batch]
             answers = [r.answer for r in batch]
