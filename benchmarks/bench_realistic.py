@@ -54,7 +54,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from compress.arch import get_adapter
 from compress.bench import machine, median_ms
 from compress.export import export_onnx
-from compress.export.onnx import read_meta
+from compress.export.files import read_meta
 from compress.quant import ActQuant, WeightQuant, quantize_linears
 from compress.runtime.ort_runner import OrtRunner
 

@@ -34,6 +34,7 @@ from compress.checks.evaluator import Evaluation, Evaluator, Reference
 from compress.checks.gate import run_checks
 from compress.data import Dataset, load_dataset
 from compress.errors import CompressError, ConfigError
+from compress.host import cpu_features
 from compress.recipe import LoadedRecipe, load_recipe, stage_name
 from compress.registry import get_stage
 from compress.report import summary_rows, table, write_report
@@ -166,7 +167,7 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
             "format": 1,
             "tool": {"name": "vlm-compress", "version": __version__, "git_sha": _git_sha()},
             "libraries": _libraries(),
-            "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
+            "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu": cpu_features()},
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "recipe": {"name": r.name, "path": str(recipe.path), "sha256": recipe.sha256()},
             "seed": r.seed,

@@ -195,10 +195,21 @@ def test_int8_w8a8_export_carries_the_quantize_stage_scales(tmp_path: Path):
     ops = count_ops(decoder)
     # One activation QuantizeLinear per module; one DequantizeLinear per activation and per weight.
     assert ops["QuantizeLinear"] == len(decoder_int8) and ops["DequantizeLinear"] == 2 * len(decoder_int8)
-    int8_weights = [t for t in decoder.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
-    assert len(int8_weights) == len(decoder_int8)
-    # The scales are the module's own, not recalibrated.
+    # Portable encoding: each int8 weight is stored as uint8 with zero point 128, the same grid shifted.
     consts = {t.name: onnx.numpy_helper.to_array(t) for t in decoder.graph.initializer}
+    weight_dq = [n for n in decoder.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in consts
+                 and consts[n.input[0]].ndim == 2]
+    assert len(weight_dq) == len(decoder_int8)
+    stored = sorted(tuple(consts[n.input[0]].shape) for n in weight_dq)
+    assert stored == sorted((int8[n].in_features, int8[n].out_features) for n in decoder_int8)
+    q_proj = int8["model.language_model.layers.0.self_attn.q_proj"].weight_int8.numpy()
+    q_scale = int8["model.language_model.layers.0.self_attn.q_proj"].weight_scale.numpy()
+    matches = [n for n in weight_dq if np.array_equal(consts[n.input[1]], q_scale)]
+    assert len(matches) == 1 and consts[matches[0].input[0]].dtype == np.uint8
+    assert np.array_equal(consts[matches[0].input[0]].astype(np.int16) - 128, q_proj.T)
+    assert np.all(consts[matches[0].input[2]] == 128)
+    assert meta["int8_kernels"]["mode"] == "portable" and meta["int8_kernels"]["requires"] is None
+    # The scales are the module's own, not recalibrated.
     q_scales = {float(consts[n.input[1]]) for n in decoder.graph.node if n.op_type == "QuantizeLinear"}
     assert q_scales == {float(int8[n].input_scale) for n in decoder_int8}
     # ONNX Runtime's CPU provider runs every decoder projection as an integer GEMM.

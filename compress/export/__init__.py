@@ -4,17 +4,11 @@ Run the result with `compress.runtime.ort_runner.OrtRunner.from_dir`. Needs the 
 (onnx, onnxruntime) plus onnxscript for torch's dynamo exporter.
 """
 
+from compress.export.files import GRAPH_FILES, META_FILE, copy_export, read_meta
 from compress.export.fuse import count_ops, fuse_export, fuse_graph, runtime_ops
-from compress.export.onnx import (
-    GRAPH_FILES,
-    META_FILE,
-    ExportResult,
-    check_exportable,
-    copy_export,
-    export_onnx,
-    read_meta,
-)
+from compress.export.onnx import ExportResult, export_onnx
 from compress.export.parity import ParityError, check_parity
+from compress.export.wrappers import check_exportable
 
 __all__ = [
     "GRAPH_FILES",

@@ -25,7 +25,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from compress.export.onnx import META_FILE, describe_files, read_meta, save_model, write_meta
+from compress.export.portable import ort_optimized
+from compress.export.files import META_FILE, describe_files, read_meta, save_model, write_meta
 
 FUSED_OP_TYPES = (
     "Attention",
@@ -149,18 +150,9 @@ def runtime_ops(path: str | Path, providers: list[Any] | None = None,
                 disabled_optimizers: list[str] | tuple[str, ...] = ()) -> dict[str, int]:
     """Op counts of the graph ONNX Runtime actually runs (after its own session-time optimizations).
 
-    Uses ORT_ENABLE_EXTENDED, the highest level whose saved graph is not hardware-specific; this is where
-    the QDQ -> MatMulIntegerToFloat rewrites happen, so it shows whether int8 kernels are used.
+    This is where the QDQ -> MatMulIntegerToFloat rewrites happen, so it shows whether int8 kernels are used.
     """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    with tempfile.TemporaryDirectory(prefix="ort-opt-") as tmp:
-        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"],
-                             disabled_optimizers=list(disabled_optimizers))
-        return _nonzero(count_ops(options.optimized_model_filepath))
+    return _nonzero(count_ops(ort_optimized(path, disabled_optimizers, providers)))
 
 
 __all__ = ["FUSED_OP_TYPES", "META_FILE", "count_ops", "fuse_export", "fuse_graph", "runtime_ops"]

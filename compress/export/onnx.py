@@ -20,8 +20,6 @@ self-describing for `OrtRunner.from_dir`.
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,34 +31,32 @@ from PIL import Image
 from torch import nn
 
 from compress.errors import ConfigError
+from compress.export.files import (
+    FORMAT,
+    FORMAT_VERSION,
+    GRAPH_FILES,
+    describe_files,
+    save_model,
+    write_meta,
+)
+from compress.export.fuse import fuse_export
+from compress.export.portable import Int8Kernels, portable_export
+from compress.export.wrappers import (
+    DecoderWithPast,
+    check_exportable,
+    decoder_facts,
+    decoder_module,
+    model_type_of,
+    past_names,
+    present_names,
+    vision_module,
+)
 
-FORMAT = "compress-onnx"
-FORMAT_VERSION = 1
-META_FILE = "export.json"
-GRAPH_FILES = {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx"}
 COMPONENTS = ("vision", "decoder")
-# Families whose graphs this exporter can build, by config.model_type.
-SUPPORTED = {"llava": "llava", "idefics3": "idefics3", "smolvlm": "idefics3"}
-# Families an adapter knows but that cannot be exported yet, and why (also in docs/export.md).
-UNSUPPORTED = {
-    "qwen2_vl": (
-        "Qwen2-VL (qwen2_vl) cannot be exported to ONNX yet: its decoder uses M-RoPE (3-D position ids "
-        "computed from the image grid inside the model, so the runner contract's 1-D cumsum positions do not "
-        "apply) and its vision tower patches images dynamically (pixel_values is a flat [patches, dim] tensor "
-        "with image_grid_thw and per-image cu_seqlens computed in Python), which the exporter would bake in "
-        "for one image size"
-    ),
-    "qwen2_5_vl": (
-        "Qwen2.5-VL (qwen2_5_vl) cannot be exported to ONNX yet: like Qwen2-VL it uses M-RoPE 3-D position "
-        "ids and dynamic vision patching, plus window attention whose window index is computed in Python "
-        "from image_grid_thw"
-    ),
-}
 ONNX_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
 # Dummy shapes for tracing: deliberately unlike the shapes parity checks use, and never 0 or 1 (torch.export
 # specializes dimensions of size 0/1 to constants).
 DUMMY_BATCH, DUMMY_SEQ, DUMMY_PAST = 2, 5, 3
-BIG_MODEL_BYTES = 1_800_000_000  # above this, weights go to external data (protobuf's 2 GB limit)
 
 
 @dataclass
@@ -75,42 +71,6 @@ class ExportResult:
 
 
 # ---- model facts -----------------------------------------------------------------------------------
-
-
-def model_type_of(model: nn.Module) -> str:
-    return str(getattr(getattr(model, "config", None), "model_type", type(model).__name__))
-
-
-def check_exportable(model: nn.Module) -> str:
-    """The exporter family of `model`, or a ConfigError naming the architecture and why not."""
-    model_type = model_type_of(model)
-    if model_type in UNSUPPORTED:
-        raise ConfigError(UNSUPPORTED[model_type])
-    if model_type not in SUPPORTED:
-        raise ConfigError(
-            f"ONNX export does not support architecture '{model_type}'; supported: {', '.join(sorted(SUPPORTED))}"
-        )
-    return SUPPORTED[model_type]
-
-
-def text_config(model: nn.Module) -> Any:
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def decoder_facts(model: nn.Module) -> dict[str, int]:
-    """Layer count, head geometry and vocab: what the runner needs to build an empty KV cache."""
-    cfg = text_config(model)
-    heads = int(cfg.num_attention_heads)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return {
-        "num_layers": int(cfg.num_hidden_layers),
-        "num_heads": heads,
-        "num_kv_heads": int(getattr(cfg, "num_key_value_heads", None) or heads),
-        "head_dim": int(head_dim),
-        "hidden_size": int(cfg.hidden_size),
-        "vocab_size": int(cfg.vocab_size),
-    }
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -136,118 +96,6 @@ def image_token_id(model: nn.Module) -> int:
 
 
 # ---- wrappers with explicit tensor signatures --------------------------------------------------------
-
-
-class LlavaVision(nn.Module):
-    """Vision tower + feature-layer selection + projector, batched (not `get_image_features`, which returns
-    a per-image list and so bakes the batch size into the trace)."""
-
-    def __init__(self, model: nn.Module, adapter: Any):
-        super().__init__()
-        self.tower = adapter.component(model, "vision")
-        self.projector = adapter.component(model, "projector")
-        self.layer = model.config.vision_feature_layer
-        self.strategy = model.config.vision_feature_select_strategy
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.tower(pixel_values, output_hidden_states=True, return_dict=True)
-        layers = [self.layer] if isinstance(self.layer, int) else list(self.layer)
-        feats = [out.hidden_states[i] for i in layers]
-        if self.strategy == "default":
-            feats = [f[:, 1:] for f in feats]
-        return self.projector(torch.cat(feats, dim=-1) if len(feats) > 1 else feats[0])
-
-
-class Idefics3Vision(nn.Module):
-    """SigLIP-style encoder + pixel-shuffle connector for whole (unpadded) images.
-
-    The upstream embedding computes patch position ids per image from the patch attention mask in a
-    Python loop over the batch; for an image that fills the frame those ids are a fixed table, so it is
-    precomputed here (same bucketize formula) and the batch dimension stays dynamic. Images with padded
-    patches are refused by the runner instead of being silently mis-positioned.
-    """
-
-    def __init__(self, model: nn.Module, adapter: Any, height: int, width: int):
-        super().__init__()
-        vision = adapter.component(model, "vision")
-        self.embeddings = vision.embeddings
-        self.encoder = vision.encoder
-        self.post_layernorm = vision.post_layernorm
-        self.connector = adapter.component(model, "projector")
-        emb = vision.embeddings
-        per_side = emb.num_patches_per_side
-        rows, cols = height // emb.patch_size, width // emb.patch_size
-        boundaries = torch.arange(1 / per_side, 1.0, 1 / per_side)
-
-        def buckets(n: int) -> torch.Tensor:  # float32 arithmetic exactly as upstream, for a full row of n patches
-            step = 1.0 / torch.tensor(n, dtype=torch.float32)
-            frac = torch.clamp(torch.arange(n, dtype=torch.float32) * step, max=1.0 - 1e-6)
-            return torch.bucketize(frac, boundaries, right=True)
-
-        h, w = buckets(rows), buckets(cols)
-        self.register_buffer("position_ids", (h[:, None] * per_side + w).flatten()[None], persistent=False)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        patches = self.embeddings.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
-        hidden = patches + self.embeddings.position_embedding(self.position_ids)
-        hidden = self.encoder(inputs_embeds=hidden).last_hidden_state
-        return self.connector(self.post_layernorm(hidden))
-
-
-class DecoderWithPast(nn.Module):
-    """Language model + lm_head with a flat KV cache: one graph for prefill (past 0) and decode."""
-
-    def __init__(self, language: nn.Module, lm_head: nn.Module, num_layers: int):
-        super().__init__()
-        self.language = language
-        self.lm_head = lm_head
-        self.num_layers = num_layers
-
-    def forward(
-        self,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        past: tuple[torch.Tensor, ...],
-    ) -> tuple[torch.Tensor, ...]:
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.language.config)
-        for i in range(self.num_layers):
-            cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.language(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        presents: list[torch.Tensor] = []
-        for layer in out.past_key_values.layers:
-            presents += [layer.keys, layer.values]
-        return (self.lm_head(out.last_hidden_state), *presents)
-
-
-def vision_module(model: nn.Module, adapter: Any, pixel_shape: Sequence[int]) -> nn.Module:
-    family = check_exportable(model)
-    if family == "llava":
-        return LlavaVision(model, adapter).eval()
-    return Idefics3Vision(model, adapter, int(pixel_shape[-2]), int(pixel_shape[-1])).eval()
-
-
-def decoder_module(model: nn.Module, adapter: Any) -> DecoderWithPast:
-    check_exportable(model)
-    facts = decoder_facts(model)
-    language = adapter.component(model, "language")
-    return DecoderWithPast(language, adapter.component(model, "lm_head"), facts["num_layers"]).eval()
-
-
-def past_names(num_layers: int) -> list[str]:
-    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-
-
-def present_names(num_layers: int) -> list[str]:
-    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
 
 
 # ---- inputs the runner sees ---------------------------------------------------------------------------
@@ -344,28 +192,6 @@ def tidy_dims(proto: Any, rename: dict[str, str]) -> None:
                 dim.dim_param = fix(dim.dim_param)
 
 
-def save_model(proto: Any, path: Path) -> list[Path]:
-    """Save one graph; weights go to `<name>.data` only when the model is too large for one protobuf."""
-    import onnx
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = path.with_name(path.name + ".data")
-    for stale in (path, data):
-        stale.unlink(missing_ok=True)
-    external = proto.ByteSize() > BIG_MODEL_BYTES if _fits(proto) else True
-    onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
-    return [path, data] if external else [path]
-
-
-def _fits(proto: Any) -> bool:
-    try:
-        proto.ByteSize()
-    except ValueError:  # protobuf refuses to measure > 2 GB
-        return False
-    return True
-
-
 def _embed_graph(embedding: nn.Embedding, dtype: torch.dtype, opset: int) -> Any:
     """input_ids -> table[input_ids] as a single Gather (exact, and trivially portable)."""
     import onnx
@@ -428,24 +254,6 @@ def _export_decoder(module: DecoderWithPast, facts: dict[str, int], dtype: torch
     return proto
 
 
-def graph_io(path: Path) -> dict[str, list[dict[str, Any]]]:
-    """Names, shapes (ints or symbolic names) and dtypes of a saved graph's inputs and outputs."""
-    import onnx
-    from onnx import helper
-
-    proto = onnx.load(str(path), load_external_data=False)
-
-    def describe(values: Any) -> list[dict[str, Any]]:
-        out = []
-        for v in values:
-            t = v.type.tensor_type
-            shape = [d.dim_param if d.HasField("dim_param") else int(d.dim_value) for d in t.shape.dim]
-            out.append({"name": v.name, "shape": shape, "dtype": str(helper.tensor_dtype_to_np_dtype(t.elem_type))})
-        return out
-
-    return {"inputs": describe(proto.graph.input), "outputs": describe(proto.graph.output)}
-
-
 def export_onnx(
     model: nn.Module,
     adapter: Any,
@@ -455,6 +263,7 @@ def export_onnx(
     components: Sequence[str] = COMPONENTS,
     fusion: bool = True,
     quantize: bool = True,
+    int8_kernels: Int8Kernels = "portable",
 ) -> ExportResult:
     """Write the vision / embed / decoder graphs and `export.json` to `out_dir` (replacing earlier graphs).
 
@@ -462,6 +271,7 @@ def export_onnx(
     DequantizeLinear (+ QuantizeLinear/DequantizeLinear on the input for W8A8, with the module's own scales),
     bitsandbytes NF4 `Linear4bit` becomes com.microsoft MatMulBnb4 with bnb's own codes. `quantize=False`
     exports the same numbers as float ops. `fusion=True` runs `fuse.fuse_export` on the written folder.
+    `int8_kernels` says how W8A8 projections are encoded for ORT's integer kernels (`compress.export.portable`).
     The decoder graph always comes with the embed graph.
     """
     from compress.export import qdq
@@ -538,22 +348,11 @@ def export_onnx(
     write_meta(out, meta)
     result = ExportResult(out_dir=out, files=files, quantized=quantized, meta=meta)
     if fusion:
-        from compress.export.fuse import fuse_export
-
         result.fused_ops = fuse_export(out)
+    if has_qdq:
+        portable_export(out, int8_kernels)
     result.meta = describe_files(out)
     return result
-
-
-def describe_files(out_dir: str | Path) -> dict[str, Any]:
-    """Record each graph's inputs/outputs and every file's size in export.json; returns the manifest."""
-    out = Path(out_dir)
-    meta = read_meta(out)
-    meta["io"] = {name: graph_io(out / file) for name, file in meta["graphs"].items()}
-    names = [f for file in meta["graphs"].values() for f in (file, file + ".data") if (out / f).is_file()]
-    meta["sizes"] = {f: (out / f).stat().st_size for f in names}
-    write_meta(out, meta)
-    return meta
 
 
 def _versions() -> dict[str, str]:
@@ -570,32 +369,7 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def write_meta(out_dir: str | Path, meta: dict[str, Any]) -> Path:
-    path = Path(out_dir) / META_FILE
-    path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return path
 
 
-def read_meta(out_dir: str | Path) -> dict[str, Any]:
-    """The export manifest; a ConfigError says what is missing or wrong."""
-    path = Path(out_dir) / META_FILE
-    if not path.is_file():
-        raise ConfigError(f"'{out_dir}' is not an ONNX export folder: {META_FILE} is missing")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ConfigError(f"{path}: not a {FORMAT} manifest (format={meta.get('format')!r})")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise ConfigError(f"{path}: format_version {meta['format_version']} is newer than this toolkit reads")
-    for name, file in meta.get("graphs", {}).items():
-        if not (Path(out_dir) / file).is_file():
-            raise ConfigError(f"{path}: graph '{name}' ({file}) is missing")
-    return meta
 
 
-def copy_export(src: str | Path, dst: str | Path) -> Path:
-    """Copy an export folder (e.g. to fuse a copy while keeping the unfused graphs)."""
-    dst = Path(dst)
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst)
-    return dst

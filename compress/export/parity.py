@@ -26,14 +26,9 @@ import torch
 from PIL import Image
 
 from compress.errors import CompressError
-from compress.export.onnx import (
-    DecoderWithPast,
-    decoder_module,
-    dummy_images,
-    read_meta,
-    vision_module,
-    write_meta,
-)
+from compress.export.files import read_meta, write_meta
+from compress.export.onnx import dummy_images
+from compress.export.wrappers import DecoderWithPast, decoder_module, vision_module
 
 GRAPHS = ("vision", "embed", "decoder", "end_to_end")
 DEFAULT_ATOL = 1e-4

@@ -36,13 +36,23 @@ from compress.quant.smoothquant import (
 
 Granularity = Literal["per_channel", "per_tensor"]
 ACT_QMIN, ACT_QMAX = -128, 127
+S7_QMAX = 64
 
 
 @dataclass(frozen=True)
 class WeightQuant:
-    """How weights are quantized: symmetric int8, one scale per output channel or one per tensor."""
+    """How weights are quantized: symmetric int8, one scale per output channel or one per tensor.
+
+    `reduce_range` uses [-64, 64] (7 bits): ONNX Runtime's remedy for CPUs whose U8S8 kernels saturate
+    (compress.export.portable), exact with the fast kernels on every CPU, at one bit of weight precision.
+    """
 
     granularity: Granularity = "per_channel"
+    reduce_range: bool = False
+
+    @property
+    def qmax(self) -> int:
+        return S7_QMAX if self.reduce_range else QMAX
 
     def __post_init__(self) -> None:
         if self.granularity not in ("per_channel", "per_tensor"):
@@ -63,12 +73,13 @@ class ActQuant:
         make_observer(self.observer, **self.params)  # validates kind and params now, not after calibration
 
 
-def quantize_weight(weight: torch.Tensor, granularity: Granularity) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 weight and float32 scales: per channel shape (out,), per tensor shape (1,)."""
+def quantize_weight(weight: torch.Tensor, granularity: Granularity,
+                    qmax: int = QMAX) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 weight in [-qmax, qmax] and float32 scales: per channel shape (out,), per tensor (1,)."""
     w = weight.detach().float()
     amax = w.abs().amax(dim=1) if granularity == "per_channel" else w.abs().amax().reshape(1)
-    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))  # an all-zero row is exact anyway
-    q = torch.round(w / scale[:, None]).clamp(-QMAX, QMAX).to(torch.int8)
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))  # an all-zero row is exact anyway
+    q = torch.round(w / scale[:, None]).clamp(-qmax, qmax).to(torch.int8)
     return q, scale
 
 

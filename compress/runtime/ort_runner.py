@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 from compress.errors import ConfigError
-from compress.export.onnx import read_meta, vision_pixels
+from compress.export.files import read_meta
+from compress.export.onnx import vision_pixels
+from compress.host import cpu_features
 from compress.runtime.greedy import greedy
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
@@ -92,6 +94,9 @@ class OrtRunner:
         meta = read_meta(path)
         chosen = resolve_providers(providers)
         options = session_options or ort.SessionOptions()
+        if (meta.get("int8_kernels") or {}).get("requires") and not cpu_features()["u8s8_exact"]:
+            # A `vnni` export on a host whose U8S8 kernels saturate: have ORT use its exact U8U8 kernels.
+            options.add_session_config_entry("session.x64quantprecision", "1")
         disabled = list(meta.get("session", {}).get("disabled_optimizers", []))
         sessions = {
             name: ort.InferenceSession(str(Path(path) / file), sess_options=options, providers=chosen,

@@ -43,6 +43,9 @@ class ExportConfig(StageConfig):
     components: list[Literal["vision", "decoder"]] = Field(default_factory=lambda: ["vision", "decoder"])
     optimize: OptimizeConfig = OptimizeConfig()
     quantize: Literal["from_stage", "none"] = "from_stage"
+    # portable: W8A8 graphs exact on every CPU (U8U8 where S8 weights could saturate non-VNNI kernels);
+    # vnni: fastest on VNNI/AMX hosts, recorded as needing one (compress.export.portable).
+    int8_kernels: Literal["portable", "vnni"] = "portable"
     dynamic: DynamicConfig = DynamicConfig()
     parity: ParityConfig = ParityConfig()
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"], min_length=1)
@@ -64,11 +67,13 @@ class ExportConfig(StageConfig):
 @register_stage(ExportConfig)
 def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> StageResult:
     from compress.export import check_parity, export_onnx
+    from compress.host import cpu_features
     from compress.runtime.ort_runner import OrtRunner
 
     out = ctx.workdir / "onnx"
     result = export_onnx(model, ctx.adapter, ctx.processor, out, opset=cfg.opset, components=cfg.components,
-                         fusion=cfg.optimize.fusion, quantize=cfg.quantize == "from_stage")
+                         fusion=cfg.optimize.fusion, quantize=cfg.quantize == "from_stage",
+                         int8_kernels=cfg.int8_kernels)
     ctx.processor.save_pretrained(out)  # the folder answers questions on its own: graphs + processor
     parity = check_parity(model, ctx.adapter, ctx.processor, out, atol=cfg.parity.atol, rtol=cfg.parity.rtol,
                           decode_steps=cfg.parity.decode_steps, providers=cfg.providers, seed=ctx.seed)
@@ -82,6 +87,8 @@ def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> Stage
         "total_bytes": sum(f["bytes"] for f in files.values()),
         "fused_ops": result.meta.get("fused_ops", {}),
         "quantized": result.quantized.get("summary", result.quantized),
+        "int8_kernels": result.meta.get("int8_kernels"),
+        "host_cpu": cpu_features(),
         "parity_max_abs_error": parity,
     }, runner=runner, artifacts=out)
 
