@@ -22,7 +22,8 @@ def load_recipe(path: Any) -> LoadedRecipe:
     return _load(path)
 
 
-def run(recipe: Any, out: Any = None, resume: bool = False, force: bool = False) -> RunResult:
+def run(recipe: Any, out: Any = None, resume: bool = False, force: bool = False,
+        threads: int | None = None) -> RunResult:
     from compress.pipeline import run as _run
 
-    return _run(recipe, out=out, resume=resume, force=force)
+    return _run(recipe, out=out, resume=resume, force=force, threads=threads)

@@ -76,5 +76,16 @@ def load_checkpoint(path: str | Path, adapter: Any, dtype: str = "float32",
 
 
 def model_bytes(model: torch.nn.Module) -> int:
-    """Bytes of everything the model serialises (parameters and persistent buffers, packed as stored)."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
+    """Bytes of everything the model serialises (parameters and persistent buffers, packed as stored),
+    each shared tensor counted once, as safetensors stores it."""
+    seen: set[tuple[int, int, torch.dtype]] = set()
+    total = 0
+    for t in model.state_dict().values():
+        if not isinstance(t, torch.Tensor):
+            continue
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        if key in seen and t.data_ptr() != 0:  # tied weights (embeddings / lm_head) are stored once
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total

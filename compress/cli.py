@@ -23,9 +23,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from compress.pipeline import run, summary
 
-    result = run(args.recipe, out=args.out, resume=args.resume, force=args.force)
+    result = run(args.recipe, out=args.out, resume=args.resume, force=args.force, threads=args.threads)
     print(summary(result))
     print(f"\nrun folder: {result.run_dir}  (report: {result.run_dir / 'report.md'})")
+    if result.status == "error":
+        failed = next(s for s in result.manifest["stages"] if s["status"] == "error")
+        where = f" (partial files: {result.run_dir / failed['partial']})" if failed.get("partial") else ""
+        print(f"error: stage '{failed['name']}' failed: {failed['message']}{where}; fix it and re-run with --resume",
+              file=sys.stderr)
+        return int(failed["exit_code"])
     if not result.ok:
         stopped = next(s for s in result.manifest["stages"] if s["status"] == "failed")
         print(f"error: stopped at stage '{stopped['name']}': {stopped['message']}", file=sys.stderr)
@@ -55,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run folder (default: the recipe's output.dir)")
     r.add_argument("--resume", action="store_true", help="continue a run folder after its last done stage")
     r.add_argument("--force", action="store_true", help="replace an existing run folder's contents")
+    r.add_argument("--threads", type=int, help="CPU threads for torch and ONNX Runtime (overrides the recipe)")
     r.set_defaults(fn=_cmd_run)
     b = sub.add_parser("bench", help="latency / throughput / memory / size of every artifact in a run folder")
     b.add_argument("run_dir")

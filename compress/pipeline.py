@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +44,8 @@ from compress.stages.base import StageContext
 from compress.zoo import resolve_source
 
 REFERENCE = "baseline/reference.safetensors"
+STAGE_ERROR = 4  # a stage raised an expected error (bad option for this model, parity, data): see the manifest
+INTERNAL_ERROR = 5  # a stage raised something unexpected: traceback in logs/<stage>.traceback.txt
 
 
 def log(msg: str) -> None:
@@ -50,16 +53,20 @@ def log(msg: str) -> None:
 
 
 def _fault(point: str) -> None:
-    """Test hook: `COMPRESS_FAULT=<point>` kills the process there, like a crash or SIGKILL."""
-    if os.environ.get("COMPRESS_FAULT") == point:
+    """Test hook: `COMPRESS_FAULT=<point>` kills the process there, like a crash or SIGKILL;
+    `COMPRESS_FAULT=raise:<point>` raises an unexpected exception there instead."""
+    fault = os.environ.get("COMPRESS_FAULT")
+    if fault == point:
         log(f"fault injected at {point}")
         os._exit(137)
+    if fault == f"raise:{point}":
+        raise RuntimeError(f"fault injected at {point}")
 
 
 @dataclass
 class RunResult:
     run_dir: Path
-    status: str  # "completed" | "stopped"
+    status: str  # "completed" | "stopped" | "error"
     manifest: dict[str, Any] = field(repr=False)
 
     @property
@@ -146,18 +153,44 @@ def _forward_loop(adapter, processor, data: Dataset, batch_size: int):
     return loop
 
 
+def _prompt_record(adapter: Any, processor: Any, data: Dataset) -> dict[str, str]:
+    """Which prompt format the run uses, with the first question formatted; warn when it is a guess."""
+    source = ("recipe" if adapter.prompt_template is not None
+              else "chat template" if getattr(processor, "chat_template", None) else "adapter default")
+    example = adapter.format_prompt(processor, data.records[0].prompt) if len(data) else ""
+    if source == "adapter default":
+        log(f"WARNING: the processor has no chat template and the recipe sets no evaluation.prompt; prompts are "
+            f"built as {example!r}. Set evaluation.prompt (e.g. \"<image> question: {{question}} answer:\") "
+            "to the format the model was trained on")
+    return {"source": source, "example": example}
+
+
 def _record_eval(ev: Evaluation) -> dict[str, Any]:
     return {"metrics": ev.metrics, "per_type": ev.per_type}
 
 
 def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume: bool = False,
-        force: bool = False) -> RunResult:
-    """Run a recipe end to end. Raises CompressError subclasses for anything the user must fix."""
+        force: bool = False, threads: int | None = None) -> RunResult:
+    """Run a recipe end to end. Raises CompressError subclasses for anything the user must fix.
+
+    `threads` (else the recipe's `threads`) sets torch's and ONNX Runtime's CPU threads; it does not
+    enter the resume hash (it changes speed, not results), and the manifest records what each attempt used.
+    """
     recipe = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
     r = recipe.recipe
+    threads = threads or r.threads
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}")
+    if threads is not None:
+        torch.set_num_threads(threads)
     out_dir = _out_dir(recipe, out)
     inputs = _resolve(recipe)  # reads data and model config; nothing written yet
     adapter = adapter_for_source(inputs.source, r.model.trust_remote_code)
+    if r.evaluation.prompt is not None:
+        if adapter.image_token not in r.evaluation.prompt:
+            raise ConfigError(f"{recipe.path}: evaluation.prompt must contain the model's image token "
+                              f"'{adapter.image_token}' ({adapter.name}), got {r.evaluation.prompt!r}")
+        adapter.prompt_template = r.evaluation.prompt  # calibration, evaluation and exports all prompt alike
     run_dir = RunDir(out_dir)
     resuming = run_dir.open(inputs.sha256(), resume=resume, force=force)
     _seed_everything(r.seed)
@@ -186,6 +219,7 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
     else:
         log(f"resuming {run_dir.root}")
         m["status"] = "running"
+    m["runtime"] = {"threads": torch.get_num_threads(), "threads_requested": threads}
 
     # The latest kept state: the source, or on resume the last kept checkpoint.
     state_source = inputs.source
@@ -202,9 +236,7 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
         m["model"].update(model_type=model.config.model_type,
                           parameters=sum(p.numel() for p in model.parameters()))
     evaluator = Evaluator(adapter, processor, inputs.evaluation, r.evaluation)
-
-    def runner(mdl: torch.nn.Module) -> TorchRunner:
-        return TorchRunner.for_adapter(mdl, adapter, processor)
+    m["prompt"] = _prompt_record(adapter, processor, inputs.evaluation)
 
     # ---- baseline ---------------------------------------------------------------------------------
     if baseline_recorded:
@@ -213,7 +245,7 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
         log(f"baseline (recorded): {baseline}")
     else:
         t0 = time.time()
-        ev = evaluator.evaluate(runner(model), desc="baseline")
+        ev = evaluator.evaluate(TorchRunner.for_adapter(model, adapter, processor), desc="baseline")
         reference = ev.reference
         with atomic_dir(run_dir.path("baseline")) as tmp:
             save_file(reference.tensors(), str(tmp / "reference.safetensors"))
@@ -231,6 +263,7 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
                     if inputs.calibration else None)
 
     # ---- stages -----------------------------------------------------------------------------------
+    scoring = _Scoring(run_dir, r, adapter, processor, evaluator, reference, baseline)
     status = "completed"
     for i, cfg in enumerate(r.stages):
         name = stage_name(cfg, i)
@@ -243,59 +276,14 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
                                "started": datetime.now(UTC).isoformat(timespec="seconds")}
         run_dir.set_stage_record(rec)
         t0 = time.time()
-        spec = get_stage(cfg.type)
         ctx = StageContext(adapter=adapter, processor=processor, workdir=run_dir.path(f".work/{name}"),
-                           seed=r.seed, forward_loop=forward_loop)
+                           seed=r.seed, forward_loop=forward_loop, threads=threads)
         try:
-            result = spec.apply(model, cfg, ctx)
-        except CompressError as e:
-            rec.update(status="error", message=str(e), wall_s=round(time.time() - t0, 2))
-            run_dir.set_stage_record(rec)
-            raise type(e)(f"stage {name}: {e}") from None
-        model = result.model
-        _fault(f"after_apply:{i}")
-        scored = result.runner or runner(model)
-        ev = evaluator.evaluate(scored, reference, desc=f"{name} ({scored.backend})")
-        rec["backend"] = scored.backend
-        checks = run_checks(cfg.gate, baseline, ev.metrics)
-        passed = all(c.passed for c in checks)
-        rec.update(_record_eval(ev), checks=[c.to_dict() for c in checks], details=result.details)
-        if passed or cfg.gate.on_fail == "warn":
-            rel = f"stages/{name}"
-            if result.artifacts is not None:  # an export: keep its files; the torch state is unchanged
-                dest = run_dir.path(rel)
-                if dest.exists():  # left by a killed attempt; the manifest never claimed it
-                    shutil.rmtree(dest)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(result.artifacts, dest)  # same file system: one rename
-                rec["artifacts"] = rel
-            else:
-                with atomic_dir(run_dir.path(rel)) as tmp:
-                    save_checkpoint(model, processor, tmp)
-                rec["checkpoint"] = rel
-            _fault(f"after_checkpoint:{i}")
-            rec.update(status="completed" if passed else "warned", files=run_dir.file_entries(rel))
-            if not passed:
-                rec["message"] = "gate failed; continuing because on_fail is 'warn'"
-                log(f"WARNING stage {name}: gate failed ({_failed(checks)}); continuing (on_fail: warn)")
-            if r.output.checkpoints == "last":
-                _drop_older_checkpoints(run_dir, i)
-        elif cfg.gate.on_fail == "rollback":
-            rec.update(status="rolled_back",
-                       message=f"gate failed ({_failed(checks)}); state rolled back to the previous stage")
-            log(f"stage {name}: gate failed ({_failed(checks)}); rolling back")
-            del model
-            model, _ = load_checkpoint(state_source, adapter, r.model.dtype, r.model.trust_remote_code)
-        else:
-            rec.update(status="failed", message=f"gate failed ({_failed(checks)}); run stopped (on_fail: stop)")
-            status = "stopped"
-        rec["wall_s"] = round(time.time() - t0, 2)
-        run_dir.set_stage_record(rec)
-        if rec.get("checkpoint"):
-            state_source = str(run_dir.path(rec["checkpoint"]))
-        log(f"stage {name}: {rec['status']} {ev.metrics}")
-        if status == "stopped":
-            log(f"STOPPED at stage {name}: {rec['message']}")
+            model, state_source, status = _run_stage(model, cfg, i, rec, ctx, scoring, state_source)
+        except Exception as e:  # recorded, reported, and the run ends here; --resume retries the stage
+            _record_error(run_dir, rec, name, e, ctx.workdir, time.time() - t0)
+            status = "error"
+        if status in ("stopped", "error"):
             break
 
     shutil.rmtree(run_dir.path(".work"), ignore_errors=True)
@@ -306,6 +294,99 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
     m["files"] = run_dir.file_entries()
     run_dir.save_manifest()
     return RunResult(run_dir.root, status, m)
+
+
+@dataclass
+class _Scoring:
+    """What every stage of one run is scored against and kept with."""
+
+    run_dir: RunDir
+    recipe: Any
+    adapter: Any
+    processor: Any
+    evaluator: Evaluator
+    reference: Reference
+    baseline: dict[str, float]
+
+    def runner(self, model: torch.nn.Module) -> TorchRunner:
+        return TorchRunner.for_adapter(model, self.adapter, self.processor)
+
+
+def _run_stage(model: torch.nn.Module, cfg: Any, i: int, rec: dict[str, Any], ctx: StageContext, run: _Scoring,
+               state_source: str) -> tuple[torch.nn.Module, str, str]:
+    """apply -> evaluate -> gate -> keep / roll back / stop, for one stage. Returns (model, state, status)."""
+    run_dir, r, name = run.run_dir, run.recipe, rec["name"]
+    t0 = time.time()
+    status = "completed"
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    _fault(f"apply:{i}")
+    result = get_stage(cfg.type).apply(model, cfg, ctx)
+    model = result.model
+    _fault(f"after_apply:{i}")
+    scored = result.runner or run.runner(model)
+    ev = run.evaluator.evaluate(scored, run.reference, desc=f"{name} ({scored.backend})")
+    rec["backend"] = scored.backend
+    checks = run_checks(cfg.gate, run.baseline, ev.metrics) + list(result.checks)
+    passed = all(c.passed for c in checks)
+    rec.update(_record_eval(ev), checks=[c.to_dict() for c in checks], details=result.details)
+    if passed or cfg.gate.on_fail == "warn":
+        rel = f"stages/{name}"
+        if result.artifacts is not None:  # an export: keep its files; the torch state is unchanged
+            dest = run_dir.path(rel)
+            if dest.exists():  # left by a killed attempt; the manifest never claimed it
+                shutil.rmtree(dest)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(result.artifacts, dest)  # same file system: one rename
+            rec["artifacts"] = rel
+        else:
+            with atomic_dir(run_dir.path(rel)) as tmp:
+                save_checkpoint(model, run.processor, tmp)
+            rec["checkpoint"] = rel
+        _fault(f"after_checkpoint:{i}")
+        shutil.rmtree(run_dir.path(f"failed/{name}"), ignore_errors=True)  # an earlier attempt's leftovers
+        rec.update(status="completed" if passed else "warned", files=run_dir.file_entries(rel))
+        if not passed:
+            rec["message"] = "gate failed; continuing because on_fail is 'warn'"
+            log(f"WARNING stage {name}: gate failed ({_failed(checks)}); continuing (on_fail: warn)")
+        if r.output.checkpoints == "last":
+            _drop_older_checkpoints(run_dir, i)
+    elif cfg.gate.on_fail == "rollback":
+        rec.update(status="rolled_back",
+                   message=f"gate failed ({_failed(checks)}); state rolled back to the previous stage")
+        log(f"stage {name}: gate failed ({_failed(checks)}); rolling back")
+        del model
+        model, _ = load_checkpoint(state_source, run.adapter, r.model.dtype, r.model.trust_remote_code)
+    else:
+        rec.update(status="failed", message=f"gate failed ({_failed(checks)}); run stopped (on_fail: stop)")
+        status = "stopped"
+    rec["wall_s"] = round(time.time() - t0, 2)
+    run_dir.set_stage_record(rec)
+    if rec.get("checkpoint"):
+        state_source = str(run_dir.path(rec["checkpoint"]))
+    log(f"stage {name}: {rec['status']} {ev.metrics}")
+    if status == "stopped":
+        log(f"STOPPED at stage {name}: {rec['message']}")
+    return model, state_source, status
+
+
+def _record_error(run_dir: RunDir, rec: dict[str, Any], name: str, exc: BaseException, workdir: Path,
+                  wall_s: float) -> None:
+    """A stage that raised: status `error` with the message; its partial files kept visibly under failed/."""
+    internal = not isinstance(exc, CompressError)
+    rec.update(status="error", wall_s=round(wall_s, 2), error_type=type(exc).__name__,
+               message=f"internal error: {type(exc).__name__}: {exc}" if internal else str(exc),
+               exit_code=INTERNAL_ERROR if internal else STAGE_ERROR)
+    if internal:
+        log_path = run_dir.write(f"logs/{name}.traceback.txt", "".join(traceback.format_exception(exc)))
+        rec["traceback"] = str(log_path.relative_to(run_dir.root))
+    if workdir.exists():
+        dest = run_dir.path(f"failed/{name}")
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(workdir, dest)
+        rec["partial"] = f"failed/{name}"
+    run_dir.set_stage_record(rec)
+    log(f"ERROR stage {name}: {rec['message']}")
 
 
 def _failed(checks) -> str:

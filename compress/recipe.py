@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import string
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model
+from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
 
 from compress.data.config import DataConfig
 from compress.errors import RecipeError
@@ -29,9 +31,48 @@ class ModelConfig(Strict):
     trust_remote_code: bool = False
 
 
+class ExtractConfig(Strict):
+    """Answer post-processing before exact match: the text after the last `after_last`, or a regex match
+    (its first group if it has one). Applied to predictions and references alike; a string without a
+    match is compared whole."""
+
+    after_last: str | None = Field(None, min_length=1)
+    regex: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> ExtractConfig:
+        if (self.after_last is None) == (self.regex is None):
+            raise ValueError("extract needs exactly one of 'after_last' or 'regex'")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex does not compile: {exc}") from None
+        return self
+
+    def __call__(self, text: str) -> str:
+        if self.after_last is not None:
+            _, sep, tail = text.rpartition(self.after_last)
+            return tail if sep else text
+        m = re.search(self.regex, text)  # type: ignore[arg-type]
+        return (m.group(1) if m.groups() else m.group(0)) if m else text
+
+
 class EvaluationConfig(DataConfig):
     max_new_tokens: int = Field(8, ge=1, le=512)
     metrics: list[Metric] = Field(default_factory=lambda: ["exact_match", "token_agreement", "logit_kl"])
+    prompt: str | None = Field(None, description="prompt template with {question}, written with the model's "
+                                                 "image token; overrides the chat template (also for calibration)")
+    extract: ExtractConfig | None = None
+
+    @model_validator(mode="after")
+    def _prompt_template(self) -> EvaluationConfig:
+        if self.prompt is not None:
+            fields = [f for _, f, _, _ in string.Formatter().parse(self.prompt) if f is not None]
+            if fields != ["question"]:
+                raise ValueError("prompt must contain {question} exactly once and no other {...} field "
+                                 f"(found {fields or 'none'}); write literal braces as {{{{ }}}}")
+        return self
 
 
 class OutputConfig(Strict):
@@ -43,6 +84,8 @@ class OutputConfig(Strict):
 class RecipeBase(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     seed: int = 0
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch and ONNX Runtime (default: "
+                                                         "torch's default); `run --threads` overrides it")
     model: ModelConfig
     calibration: DataConfig | None = None
     evaluation: EvaluationConfig
@@ -76,8 +119,10 @@ class LoadedRecipe(BaseModel):
         return self.recipe.model_dump(mode="json")
 
     def sha256(self) -> str:
-        """Hash of the resolved recipe (defaults filled), so formatting changes do not matter."""
-        blob = json.dumps(self.resolved(), sort_keys=True).encode()
+        """Hash of the resolved recipe (defaults filled), so formatting changes do not matter; `threads`
+        changes speed, not results, so it is left out (a run may resume with other threads)."""
+        resolved = {k: v for k, v in self.resolved().items() if k != "threads"}
+        blob = json.dumps(resolved, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
 
@@ -222,6 +267,9 @@ def _check_order(recipe: Any, root: yaml.Node, path: Path) -> None:
         names[name] = i
         if getattr(stage, "needs_calibration", False) and recipe.calibration is None:
             raise RecipeError(f"{where}: a '{stage.type}' stage needs a 'calibration' section")
+        conflict = stage.check_after(recipe.stages[:i])
+        if conflict:
+            raise RecipeError(f"{where}: {conflict}")
         measured = set(recipe.evaluation.metrics)
         gate_line = _node_at(root, ("stages", i, "gate"))[0].start_mark.line + 1
         if stage.gate.min_retention is not None and stage.gate.metric not in measured:

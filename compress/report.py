@@ -36,7 +36,10 @@ def summary_rows(manifest: dict[str, Any]) -> list[tuple[str, str, str, str, str
                 ret = value / base if base else None
             rows.append((rec["name"], rec["status"], metric, _fmt(value), _fmt(ret),
                          ("yes" if c["passed"] else "NO") if c else "–"))
-        if not rec.get("metrics"):
+        for metric, c in checks.items():  # a stage's own checks (export parity) beside the accuracy ones
+            if metric not in rec.get("metrics", {}):
+                rows.append((rec["name"], rec["status"], metric, _fmt(c["value"]), "–", "yes" if c["passed"] else "NO"))
+        if not rec.get("metrics") and not checks:
             rows.append((rec["name"], rec["status"], "–", "–", "–", "–"))
     return rows
 
@@ -64,7 +67,7 @@ def retention_plot(manifest: dict[str, Any]) -> bytes:
         for c in r.get("checks", []):
             if c["retention"] is not None:
                 ax.hlines(c["threshold"], i - 0.3, i + 0.3, colors="red", linestyles="dashed")
-        if r["status"] in ("failed", "rolled_back"):
+        if r["status"] in ("failed", "rolled_back", "error"):
             ax.annotate(r["status"], (i, 0.0), xycoords=("data", "axes fraction"), ha="center",
                         va="bottom", color="red", fontsize=8)
     ax.set_xticks(range(len(names)), names, rotation=15, fontsize=8)
@@ -72,6 +75,29 @@ def retention_plot(manifest: dict[str, Any]) -> bytes:
     ax.set_title(f"{manifest.get('recipe', {}).get('name', '')}: accuracy retention per stage")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def sensitivity_plot(rec: dict[str, Any]) -> bytes | None:
+    """Per-layer INT8 output error of a quantize stage (log scale), layers kept in float in red."""
+    modules = rec.get("details", {}).get("modules", {}) if rec.get("type") == "quantize" else {}
+    errs = {n: d["output_rel_error"] for n, d in modules.items() if d.get("output_rel_error") is not None}
+    if not errs:
+        return None
+    names = list(errs)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * len(names)), 3.6), dpi=110)
+    colors = ["red" if modules[n].get("kept_float") else "tab:blue" for n in names]
+    ax.bar(range(len(names)), [max(errs[n], 1e-12) for n in names], color=colors)
+    ax.set_yscale("log")
+    ax.set_xticks([])
+    ax.set_xlabel(f"{len(names)} layers in model order (red: kept in float)")
+    ax.set_ylabel("INT8 relative output error")
+    ax.set_title(f"{rec['name']}: per-layer INT8 sensitivity")
+    ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
@@ -123,7 +149,19 @@ def write_report(run: RunDir) -> None:
                 lines.append(f"- {k}: {v}")
         if r.get("checkpoint"):
             lines.append(f"- checkpoint: `{r['checkpoint']}`")
+        plot = sensitivity_plot(r)
+        if plot is not None:
+            run.write(f"sensitivity-{r['name']}.png", plot)
+            worst = sorted(details["modules"].items(), key=lambda kv: -(kv[1].get("output_rel_error") or 0))[:5]
+            lines += ["", f"![per-layer INT8 sensitivity](sensitivity-{r['name']}.png)", "",
+                      "Most sensitive layers: " + ", ".join(
+                          f"`{n}` {d['output_rel_error']:.2e}{' (kept float)' if d.get('kept_float') else ''}"
+                          for n, d in worst), ""]
         if r.get("message"):
-            lines.append(f"- {r['message']}")
+            lines.append(f"- {'**error**: ' if r['status'] == 'error' else ''}{r['message']}")
+        if r.get("partial"):
+            lines.append(f"- partial files kept for diagnosis: `{r['partial']}` (re-run with --resume to retry)")
+        if r.get("traceback"):
+            lines.append(f"- traceback: `{r['traceback']}`")
         lines.append("")
     run.write("report.md", "\n".join(lines))

@@ -211,3 +211,42 @@ def test_blank_images_fall_to_chance(tmp_path):
     assert real["overall"] >= 0.9
     assert blank["overall"] <= 0.02  # nothing to describe
     assert blank["overall (final answer only)"] <= 0.45  # yes/no and count priors at best
+
+
+def test_stage_error_is_recorded_reported_and_exits_4(tmp_path, capsys):
+    bad = prune(0.1, name="nothing")
+    bad["targets"]["include"] = ["*no_such_module*"]
+    out = tmp_path / "run"
+    assert main(["run", str(recipe(tmp_path, [prune(0.1, name="ok"), bad])), "--out", str(out)]) == 4
+    err = capsys.readouterr().err
+    assert "stage 'nothing' failed:" in err and "no_such_module" in err and "Traceback" not in err
+    m = manifest(out)
+    assert m["status"] == "error"
+    ok, nothing = m["stages"]
+    assert ok["status"] == "completed" and (out / ok["checkpoint"] / "model.safetensors").exists()
+    assert nothing["status"] == "error" and "no_such_module" in nothing["message"] and nothing["exit_code"] == 4
+    report = (out / "report.md").read_text()
+    assert "status: **error**" in report and "**error**: " in report
+    assert not (out / ".work").exists()
+
+
+def test_unexpected_error_keeps_traceback_and_partial_files_and_resume_retries(tmp_path):
+    path = recipe(tmp_path, [prune(0.1, name="one"), prune(0.2, name="two")])
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "compress.cli", "run", str(path), "--out", str(out)]
+    failed = subprocess.run(cmd, env={**os.environ, "COMPRESS_FAULT": "raise:apply:1"}, capture_output=True,
+                            text=True, timeout=600)
+    assert failed.returncode == 5, failed.stderr
+    assert "internal error: RuntimeError: fault injected at apply:1" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    two = manifest(out)["stages"][1]
+    assert two["status"] == "error" and two["partial"] == "failed/two" and (out / "failed" / "two").is_dir()
+    assert "RuntimeError" in (out / two["traceback"]).read_text()
+
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600,
+                             env={k: v for k, v in os.environ.items() if k != "COMPRESS_FAULT"})
+    assert resumed.returncode == 0, resumed.stderr
+    m = manifest(out)
+    assert m["status"] == "completed" and [s["status"] for s in m["stages"]] == ["completed", "completed"]
+    assert abs(language_sparsity(out / "stages" / "two") - 0.2) < 0.01
+    assert not (out / "failed" / "two").exists()

@@ -49,7 +49,7 @@ NF4 = {"type": "quantize", "scheme": "nf4", "targets": {"components": ["language
         ([{**INT8, "activations": None}], True, "int8 needs 'activations'"),
         ([{**NF4, "activations": {"calibration": "minmax"}}], True, "nf4 is weight-only"),
         ([{**INT8, "nf4": {"blocksize": 64}}], True, "'nf4' settings only apply to scheme nf4"),
-        ([{**INT8, "activations": "none", "smoothquant": {"alpha": 0.5}}], True, "smoothquant needs calibrated"),
+        ([{**INT8, "activations": "none", "smoothquant": {"alpha": 0.5}}], True, "smoothquant needs quantized activations"),
         ([{**NF4, "nf4": {"blocksize": 48}}], True, "stages[0].nf4.blocksize"),
         ([{**INT8, "activations": {"calibration": "kl"}}], True, "stages[0].activations"),
         ([INT8], False, "needs a 'calibration' section"),

@@ -108,7 +108,12 @@ class Adapter:
 
     # ---- text ------------------------------------------------------------------------------------
 
+    # A recipe's `evaluation.prompt` ("<image> question: {question} answer:"): overrides the chat template.
+    prompt_template: str | None = None
+
     def format_prompt(self, processor: Any, question: str) -> str:
+        if self.prompt_template is not None:
+            return self.prompt_template.format(question=question)
         if getattr(processor, "chat_template", None):
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
             return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -161,11 +166,15 @@ class Adapter:
         images: list[Image.Image],
         questions: list[str],
         answers: list[str] | None = None,
+        max_answer_tokens: int | None = None,
     ) -> Batch:
         """Left-padded inputs for one image + question per row, optionally teacher-forcing answers.
 
         The answer span is found by encoding the prompt alone and comparing unpadded lengths, so
-        image-token expansion stays entirely the processor's business.
+        image-token expansion stays entirely the processor's business. Answers are forced as the model
+        would emit them: joined without a space after a prompt that ends in white space (a chat
+        template's "assistant\n"), and an answer longer than `max_answer_tokens` is cut there with no
+        end token after it (generation could never reach one).
         """
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
@@ -177,8 +186,8 @@ class Adapter:
         if answers is None:
             return Batch(inputs=prompt_inputs, answer_positions=None, prompt_lengths=prompt_lengths)
 
-        end = self.end_token(processor)
-        texts = [p + self.answer_join + a.strip() + end for p, a in zip(prompts, answers, strict=True)]
+        texts = [p + self.forced_answer(processor, p, a, max_answer_tokens)
+                 for p, a in zip(prompts, answers, strict=True)]
         inputs = self._encode(processor, images, texts)
         full_lengths = inputs["attention_mask"].sum(-1)
         seq = inputs["input_ids"].shape[1]
@@ -190,6 +199,16 @@ class Adapter:
             # Left padding: the sequence ends at seq-1; logit t predicts token t+1.
             positions[row, seq - 1 - n_answer : seq - 1] = True
         return Batch(inputs=inputs, answer_positions=positions, prompt_lengths=prompt_lengths)
+
+    def forced_answer(self, processor: Any, prompt: str, answer: str, max_tokens: int | None = None) -> str:
+        """The text appended to `prompt` to teacher-force `answer`: join + answer (+ end token)."""
+        join = "" if prompt[-1:].isspace() else self.answer_join
+        text = join + answer.strip()
+        if max_tokens is not None:
+            ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) > max_tokens:  # cut where generation stops; the model never says the end token here
+                return processor.tokenizer.decode(ids[:max_tokens])
+        return text + self.end_token(processor)
 
     # ---- loading ---------------------------------------------------------------------------------
 

@@ -54,7 +54,9 @@ class Evaluator:
         """Score `runner`; with no `reference` the result carries one (this is the baseline)."""
         wanted = set(self.cfg.metrics)
         tokenizer = self.processor.tokenizer
+        extract = self.cfg.extract
         hits: list[int] = []
+        raw_hits: list[int] = []
         by_type: dict[str, list[int]] = defaultdict(list)
         predictions: list[str] = []
         top1s, logps = [], []
@@ -67,19 +69,24 @@ class Evaluator:
                 enc = self.adapter.build_inputs(self.processor, images, questions)
                 out = runner.generate(enc.inputs, self.cfg.max_new_tokens)
                 preds = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in out]
-                batch_hits = M.exact_match(preds, answers)
+                raw = M.exact_match(preds, answers)
+                batch_hits = (M.exact_match([extract(p) for p in preds], [extract(a) for a in answers])
+                              if extract else raw)
                 hits += batch_hits
+                raw_hits += raw
                 predictions += preds
                 for r, h in zip(batch, batch_hits, strict=True):
                     by_type[str(r.meta.get("qtype", "all"))].append(h)
             if wanted & {"token_agreement", "logit_kl"} or reference is None:
-                enc = self.adapter.build_inputs(self.processor, images, questions, answers)
+                enc = self.adapter.build_inputs(self.processor, images, questions, answers, self.cfg.max_new_tokens)
                 logits = runner.logits(enc.inputs)[enc.answer_positions]
                 top1s.append(logits.argmax(-1))
                 logps.append(torch.log_softmax(logits.float(), -1))
         result: dict[str, float] = {}
         if "exact_match" in wanted:
             result["exact_match"] = sum(hits) / len(hits)
+            if extract:  # exact_match scores the extracted answers; the raw strings are reported beside it
+                result["exact_match_raw"] = sum(raw_hits) / len(raw_hits)
         own = Reference(torch.cat(top1s), torch.cat(logps)) if top1s else None
         if reference is not None and own is not None:
             if "token_agreement" in wanted:

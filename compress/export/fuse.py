@@ -25,8 +25,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from compress.export.portable import ort_optimized
 from compress.export.files import META_FILE, describe_files, read_meta, save_model, write_meta
+from compress.export.portable import ort_optimized
 
 FUSED_OP_TYPES = (
     "Attention",
@@ -86,6 +86,10 @@ def _ort_pass(path: Path, out: Path, model_type: str, num_heads: int, hidden_siz
 
     options = FusionOptions(model_type)
     options.enable_gelu_approximation = False  # keep the exact erf/tanh GELU: parity, not speed, comes first
+    if model_type == DECODER_MODEL_TYPE:
+        # Llama-style decoders have no GELU, and ORT's QuickGelu matcher crashes on SiLU fed by a dynamic-INT8
+        # projection (x * sigmoid(x) where x = acc * scale: a Mul without a constant operand).
+        options.enable_gelu = False
     optimized = optimize_model(str(path), model_type=model_type, num_heads=num_heads, hidden_size=hidden_size,
                                opt_level=0, optimization_options=options, use_gpu=False)
     save_model(optimized.model, out)

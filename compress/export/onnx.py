@@ -320,6 +320,8 @@ def export_onnx(
 
     vision_cfg = getattr(model.config, "vision_config", None)
     has_qdq = any(info["onnx"].startswith("QuantizeLinear") for info in quantized.get("modules", {}).values())
+    has_int8_gemm = has_qdq or any(info["onnx"].startswith("MatMulInteger")
+                                   for info in quantized.get("modules", {}).values())
     meta: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -349,7 +351,7 @@ def export_onnx(
     result = ExportResult(out_dir=out, files=files, quantized=quantized, meta=meta)
     if fusion:
         result.fused_ops = fuse_export(out)
-    if has_qdq:
+    if has_int8_gemm:
         portable_export(out, int8_kernels)
     result.meta = describe_files(out)
     return result

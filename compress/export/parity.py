@@ -29,6 +29,7 @@ from compress.errors import CompressError
 from compress.export.files import read_meta, write_meta
 from compress.export.onnx import dummy_images
 from compress.export.wrappers import DecoderWithPast, decoder_module, vision_module
+from compress.host import cpu_features
 
 GRAPHS = ("vision", "embed", "decoder", "end_to_end")
 DEFAULT_ATOL = 1e-4
@@ -37,7 +38,15 @@ QUESTIONS = ("what is it?", "what color is the largest shape in this picture?", 
 
 
 class ParityError(CompressError):
-    """An exported graph disagrees with PyTorch beyond its tolerance; names the output and the error."""
+    """An exported graph disagrees with PyTorch beyond its tolerance; names the output and the error.
+
+    `errors` holds the max abs error of every compared output, `failures` one line per output that missed.
+    """
+
+    def __init__(self, message: str, errors: dict[str, float] | None = None, failures: list[str] | None = None):
+        super().__init__(message)
+        self.errors = errors or {}
+        self.failures = failures or [message]
 
 
 def _tol(value: float | dict[str, float], graph: str, default: float) -> float:
@@ -50,9 +59,10 @@ class _Checker:
     def __init__(self, atol: float | dict[str, float], rtol: float | dict[str, float]):
         self.atol, self.rtol = atol, rtol
         self.errors: dict[str, float] = {}
+        self.failures: list[str] = []
 
     def compare(self, graph: str, name: str, got: np.ndarray, ref: np.ndarray, keep: np.ndarray | None = None) -> None:
-        """Record max |got - ref| under `graph.name`; raise if any element is beyond atol + rtol*|ref|."""
+        """Record max |got - ref| under `graph.name`, and a failure if any element is beyond atol + rtol*|ref|."""
         got = np.asarray(got, dtype=np.float64)
         ref = np.asarray(ref, dtype=np.float64)
         if got.shape != ref.shape:
@@ -68,7 +78,7 @@ class _Checker:
         atol, rtol = _tol(self.atol, graph, DEFAULT_ATOL), _tol(self.rtol, graph, DEFAULT_RTOL)
         bad = diff > atol + rtol * np.abs(ref)
         if bad.any():
-            raise ParityError(
+            self.failures.append(
                 f"{graph} output '{name}': max abs error {err:.3g} exceeds atol={atol:g} + rtol={rtol:g}*|ref| "
                 f"at {int(bad.sum())} of {diff.size} compared values"
             )
@@ -181,6 +191,10 @@ def check_parity(
     errors = dict(sorted(check.errors.items()))
     if record:
         meta = read_meta(out_dir)
-        meta["parity"] = {"max_abs_error": errors, "atol": atol, "rtol": rtol, "providers": runner.providers}
+        meta["parity"] = {"max_abs_error": errors, "atol": atol, "rtol": rtol, "providers": runner.providers,
+                          "failures": check.failures, "host_cpu": cpu_features()}
         write_meta(out_dir, meta)
+    if check.failures:
+        more = f" (+{len(check.failures) - 1} more)" if len(check.failures) > 1 else ""
+        raise ParityError(check.failures[0] + more, errors, check.failures)
     return errors

@@ -71,6 +71,9 @@ def make_portable(proto: Any, mode: Int8Kernels = "portable") -> dict[str, int]:
     u8_zp = "compress_u8_zero_point_128"
     retyped: set[str] = set()
     for node in list(graph.node):
+        if node.op_type == "MatMulInteger":  # dynamic activations: uint8 (+128) A from the graph itself
+            counts[_integer_gemm(graph, inits, node, mode)] += 1
+            continue
         if node.op_type != "MatMul":
             continue
         act_dq, w_dq = (producer.get(i) for i in node.input)
@@ -116,6 +119,28 @@ def make_portable(proto: Any, mode: Int8Kernels = "portable") -> dict[str, int]:
         graph.value_info.extend(keep)
     _drop_unused_initializers(graph)
     return counts
+
+
+def _integer_gemm(graph: Any, inits: dict[str, Any], node: Any, mode: Int8Kernels) -> str:
+    """MatMulInteger(A u8, W int8): W to uint8 with zero point 128 unless S7-safe (or mode vnni)."""
+    from onnx import TensorProto, numpy_helper
+
+    w_init = inits.get(node.input[1])
+    if w_init is None or w_init.data_type != TensorProto.INT8:
+        return "u8u8" if w_init is not None else "weight_only"
+    w = numpy_helper.to_array(w_init)
+    if s7_safe(w):
+        return "s8_s7_safe"
+    if mode == "vnni":
+        return "s8_needs_vnni"
+    new_w = numpy_helper.from_array((w.astype(np.int16) + U8_ZERO).astype(np.uint8), f"{w_init.name}_u8")
+    new_zp = numpy_helper.from_array(np.array(U8_ZERO, np.uint8), f"{w_init.name}_u8_zero_point")
+    graph.initializer.extend([new_w, new_zp])
+    inits[new_w.name], inits[new_zp.name] = new_w, new_zp
+    while len(node.input) < 4:
+        node.input.append("")
+    node.input[1], node.input[3] = new_w.name, new_zp.name
+    return "u8u8"
 
 
 def _drop_unused_initializers(graph: Any) -> None:

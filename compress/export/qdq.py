@@ -32,7 +32,8 @@ import torch.ao.quantization.fx._decomposed
 from torch import nn
 
 from compress.errors import ConfigError
-from compress.quant.int8 import ACT_QMAX, ACT_QMIN, Int8Linear
+from compress.export.portable import U8_ZERO
+from compress.quant.int8 import ACT_QMAX, ACT_QMIN, Int8Linear, dynamic_scale
 from compress.quant.observers import QMAX
 
 NF4 = 1  # MatMulBnb4 quant_type: 0 = FP4, 1 = NF4
@@ -48,13 +49,38 @@ NF4_CODE = (
 # ---- INT8 ----------------------------------------------------------------------------------------------
 
 
+@torch.library.custom_op("compress::matmul_integer", mutates_args=())
+def matmul_integer(a: torch.Tensor, b: torch.Tensor, a_zero: torch.Tensor, b_zero: torch.Tensor) -> torch.Tensor:
+    """(a - a_zero) @ (b - b_zero) in int32, as ONNX MatMulInteger (a uint8 [..., K], b int8/uint8 [K, N])."""
+    return (a.int() - a_zero.int()) @ (b.int() - b_zero.int())
+
+
+@matmul_integer.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, a_zero: torch.Tensor, b_zero: torch.Tensor) -> torch.Tensor:
+    return a.new_empty((*a.shape[:-1], b.shape[-1]), dtype=torch.int32)
+
+
+def _matmul_integer_onnx(a: Any, b: Any, a_zero: Any, b_zero: Any) -> Any:
+    from onnxscript import opset18 as op
+
+    return op.MatMulInteger(a, b, a_zero, b_zero)
+
+
 class QdqLinear(nn.Module):
-    """Export-time stand-in for an `Int8Linear`: same numbers, expressed as Q/DQ ops the exporter keeps."""
+    """Export-time stand-in for an `Int8Linear`: same numbers, expressed as ops the exporter keeps.
+
+    Static scales: Q/DQ pairs (ORT fuses them into integer GEMMs). Dynamic scales: the scale is computed
+    in the graph (ReduceMax / 127, per token or per call), the input quantized to uint8 (+128) and fed
+    with the int8 weight to ONNX MatMulInteger, then rescaled: ORT runs the integer GEMM directly.
+    """
 
     def __init__(self, m: Int8Linear):
         super().__init__()
         self.in_features, self.out_features = m.in_features, m.out_features
         self.per_channel = m.weight_scale.numel() > 1
+        self.act_dynamic = m.act_dynamic
+        self.register_buffer("a_zero", torch.tensor(U8_ZERO, dtype=torch.uint8))
+        self.register_buffer("w_zero", torch.tensor(0, dtype=torch.int8))
         self.register_buffer("weight_int8", m.weight_int8.t().contiguous())  # [in, out]: MatMul's B
         self.register_buffer("weight_scale", m.weight_scale.detach().float().clone())
         self.register_buffer("smooth_scale", None if m.smooth_scale is None else m.smooth_scale.detach().float())
@@ -66,6 +92,8 @@ class QdqLinear(nn.Module):
         h = x.float()
         if self.smooth_scale is not None:
             h = h * self.smooth_scale
+        if self.act_dynamic is not None:
+            return self._dynamic(h).to(x.dtype)
         if self.input_scale is not None:
             q = qd.quantize_per_tensor(h, self.input_scale, 0, ACT_QMIN, ACT_QMAX, torch.int8)
             h = qd.dequantize_per_tensor(q, self.input_scale, 0, ACT_QMIN, ACT_QMAX, torch.int8)
@@ -77,6 +105,15 @@ class QdqLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype)
+
+    def _dynamic(self, h: torch.Tensor) -> torch.Tensor:
+        scale = dynamic_scale(h, self.act_dynamic)
+        a = (torch.round(h / scale).clamp(ACT_QMIN, ACT_QMAX) + U8_ZERO).to(torch.uint8)
+        acc = matmul_integer(a, self.weight_int8, self.a_zero, self.w_zero)
+        y = acc.float() * (scale * self.weight_scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
 
 
 # ---- NF4 -----------------------------------------------------------------------------------------------
@@ -203,7 +240,8 @@ def _is_bnb4(m: nn.Module) -> bool:
 
 
 def custom_translations() -> dict[Any, Any]:
-    return {torch.ops.compress.matmul_bnb4.default: _matmul_bnb4_onnx}
+    return {torch.ops.compress.matmul_bnb4.default: _matmul_bnb4_onnx,
+            torch.ops.compress.matmul_integer.default: _matmul_integer_onnx}
 
 
 @contextlib.contextmanager
@@ -217,8 +255,10 @@ def export_modules(model: nn.Module, quantize: bool = True) -> Iterator[tuple[di
     for name, m in model.named_modules():
         if isinstance(m, Int8Linear):
             new = QdqLinear(m) if quantize else m
-            onnx_form = "QuantizeLinear/DequantizeLinear" if m.input_scale is not None else "DequantizeLinear"
-            modules[name] = {"scheme": m.scheme, "granularity": m.granularity, "smooth": m.smooth_scale is not None,
+            onnx_form = ("QuantizeLinear/DequantizeLinear" if m.input_scale is not None
+                         else "MatMulInteger (dynamic scales)" if m.act_dynamic else "DequantizeLinear")
+            modules[name] = {"scheme": m.scheme, "activations": m.activations, "granularity": m.granularity,
+                             "smooth": m.smooth_scale is not None,
                              "onnx": onnx_form if quantize else "float fake-quant ops"}
         elif _is_bnb4(m):
             new = Bnb4Linear(m) if quantize else dequantized_linear(m)

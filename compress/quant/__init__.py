@@ -19,12 +19,14 @@ from compress.quant.int8 import (
 )
 from compress.quant.nf4 import check_nf4, nf4_details, quantize_nf4, use_portable_nf4_kernel
 from compress.quant.observers import OBSERVERS, Observer, make_observer
+from compress.quant.sensitivity import KeepFloat
 from compress.quant.smoothquant import SmoothedLinear, smooth
 
 __all__ = [
     "OBSERVERS",
     "ActQuant",
     "Int8Linear",
+    "KeepFloat",
     "Observer",
     "SmoothedLinear",
     "WeightQuant",

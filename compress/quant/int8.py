@@ -4,8 +4,9 @@
 float32 scales, and its forward computes what an integer deployment computes,
 
     x' = x * smooth_scale                                 (if SmoothQuant was applied)
-    x_q = clamp(round(x' / input_scale), -128, 127)       (if activations are quantized)
-    y  = (x_q * input_scale) @ (weight_int8 * weight_scale[:, None])^T + bias
+    s  = input_scale (static) | max|x'| / 127 per token or per call (dynamic)
+    x_q = clamp(round(x' / s), -128, 127)                 (if activations are quantized)
+    y  = (x_q * s) @ (weight_int8 * weight_scale[:, None])^T + bias
 
 in float32. Rounding is half-to-even and activation saturation is [-128, 127], the semantics of ONNX
 QuantizeLinear, so a QDQ export with these exact scales reproduces it; weights use the symmetric
@@ -25,7 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.errors import ConfigError
-from compress.quant.observers import QMAX, Observer, make_observer
+from compress.quant.gptq import Hessian, gptq_quantize
+from compress.quant.observers import QMAX, make_observer
+from compress.quant.sensitivity import KeepFloat, RowSampler, layer_error
 from compress.quant.smoothquant import (
     Fp32BuffersMixin,
     SmoothedLinear,
@@ -35,8 +38,11 @@ from compress.quant.smoothquant import (
 )
 
 Granularity = Literal["per_channel", "per_tensor"]
+Dynamic = Literal["per_token", "per_tensor"]
 ACT_QMIN, ACT_QMAX = -128, 127
 S7_QMAX = 64
+SENSITIVITY_SAMPLES = 256  # input rows per layer kept for the sensitivity ranking
+DYNAMIC_EPS = 1e-8  # floor of a dynamic max|x|: keeps the scale finite on all-zero (padding) rows
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,9 @@ class WeightQuant:
 
     granularity: Granularity = "per_channel"
     reduce_range: bool = False
+    rounding: Literal["rtn", "gptq"] = "rtn"
+    block_size: int = 128
+    damp: float = 0.01
 
     @property
     def qmax(self) -> int:
@@ -61,16 +70,27 @@ class WeightQuant:
 
 @dataclass(frozen=True)
 class ActQuant:
-    """How activations are quantized: static per-tensor symmetric int8, scale chosen by an observer.
+    """How activations are quantized: symmetric int8, static per tensor (scale chosen by an observer over
+    the calibration data) or dynamic (max |x| of each token, or of each call, at run time).
 
     `params` go to the observer: percentile (percentile), bins (histogram observers), stride (entropy/mse).
     """
 
     observer: str = "minmax"
     params: dict[str, Any] = field(default_factory=dict)
+    dynamic: Dynamic | None = None
 
     def __post_init__(self) -> None:
-        make_observer(self.observer, **self.params)  # validates kind and params now, not after calibration
+        if self.dynamic is None:
+            make_observer(self.observer, **self.params)  # validates kind and params now, not after calibration
+        elif self.dynamic not in ("per_token", "per_tensor"):
+            raise ConfigError(f"dynamic activations are per_token or per_tensor, got {self.dynamic!r}")
+
+    def fake_quant(self, x: torch.Tensor, static_scale: torch.Tensor | float | None = None) -> torch.Tensor:
+        """x on this scheme's grid; static needs the calibrated scale."""
+        if self.dynamic is not None:
+            return fake_quant(x, dynamic_scale(x, self.dynamic))
+        return fake_quant(x, torch.as_tensor(static_scale))
 
 
 def quantize_weight(weight: torch.Tensor, granularity: Granularity,
@@ -86,6 +106,12 @@ def quantize_weight(weight: torch.Tensor, granularity: Granularity,
 def fake_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Quantize-dequantize x (float32) on the int8 grid of `scale`: what QuantizeLinear+DequantizeLinear do."""
     return torch.round(x / scale).clamp(ACT_QMIN, ACT_QMAX) * scale
+
+
+def dynamic_scale(x: torch.Tensor, mode: Dynamic) -> torch.Tensor:
+    """max|x| / 127 per token (last axis reduced) or over the whole call; never 0 (an all-zero row is exact)."""
+    amax = x.abs().amax(dim=-1, keepdim=True) if mode == "per_token" else x.abs().max()
+    return torch.clamp(amax, min=DYNAMIC_EPS) / QMAX
 
 
 class Int8Linear(Fp32BuffersMixin, nn.Module):
@@ -109,11 +135,14 @@ class Int8Linear(Fp32BuffersMixin, nn.Module):
         smooth: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        act_dynamic: Dynamic | None = None,
     ):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.granularity = granularity
+        self.act_dynamic = act_dynamic  # dynamic scales need no input_scale buffer
+        act_quant = act_quant and act_dynamic is None
         n_scales = out_features if granularity == "per_channel" else 1
         f32 = {"dtype": torch.float32, "device": device}
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
@@ -127,7 +156,14 @@ class Int8Linear(Fp32BuffersMixin, nn.Module):
 
     @property
     def scheme(self) -> str:
-        return "w8a8" if self.input_scale is not None else "w8a16"
+        return "w8a8" if self.input_scale is not None or self.act_dynamic else "w8a16"
+
+    @property
+    def activations(self) -> str:
+        """static | dynamic_per_token | dynamic_per_tensor | none."""
+        if self.act_dynamic:
+            return f"dynamic_{self.act_dynamic}"
+        return "static" if self.input_scale is not None else "none"
 
     @property
     def weight(self) -> torch.Tensor:
@@ -144,20 +180,29 @@ class Int8Linear(Fp32BuffersMixin, nn.Module):
             h = h * self.smooth_scale
         if self.input_scale is not None:
             h = fake_quant(h, self.input_scale)
+        elif self.act_dynamic is not None:
+            h = fake_quant(h, dynamic_scale(h, self.act_dynamic))
         bias = self.bias.float() if self.bias is not None else None
         return F.linear(h, self.dequantized_weight(), bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"scheme={self.scheme}, granularity={self.granularity}, smooth={self.smooth_scale is not None}"
+            f"scheme={self.scheme}, activations={self.activations}, granularity={self.granularity}, "
+            f"smooth={self.smooth_scale is not None}"
         )
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, granularity: Granularity = "per_channel", input_scale: float | None = None
+        cls,
+        linear: nn.Linear,
+        granularity: Granularity = "per_channel",
+        input_scale: float | None = None,
+        act_dynamic: Dynamic | None = None,
+        quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> Int8Linear:
-        """Quantize a float Linear (a `SmoothedLinear` keeps its smooth_scale). `input_scale=None`: weight-only."""
+        """Quantize a float Linear (a `SmoothedLinear` keeps its smooth_scale). Neither `input_scale` nor
+        `act_dynamic`: weight-only. `quantized`: (int8 weight, scales) computed elsewhere (e.g. GPTQ)."""
         smooth = getattr(linear, "smooth_scale", None)
         w = linear.weight
         new = cls(
@@ -169,11 +214,12 @@ class Int8Linear(Fp32BuffersMixin, nn.Module):
             smooth=smooth is not None,
             device=w.device,
             dtype=w.dtype,
+            act_dynamic=act_dynamic,
         )
-        q, scale = quantize_weight(w, granularity)
+        q, scale = quantized if quantized is not None else quantize_weight(w, granularity)
         new.weight_int8.copy_(q)
         new.weight_scale.copy_(scale)
-        if input_scale is not None:
+        if input_scale is not None and act_dynamic is None:
             new.input_scale.fill_(input_scale)
         if smooth is not None:
             new.smooth_scale.copy_(smooth)
@@ -190,6 +236,7 @@ class Int8Linear(Fp32BuffersMixin, nn.Module):
             "bias": self.bias is not None,
             "granularity": self.granularity,
             "act_quant": self.input_scale is not None,
+            "act_dynamic": self.act_dynamic,
             "smooth": self.smooth_scale is not None,
             "dtype": str(self.bias.dtype if self.bias is not None else torch.float32).removeprefix("torch."),
         }
@@ -208,6 +255,7 @@ class Int8Linear(Fp32BuffersMixin, nn.Module):
             smooth=spec["smooth"],
             device=device,
             dtype=getattr(torch, spec.get("dtype", "float32")),
+            act_dynamic=spec.get("act_dynamic"),
         )
 
 
@@ -215,18 +263,43 @@ def _weight_bytes(m: Int8Linear) -> int:
     return m.weight_int8.numel() * m.weight_int8.element_size() + m.weight_scale.numel() * 4
 
 
+class _LayerStats:
+    """What one pass over the calibration data records for a layer: observer, Hessian, input samples."""
+
+    def __init__(self, m: nn.Linear, act: ActQuant | None, weight: WeightQuant, samples: int, seed: int):
+        self.observer = make_observer(act.observer, **act.params) if act and act.dynamic is None else None
+        self.hessian = Hessian(m.in_features) if weight.rounding == "gptq" else None
+        self.samples = RowSampler(samples, seed)
+
+    def update(self, x: torch.Tensor) -> None:
+        if self.observer is not None:
+            self.observer.update(x)
+        if self.hessian is not None:
+            self.hessian.update(x)
+        self.samples.update(x)
+
+
 def calibrate(
     model: nn.Module,
     modules: dict[str, nn.Module],
-    act: ActQuant,
+    act: ActQuant | None,
     forward_loop: Callable[[nn.Module], None] | None,
-) -> dict[str, Observer]:
+    weight: WeightQuant | None = None,
+    samples: int = 0,
+    seed: int = 0,
+) -> dict[str, _LayerStats]:
     """Observe each module's input (after its smooth_scale) over one run of `forward_loop`; change nothing."""
     if forward_loop is None:
-        raise ConfigError("activation quantization needs calibration data (a forward_loop), but none was given")
-    observers = {name: make_observer(act.observer, **act.params) for name in modules}
-    observe_inputs(model, modules, forward_loop, lambda name, x: observers[name].update(x))
-    return observers
+        raise ConfigError("INT8 calibration (static activations, GPTQ or sensitivity) needs calibration data "
+                          "(a forward_loop), but none was given")
+    weight = weight or WeightQuant()
+    stats = {name: _LayerStats(m, act, weight, samples, seed) for name, m in modules.items()}
+    observe_inputs(model, modules, forward_loop, lambda name, x: stats[name].update(x))
+    return stats
+
+
+def _needs_pass(act: ActQuant | None, weight: WeightQuant, keep_float: KeepFloat | None) -> bool:
+    return (act is not None and act.dynamic is None) or weight.rounding == "gptq" or keep_float is not None
 
 
 def quantize_linears(
@@ -235,13 +308,17 @@ def quantize_linears(
     weight: WeightQuant | None = None,
     act: ActQuant | None = None,
     forward_loop: Callable[[nn.Module], None] | None = None,
+    keep_float: KeepFloat | None = None,
+    seed: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """Replace the named Linears by Int8Linear in place; returns per-module details for the manifest.
 
-    `act=None` is weight-only (W8A16, no calibration). Otherwise observers are attached as forward
-    pre-hooks, `forward_loop(model)` runs once, hooks are removed, and only if every module saw data
-    are the modules swapped (so a failed calibration leaves the model untouched). Modules are looked
-    up by name in `model`, so a dict from before `smooth()` still works.
+    `act=None` is weight-only (W8A16); dynamic activations need no calibration. Static scales, GPTQ
+    Hessians and the input samples sensitivity is measured on come from one run of `forward_loop`,
+    through forward pre-hooks that are removed afterwards; only if every module saw data are modules
+    swapped (a failed calibration leaves the model untouched). `keep_float` leaves the layers whose
+    INT8 error is worst in float, within its parameter budget. Modules are looked up by name in
+    `model`, so a dict from before `smooth()` still works.
     """
     weight = weight or WeightQuant()
     mods = resolve(model, modules)
@@ -251,32 +328,47 @@ def quantize_linears(
         if not isinstance(m, nn.Linear):
             raise ConfigError(f"INT8 quantization applies to float nn.Linear modules; '{name}' is {type(m).__name__}")
     check_unshared(model, mods)
-    observers = calibrate(model, mods, act, forward_loop) if act is not None else {}
+    # Sensitivity is measured whenever calibration runs anyway (it only needs sampled input rows).
+    samples = keep_float.samples if keep_float is not None else SENSITIVITY_SAMPLES
+    stats = (calibrate(model, mods, act, forward_loop, weight, samples, seed)
+             if _needs_pass(act, weight, keep_float) else {})
 
     new: dict[str, Int8Linear] = {}
     for name, m in mods.items():
-        obs = observers.get(name)
-        new[name] = Int8Linear.from_linear(m, weight.granularity, obs.scale() if obs else None)
+        st = stats.get(name)
+        obs = st.observer if st else None
+        q, scale = quantize_weight(m.weight, weight.granularity, weight.qmax)
+        if st is not None and st.hessian is not None:
+            q = gptq_quantize(m.weight, st.hessian.value(), scale, weight.qmax, weight.block_size, weight.damp)
+        new[name] = Int8Linear.from_linear(m, weight.granularity, obs.scale() if obs else None,
+                                           act.dynamic if act else None, quantized=(q, scale))
+    sensitivity = {name: layer_error(mods[name], new[name], st.samples.rows()) for name, st in stats.items()}
+    kept = keep_float.choose(sensitivity, {n: m.weight.numel() for n, m in mods.items()}) if keep_float else set()
     details: dict[str, dict[str, Any]] = {}
     for name, q in new.items():
         w = mods[name].weight.detach().float()
         err = float((q.dequantized_weight() - w).norm() / w.norm().clamp_min(1e-30))
-        obs = observers.get(name)
+        obs = stats[name].observer if name in stats else None
         details[name] = {
-            "scheme": q.scheme,
-            "bits": 8,
+            "scheme": "float (kept)" if name in kept else q.scheme,
+            "bits": 32 if name in kept else (7 if weight.reduce_range else 8),
             "granularity": weight.granularity,
+            "activations": q.activations,
+            "rounding": weight.rounding,
             "observer": obs.kind if obs else None,
-            "observer_params": dict(act.params) if act else None,
+            "observer_params": dict(act.params) if act and act.dynamic is None else None,
             "input_scale": float(q.input_scale) if q.input_scale is not None else None,
             "input_amax": obs.amax if obs else None,
             "smoothquant": q.smooth_scale is not None,
             "weight_rel_error": round(err, 6),
+            "output_rel_error": round(sensitivity[name], 6) if name in sensitivity else None,
+            "kept_float": name in kept,
             "shape": [q.out_features, q.in_features],
-            "quantized_bytes": _weight_bytes(q),
+            "quantized_bytes": q.weight_int8.numel() * 4 if name in kept else _weight_bytes(q),
             "fp32_bytes": q.weight_int8.numel() * 4,
         }
-        model.set_submodule(name, q)
+        if name not in kept:
+            model.set_submodule(name, q)
     return details
 
 

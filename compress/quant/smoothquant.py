@@ -166,34 +166,84 @@ def observe_inputs(
 
 
 def collect_channel_amax(
-    model: nn.Module, modules: dict[str, nn.Module], forward_loop: Callable[[nn.Module], None] | None
-) -> dict[str, torch.Tensor]:
-    """Per-input-channel max |x| of each module's input (after any existing smooth_scale), over forward_loop."""
+    model: nn.Module, modules: dict[str, nn.Module], forward_loop: Callable[[nn.Module], None] | None,
+    samples: int = 0, seed: int = 0,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per-input-channel max |x| of each module's input (after any existing smooth_scale), over forward_loop,
+    plus up to `samples` input rows per module (for the alpha search)."""
+    from compress.quant.sensitivity import RowSampler
+
     if forward_loop is None:
         raise ConfigError("SmoothQuant needs calibration data (a forward_loop), but none was given")
     amax: dict[str, torch.Tensor] = {}
+    samplers = {name: RowSampler(samples, seed) for name in modules}
 
     def observe(name: str, x: torch.Tensor) -> None:
         cur = x.abs().float().reshape(-1, x.shape[-1]).amax(dim=0)
         amax[name] = cur if name not in amax else torch.maximum(amax[name], cur)
+        samplers[name].update(x)
 
     observe_inputs(model, modules, forward_loop, observe)
-    return amax
+    return amax, {name: sp.rows() for name, sp in samplers.items()}
+
+
+ALPHA_GRID = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+
+
+def search_alpha(act_amax: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, act: Any, qmax: int,
+                 grid: tuple[float, ...] = ALPHA_GRID) -> tuple[float, dict[float, float]]:
+    """The alpha whose smoothed, INT8-quantized layer reproduces the float layer best on `rows`.
+
+    Error: relative squared output error with the stage's own activation scheme (dynamic, or a static
+    scale from the same observer over the sampled rows) and round-to-nearest weights. Returns
+    (best alpha, {alpha: error}).
+    """
+    from compress.quant.int8 import quantize_weight
+    from compress.quant.observers import make_observer
+
+    x = rows.float()
+    w = weight.detach().float()
+    ref = x @ w.T
+    denom = (ref**2).sum().clamp_min(1e-30)
+    errors: dict[float, float] = {}
+    for alpha in grid:
+        s = smoothing_factors(act_amax, w, alpha)
+        xs, ws = x / s, w * s
+        if act is None:
+            xq = xs
+        elif act.dynamic is not None:
+            xq = act.fake_quant(xs)
+        else:
+            obs = make_observer(act.observer, **act.params)
+            obs.update(xs)
+            xq = act.fake_quant(xs, obs.scale())
+        q, scale = quantize_weight(ws, "per_channel", qmax)
+        out = xq @ (q.float() * scale[:, None]).T
+        errors[alpha] = float(((out - ref) ** 2).sum() / denom)
+    best = min(errors, key=lambda a: (errors[a], abs(a - 0.5)))
+    return best, errors
 
 
 def smooth(
     model: nn.Module,
     modules: dict[str, nn.Module] | list[str],
     forward_loop: Callable[[nn.Module], None] | None,
-    alpha: float = 0.5,
+    alpha: float | str = 0.5,
+    act: Any = None,
+    weight_qmax: int = 127,
+    samples: int = 512,
+    seed: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """Apply SmoothQuant to the named Linears in place (they become `SmoothedLinear`). Returns details.
 
+    `alpha="auto"` searches `ALPHA_GRID` per layer on sampled calibration inputs, scoring each with the
+    stage's activation scheme `act` (an `ActQuant`) and int8 weights in [-weight_qmax, weight_qmax].
     Calibration runs `forward_loop(model)` once. Nothing in the model changes unless every module saw
     data. Smoothing an already smoothed module composes the scales.
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ConfigError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
+    auto = alpha == "auto"
+    if not auto and not (isinstance(alpha, int | float) and 0.0 <= alpha <= 1.0):
+        raise ConfigError(f"SmoothQuant alpha must be in [0, 1] or 'auto', got {alpha!r}")
     mods = resolve(model, modules)
     if not mods:
         raise ConfigError("SmoothQuant: no modules selected")
@@ -201,12 +251,18 @@ def smooth(
         if not isinstance(m, nn.Linear):
             raise ConfigError(f"SmoothQuant applies to float nn.Linear modules; '{name}' is {type(m).__name__}")
     check_unshared(model, mods)
-    amax = collect_channel_amax(model, mods, forward_loop)
+    amax, rows = collect_channel_amax(model, mods, forward_loop, samples if auto else 0, seed)
 
-    plans = {name: smoothing_factors(amax[name], m.weight, alpha) for name, m in mods.items()}
+    chosen: dict[str, float] = {}
+    searched: dict[str, dict[float, float]] = {}
+    for name, m in mods.items():
+        if auto:
+            chosen[name], searched[name] = search_alpha(amax[name], m.weight, rows[name], act, weight_qmax)
+        else:
+            chosen[name] = float(alpha)
     details: dict[str, dict[str, Any]] = {}
     for name, m in mods.items():
-        s = plans[name].to(m.weight.device)
+        s = smoothing_factors(amax[name], m.weight, chosen[name]).to(m.weight.device)
         with torch.no_grad():
             m.weight.mul_(s.to(m.weight.dtype)[None, :])
         if isinstance(m, SmoothedLinear):
@@ -216,7 +272,7 @@ def smooth(
         before = amax[name].cpu()
         after = before / s.cpu()
         details[name] = {
-            "alpha": alpha,
+            "alpha": chosen[name],
             "outlier_ratio_before": _finite(outlier_ratio(before)),
             "outlier_ratio_after": _finite(outlier_ratio(after)),
             "act_amax_before": float(before.max()),
@@ -224,4 +280,6 @@ def smooth(
             "smooth_min": float(s.min()),
             "smooth_max": float(s.max()),
         }
+        if auto:
+            details[name]["alpha_errors"] = {str(a): round(e, 8) for a, e in searched[name].items()}
     return details

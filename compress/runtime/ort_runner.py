@@ -55,6 +55,16 @@ def resolve_providers(providers: str | list[Any] | tuple[Any, ...] | None) -> li
     return chosen
 
 
+def session_options(threads: int | None = None) -> Any:
+    """ONNX Runtime session options with `threads` intra-op threads (None: ORT's default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    return options
+
+
 class OrtRunner:
     """Runs an export folder written by `compress.export.export_onnx`. `backend` is "onnxruntime"."""
 

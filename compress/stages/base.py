@@ -65,6 +65,10 @@ class StageConfig(Strict):
     def output_state(self, state: str) -> str:
         return state
 
+    def check_after(self, earlier: list[StageConfig]) -> str | None:
+        """Why this stage cannot follow `earlier` (e.g. a backend that cannot run their output), or None."""
+        return None
+
 
 @dataclass
 class StageContext:
@@ -75,6 +79,7 @@ class StageContext:
     workdir: Path
     seed: int
     forward_loop: Callable[[torch.nn.Module], None] | None = None
+    threads: int | None = None  # CPU threads for runtimes the stage creates (None: their default)
 
 
 @dataclass
@@ -82,10 +87,12 @@ class StageResult:
     """The (possibly new) model, details for the manifest, and for exports what to score and keep.
 
     `runner` (when set) is what the gate evaluates instead of the PyTorch model; `artifacts` is a
-    folder the pipeline moves into the run folder when the stage is kept.
+    folder the pipeline moves into the run folder when the stage is kept; `checks` are the stage's own
+    `CheckResult`s (e.g. export parity), judged with the gate's on_fail like the accuracy checks.
     """
 
     model: torch.nn.Module
     details: dict[str, Any] = field(default_factory=dict)
     runner: Any = None
     artifacts: Path | None = None
+    checks: list[Any] = field(default_factory=list)

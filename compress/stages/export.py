@@ -56,6 +56,20 @@ class ExportConfig(StageConfig):
     def output_state(self, state: str) -> str:
         return "exported"
 
+    def check_after(self, earlier: list[StageConfig]) -> str | None:
+        """TensorRT takes static Q/DQ only: dynamic INT8 (MatMulInteger) and NF4 (MatMulBnb4) cannot run there."""
+        if "TensorrtExecutionProvider" not in self.providers or self.quantize != "from_stage":
+            return None
+        for stage in earlier:
+            if getattr(stage, "dynamic_activations", False):
+                return (f"export provider TensorrtExecutionProvider cannot run the dynamic INT8 activations of "
+                        f"stage '{stage.name or stage.type}' (MatMulInteger with run-time scales; TensorRT "
+                        "accepts static QuantizeLinear/DequantizeLinear only): use activations.calibration")
+            if getattr(stage, "scheme", None) == "nf4":
+                return (f"export provider TensorrtExecutionProvider cannot run the NF4 layers of stage "
+                        f"'{stage.name or stage.type}' (com.microsoft MatMulBnb4 is an ONNX Runtime op)")
+        return None
+
     @model_validator(mode="after")
     def _both_graphs(self) -> ExportConfig:
         if sorted(set(self.components)) != ["decoder", "vision"]:
@@ -66,18 +80,26 @@ class ExportConfig(StageConfig):
 
 @register_stage(ExportConfig)
 def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> StageResult:
-    from compress.export import check_parity, export_onnx
+    from compress.checks.gate import CheckResult
+    from compress.export import ParityError, check_parity, export_onnx
     from compress.host import cpu_features
-    from compress.runtime.ort_runner import OrtRunner
+    from compress.runtime.ort_runner import OrtRunner, session_options
 
     out = ctx.workdir / "onnx"
     result = export_onnx(model, ctx.adapter, ctx.processor, out, opset=cfg.opset, components=cfg.components,
                          fusion=cfg.optimize.fusion, quantize=cfg.quantize == "from_stage",
                          int8_kernels=cfg.int8_kernels)
     ctx.processor.save_pretrained(out)  # the folder answers questions on its own: graphs + processor
-    parity = check_parity(model, ctx.adapter, ctx.processor, out, atol=cfg.parity.atol, rtol=cfg.parity.rtol,
-                          decode_steps=cfg.parity.decode_steps, providers=cfg.providers, seed=ctx.seed)
-    runner = OrtRunner.from_dir(out, providers=cfg.providers)
+    try:
+        parity = check_parity(model, ctx.adapter, ctx.processor, out, atol=cfg.parity.atol, rtol=cfg.parity.rtol,
+                              decode_steps=cfg.parity.decode_steps, providers=cfg.providers, seed=ctx.seed,
+                              session_options=session_options(ctx.threads))
+        failures: list[str] = []
+    except ParityError as e:  # a check like the accuracy ones: the gate's on_fail decides
+        parity, failures = e.errors, e.failures
+    worst = max(parity.values(), default=0.0)
+    parity_check = CheckResult("parity", 0.0, worst, None, _max_tol(cfg.parity.atol), not failures)
+    runner = OrtRunner.from_dir(out, providers=cfg.providers, session_options=session_options(ctx.threads))
     files = {name: {"file": path.name, "bytes": path.stat().st_size} for name, path in result.files.items()}
     return StageResult(model, {
         "format": cfg.format,
@@ -90,7 +112,12 @@ def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> Stage
         "int8_kernels": result.meta.get("int8_kernels"),
         "host_cpu": cpu_features(),
         "parity_max_abs_error": parity,
-    }, runner=runner, artifacts=out)
+        "parity_failures": failures,
+    }, runner=runner, artifacts=out, checks=[parity_check])
+
+
+def _max_tol(atol: float | dict[str, float]) -> float:
+    return max(atol.values()) if isinstance(atol, dict) else float(atol)
 
 
 def runner_providers(runner: object) -> list[str]:

@@ -19,19 +19,60 @@ from compress.registry import register_stage
 from compress.stages.base import StageConfig, StageContext, StageResult, Strict, Targets
 
 
+class GptqConfig(Strict):
+    block_size: int = Field(128, ge=1, description="columns updated together (lazy batch update)")
+    damp: float = Field(0.01, gt=0.0, le=1.0, description="added to H's diagonal, as a fraction of its mean")
+
+
 class WeightsConfig(Strict):
     granularity: Literal["per_channel", "per_tensor"] = "per_channel"
     symmetric: Literal[True] = True  # int8 weights are symmetric; the field documents it
+    reduce_range: bool = Field(False, description="7-bit weights in [-64, 64]: exact with the fast U8S8 kernels "
+                                                  "on every CPU, at one bit of precision")
+    rounding: Literal["rtn", "gptq"] = Field("rtn", description="round to nearest, or GPTQ error compensation")
+    gptq: GptqConfig | None = None
+
+    @model_validator(mode="after")
+    def _gptq_section(self) -> WeightsConfig:
+        if self.gptq is not None and self.rounding != "gptq":
+            raise ValueError("'gptq' settings need rounding: gptq")
+        return self
 
 
 class ActivationsConfig(Strict):
-    calibration: Literal["minmax", "percentile", "entropy", "mse"]
+    """Static per-tensor scales from an observer (`calibration`), or dynamic ones computed at run time."""
+
+    calibration: Literal["minmax", "percentile", "entropy", "mse"] | None = None
+    dynamic: Literal["per_token", "per_tensor"] | None = None
     percentile: float = Field(99.99, gt=50.0, le=100.0)
     bins: int = Field(2048, ge=256)
 
+    @model_validator(mode="after")
+    def _one_mode(self) -> ActivationsConfig:
+        if (self.calibration is None) == (self.dynamic is None):
+            raise ValueError("activations need exactly one of 'calibration' (static: minmax|percentile|entropy|"
+                             "mse) or 'dynamic' (per_token|per_tensor)")
+        return self
+
 
 class SmoothQuantConfig(Strict):
-    alpha: float = Field(0.5, ge=0.0, le=1.0)
+    alpha: float | Literal["auto"] = Field(0.5, description="migration strength in [0, 1], or auto: searched "
+                                                            "per layer on the calibration data")
+    samples: int = Field(512, ge=16, description="input rows per layer the alpha search scores on")
+
+    @model_validator(mode="after")
+    def _alpha_range(self) -> SmoothQuantConfig:
+        if self.alpha != "auto" and not 0.0 <= self.alpha <= 1.0:
+            raise ValueError("alpha must be in [0, 1] or 'auto'")
+        return self
+
+
+class KeepFloatConfig(Strict):
+    """Keep the layers INT8 hurts most in float (sensitivity on each layer's own calibration inputs)."""
+
+    mode: Literal["auto"] = "auto"
+    budget: float = Field(0.05, gt=0.0, lt=1.0, description="at most this fraction of the selected parameters")
+    samples: int = Field(512, ge=16, description="input rows per layer sensitivity is measured on")
 
 
 class NF4Config(Strict):
@@ -47,6 +88,7 @@ class QuantizeConfig(StageConfig):
     weights: WeightsConfig = WeightsConfig()
     activations: ActivationsConfig | Literal["none"] | None = None
     smoothquant: SmoothQuantConfig | None = None
+    keep_float: KeepFloatConfig | None = None
     nf4: NF4Config | None = None
 
     @model_validator(mode="after")
@@ -58,17 +100,24 @@ class QuantizeConfig(StageConfig):
             if self.nf4 is not None:
                 raise ValueError("'nf4' settings only apply to scheme nf4")
             if self.smoothquant is not None and self.activations == "none":
-                raise ValueError("smoothquant needs calibrated activations (it moves their outliers into weights)")
+                raise ValueError("smoothquant needs quantized activations (it moves their outliers into weights)")
         else:
-            if self.activations not in (None, "none") or self.smoothquant is not None:
-                raise ValueError("nf4 is weight-only: drop 'activations' and 'smoothquant'")
+            if (self.activations not in (None, "none") or self.smoothquant is not None
+                    or self.keep_float is not None):
+                raise ValueError("nf4 is weight-only: drop 'activations', 'smoothquant' and 'keep_float'")
             if self.weights != WeightsConfig():
                 raise ValueError("'weights' settings only apply to scheme int8 (nf4 uses 'nf4')")
         return self
 
     @property
     def needs_calibration(self) -> bool:
-        return self.scheme == "int8" and isinstance(self.activations, ActivationsConfig)
+        static = isinstance(self.activations, ActivationsConfig) and self.activations.calibration is not None
+        return self.scheme == "int8" and (static or self.smoothquant is not None or self.keep_float is not None
+                                          or self.weights.rounding == "gptq")
+
+    @property
+    def dynamic_activations(self) -> bool:
+        return isinstance(self.activations, ActivationsConfig) and self.activations.dynamic is not None
 
     def output_state(self, state: str) -> str:
         return "quantized" if self.scheme == "nf4" or state == "quantized" else "fake_quant"
@@ -87,22 +136,30 @@ class QuantizeConfig(StageConfig):
 
 
 def _int8(model: torch.nn.Module, names: list[str], cfg: QuantizeConfig, ctx: StageContext) -> dict:
-    from compress.quant import ActQuant, WeightQuant, quantize_linears, smooth
+    from compress.quant import ActQuant, KeepFloat, WeightQuant, quantize_linears, smooth
 
     details: dict = {}
     act = None
-    if isinstance(cfg.activations, ActivationsConfig):
-        if ctx.forward_loop is None:
-            raise ConfigError("INT8 activation calibration needs a 'calibration' data section")
-        params = {"bins": cfg.activations.bins}
-        if cfg.activations.calibration == "percentile":
-            params["percentile"] = cfg.activations.percentile
-        if cfg.activations.calibration == "minmax":
-            params = {}
-        act = ActQuant(observer=cfg.activations.calibration, params=params)
+    a = cfg.activations
+    if isinstance(a, ActivationsConfig):
+        if a.dynamic is not None:
+            act = ActQuant(dynamic=a.dynamic)
+        else:
+            params: dict = {} if a.calibration == "minmax" else {"bins": a.bins}
+            if a.calibration == "percentile":
+                params["percentile"] = a.percentile
+            act = ActQuant(observer=a.calibration, params=params)
+    gptq = cfg.weights.gptq or GptqConfig()
+    weight = WeightQuant(cfg.weights.granularity, cfg.weights.reduce_range, cfg.weights.rounding,
+                         gptq.block_size, gptq.damp)
+    if cfg.needs_calibration and ctx.forward_loop is None:
+        raise ConfigError("this INT8 stage needs a 'calibration' data section")
     if cfg.smoothquant is not None:
-        details["smoothquant"] = smooth(model, names, ctx.forward_loop, alpha=cfg.smoothquant.alpha)
-    details["modules"] = quantize_linears(model, names, WeightQuant(cfg.weights.granularity), act, ctx.forward_loop)
+        details["smoothquant"] = smooth(model, names, ctx.forward_loop, alpha=cfg.smoothquant.alpha, act=act,
+                                        weight_qmax=weight.qmax, samples=cfg.smoothquant.samples, seed=ctx.seed)
+    keep = KeepFloat(cfg.keep_float.budget, cfg.keep_float.samples) if cfg.keep_float else None
+    details["modules"] = quantize_linears(model, names, weight, act, ctx.forward_loop, keep, ctx.seed)
+    details["kept_float"] = sorted(n for n, d in details["modules"].items() if d["kept_float"])
     return details
 
 
@@ -124,9 +181,13 @@ def apply(model: torch.nn.Module, cfg: QuantizeConfig, ctx: StageContext) -> Sta
     else:
         details = _int8(model, names, cfg, ctx)
     after = model_bytes(model)
-    observer = cfg.activations.calibration if isinstance(cfg.activations, ActivationsConfig) else None
+    a = cfg.activations
+    observer = a.calibration if isinstance(a, ActivationsConfig) else None
+    acts = (f"dynamic {a.dynamic}" if a.dynamic else f"static {a.calibration}") if isinstance(
+        a, ActivationsConfig) else None
     return StageResult(model, {
-        "scheme": cfg.scheme if cfg.scheme == "nf4" else ("int8 w8a8" if observer else "int8 w8a16"),
+        "scheme": cfg.scheme if cfg.scheme == "nf4" else ("int8 w8a8" if acts else "int8 w8a16"),
+        "activations": acts,
         "observer": observer,
         "quantized_weights": size_summary(details["modules"]),
         "model_bytes_before": before,

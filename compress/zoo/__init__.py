@@ -7,7 +7,7 @@ from pathlib import Path
 from compress.errors import ConfigError
 
 _HERE = Path(__file__).parent
-MODELS = {"shapes-vqa": _HERE / "shapes_vqa"}
+MODELS = {"shapes-vqa": _HERE / "shapes_vqa", "shapes-vqa-outliers": _HERE / "shapes_vqa_outliers"}
 
 
 def resolve_source(source: str, base_dir: Path | None = None) -> str:

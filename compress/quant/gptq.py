@@ -1,0 +1,64 @@
+"""GPTQ rounding for int8 weights: each rounding error is compensated by the columns not yet rounded.
+
+Frantar et al. 2022 (IST-DASLab/gptq): with H = 2 X^T X over the layer's calibration inputs, round
+the weight column by column; the error of column i, divided by the Cholesky factor of H^-1, is spread
+over columns i+1.. in proportion to how the inputs correlate. Blocks of `block_size` columns are
+updated lazily. Scales stay the round-to-nearest ones (max |w| / qmax per row), so the grid and the
+exported graph are unchanged; only which grid point each weight takes differs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compress.errors import ConfigError
+
+
+class Hessian:
+    """Running H = 2/n * sum x^T x over every input row the layer sees (float64 for the sum)."""
+
+    def __init__(self, in_features: int):
+        self.h = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.rows = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        self.h += 2.0 * x.T @ x
+        self.rows += x.shape[0]
+
+    def value(self) -> torch.Tensor:
+        if self.rows == 0:
+            raise ConfigError("GPTQ: the layer saw no calibration inputs")
+        return (self.h / self.rows).float()
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, qmax: int,
+                  block_size: int = 128, damp: float = 0.01) -> torch.Tensor:
+    """int8 weight [out, in] on the grid of `scale` ((out,) or (1,)), rounded with error compensation."""
+    w = weight.detach().float().clone()
+    h = hessian.clone()
+    cols = w.shape[1]
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.diag(h).mean() * torch.eye(cols)
+    try:
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except torch.linalg.LinAlgError as exc:
+        raise ConfigError(f"GPTQ: the calibration Hessian is not positive definite (raise gptq.damp): {exc}") from exc
+    s = scale.float().reshape(-1, 1).expand(w.shape[0], 1)
+    q = torch.zeros_like(w)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i : i + 1]
+            qcol = torch.round(col / s).clamp(-qmax, qmax)
+            q[:, i1 + i : i1 + i + 1] = qcol
+            err = (col - qcol * s) / hinv1[i, i]
+            w1[:, i:] -= err @ hinv1[i : i + 1, i:]
+            err1[:, i : i + 1] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return q.to(torch.int8)
