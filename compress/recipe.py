@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from compress.data.config import DataConfig
 from compress.errors import RecipeError
@@ -65,14 +65,15 @@ class EvaluationConfig(DataConfig):
                                                  "image token; overrides the chat template (also for calibration)")
     extract: ExtractConfig | None = None
 
-    @model_validator(mode="after")
-    def _prompt_template(self) -> EvaluationConfig:
-        if self.prompt is not None:
-            fields = [f for _, f, _, _ in string.Formatter().parse(self.prompt) if f is not None]
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_template(cls, prompt: str | None) -> str | None:
+        if prompt is not None:
+            fields = [f for _, f, _, _ in string.Formatter().parse(prompt) if f is not None]
             if fields != ["question"]:
-                raise ValueError("prompt must contain {question} exactly once and no other {...} field "
+                raise ValueError("must contain {question} exactly once and no other {...} field "
                                  f"(found {fields or 'none'}); write literal braces as {{{{ }}}}")
-        return self
+        return prompt
 
 
 class OutputConfig(Strict):

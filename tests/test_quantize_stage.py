@@ -49,7 +49,18 @@ NF4 = {"type": "quantize", "scheme": "nf4", "targets": {"components": ["language
         ([{**INT8, "activations": None}], True, "int8 needs 'activations'"),
         ([{**NF4, "activations": {"calibration": "minmax"}}], True, "nf4 is weight-only"),
         ([{**INT8, "nf4": {"blocksize": 64}}], True, "'nf4' settings only apply to scheme nf4"),
-        ([{**INT8, "activations": "none", "smoothquant": {"alpha": 0.5}}], True, "smoothquant needs quantized activations"),
+        ([{**INT8, "activations": "none", "smoothquant": {"alpha": 0.5}}], True,
+         "smoothquant needs quantized activations"),
+        ([{**INT8, "activations": {"calibration": "minmax", "dynamic": "per_token"}}], True, "exactly one of"),
+        ([{**INT8, "activations": {"dynamic": "per_channel"}}], True, "stages[0].activations.dynamic"),
+        ([{**INT8, "smoothquant": {"alpha": 1.5}}], True, "alpha must be in [0, 1] or 'auto'"),
+        ([{**INT8, "weights": {"gptq": {"damp": 0.1}}}], True, "'gptq' settings need rounding: gptq"),
+        ([{**INT8, "keep_float": {"budget": 0.0}}], True, "stages[0].keep_float.budget"),
+        ([{**NF4, "keep_float": {"budget": 0.1}}], True, "nf4 is weight-only"),
+        ([{**INT8, "activations": {"dynamic": "per_token"}, "weights": {"rounding": "gptq"}}], False,
+         "needs a 'calibration' section"),
+        ([{**INT8, "activations": {"dynamic": "per_token"}, "keep_float": {}}], False,
+         "needs a 'calibration' section"),
         ([{**NF4, "nf4": {"blocksize": 48}}], True, "stages[0].nf4.blocksize"),
         ([{**INT8, "activations": {"calibration": "kl"}}], True, "stages[0].activations"),
         ([INT8], False, "needs a 'calibration' section"),
@@ -68,8 +79,12 @@ def test_quantize_recipe_errors(tmp_path, stages, calibration, needle):
 
 def test_valid_orders(tmp_path):
     weight_only = {**INT8, "activations": "none"}
-    for stages in ([NF4, INT8], [weight_only], [{**INT8, "smoothquant": {"alpha": 0.8}}]):
+    for stages in ([NF4, INT8], [weight_only], [{**INT8, "smoothquant": {"alpha": 0.8}}],
+                   [{**INT8, "smoothquant": {"alpha": "auto"}, "weights": {"rounding": "gptq", "reduce_range": True},
+                     "keep_float": {"budget": 0.1}}]):
         load_recipe(_recipe(tmp_path, stages))
+    dynamic = {**INT8, "activations": {"dynamic": "per_token"}}  # no calibration data needed
+    load_recipe(_recipe(tmp_path, [dynamic], calibration=False))
 
 
 # ---- every scheme on every family's tiny model, through the registered stage ----------------------

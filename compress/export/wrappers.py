@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from compress.errors import ConfigError
+from compress.runtime.cache import cache_kwargs, output_cache
 
 # Families whose graphs this exporter can build, by config.model_type.
 SUPPORTED = {"llava": "llava", "idefics3": "idefics3", "smolvlm": "idefics3"}
@@ -152,11 +153,11 @@ class DecoderWithPast(nn.Module):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
+            **cache_kwargs(self.language, cache),
             use_cache=True,
         )
         presents: list[torch.Tensor] = []
-        for layer in out.past_key_values.layers:
+        for layer in output_cache(out).layers:
             presents += [layer.keys, layer.values]
         return (self.lm_head(out.last_hidden_state), *presents)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from compress.runtime.cache import cache_kwargs, output_cache
 from compress.runtime.greedy import greedy
 
 
@@ -64,14 +65,14 @@ class TorchRunner:
         t0 = time.perf_counter()
         state = {"mask": inputs["attention_mask"], "pos": position_ids(inputs["attention_mask"])[:, -1:], "steps": 0}
         out = self.model(**inputs, **self._positions(state["mask"]), use_cache=True)
-        state["past"] = out.past_key_values
+        state["past"] = output_cache(out)
 
         def step(fed: list[int]) -> list[int]:
             mask = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=-1)
             pos = state["pos"] + 1
             out = self.model(input_ids=torch.tensor(fed)[:, None], attention_mask=mask,
-                             **self._positions(mask, pos), past_key_values=state["past"], use_cache=True)
-            state.update(mask=mask, pos=pos, past=out.past_key_values, steps=state["steps"] + 1)
+                             **self._positions(mask, pos), **cache_kwargs(self.model, state["past"]), use_cache=True)
+            state.update(mask=mask, pos=pos, past=output_cache(out), steps=state["steps"] + 1)
             return out.logits[:, -1].argmax(-1).tolist()
 
         first = out.logits[:, -1].argmax(-1).tolist()
