@@ -138,7 +138,13 @@ def test_int8_decoder_matches_on_an_emulated_avx2_cpu(w8a8_exports, tmp_path: Pa
         avx2 = _run(graph, feed, tmp_path / f"{kind}-avx2.npz", cpu="Haswell")["logits"]
         results[kind] = (host, avx2)
     host, avx2 = results["portable"]
-    assert np.abs(host - avx2).max() < 1e-4, "portable INT8 graph differs on an AVX2 CPU"
+    assert np.abs(host - avx2).max() < 1e-4, "portable INT8 decoder differs on an AVX2 CPU"
+    pixels = tmp_path / "pixels.npz"
+    np.savez(pixels, pixel_values=w8a8_exports["batch"]["pixel_values"].numpy())
+    vision = w8a8_exports["portable"] / "vision.onnx"
+    host_img = _run(vision, pixels, tmp_path / "vision-host.npz")["image_features"]
+    avx2_img = _run(vision, pixels, tmp_path / "vision-avx2.npz", cpu="Haswell")["image_features"]
+    assert np.abs(host_img - avx2_img).max() < 1e-4, "portable INT8 vision graph differs on an AVX2 CPU"
     # The S8 graph is what broke on AVX2 hosts: the emulated CPU must show it (so this test can fail) ...
     host_v, avx2_v = results["vnni"]
     if cpu_features()["u8s8_exact"]:
