@@ -8,15 +8,13 @@ from compress.quant.int8 import (
     ActQuant,
     Int8Linear,
     WeightQuant,
-    calibrate,
     fake_quant,
     int8_spec,
-    quantize_linears,
     quantize_weight,
     quantized_specs,
     replace_with_int8_from_specs,
-    size_summary,
 )
+from compress.quant.linears import calibrate, quantize_linears, size_summary
 from compress.quant.nf4 import check_nf4, nf4_details, quantize_nf4, use_portable_nf4_kernel
 from compress.quant.observers import OBSERVERS, Observer, make_observer
 from compress.quant.sensitivity import KeepFloat

@@ -17,7 +17,6 @@ CPU it only helps with AVX-512 VNNI and has shape restrictions, and correctness 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,14 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.errors import ConfigError
-from compress.quant.gptq import Hessian, gptq_quantize
 from compress.quant.observers import QMAX, make_observer
-from compress.quant.sensitivity import KeepFloat, RowSampler, layer_error
 from compress.quant.smoothquant import (
     Fp32BuffersMixin,
     SmoothedLinear,
-    check_unshared,
-    observe_inputs,
     resolve,
 )
 
@@ -41,7 +36,6 @@ Granularity = Literal["per_channel", "per_tensor"]
 Dynamic = Literal["per_token", "per_tensor"]
 ACT_QMIN, ACT_QMAX = -128, 127
 S7_QMAX = 64
-SENSITIVITY_SAMPLES = 256  # input rows per layer kept for the sensitivity ranking
 DYNAMIC_EPS = 1e-8  # floor of a dynamic max|x|: keeps the scale finite on all-zero (padding) rows
 
 
@@ -257,126 +251,6 @@ class Int8Linear(Fp32BuffersMixin, nn.Module):
             dtype=getattr(torch, spec.get("dtype", "float32")),
             act_dynamic=spec.get("act_dynamic"),
         )
-
-
-def _weight_bytes(m: Int8Linear) -> int:
-    return m.weight_int8.numel() * m.weight_int8.element_size() + m.weight_scale.numel() * 4
-
-
-class _LayerStats:
-    """What one pass over the calibration data records for a layer: observer, Hessian, input samples."""
-
-    def __init__(self, m: nn.Linear, act: ActQuant | None, weight: WeightQuant, samples: int, seed: int):
-        self.observer = make_observer(act.observer, **act.params) if act and act.dynamic is None else None
-        self.hessian = Hessian(m.in_features) if weight.rounding == "gptq" else None
-        self.samples = RowSampler(samples, seed)
-
-    def update(self, x: torch.Tensor) -> None:
-        if self.observer is not None:
-            self.observer.update(x)
-        if self.hessian is not None:
-            self.hessian.update(x)
-        self.samples.update(x)
-
-
-def calibrate(
-    model: nn.Module,
-    modules: dict[str, nn.Module],
-    act: ActQuant | None,
-    forward_loop: Callable[[nn.Module], None] | None,
-    weight: WeightQuant | None = None,
-    samples: int = 0,
-    seed: int = 0,
-) -> dict[str, _LayerStats]:
-    """Observe each module's input (after its smooth_scale) over one run of `forward_loop`; change nothing."""
-    if forward_loop is None:
-        raise ConfigError("INT8 calibration (static activations, GPTQ or sensitivity) needs calibration data "
-                          "(a forward_loop), but none was given")
-    weight = weight or WeightQuant()
-    stats = {name: _LayerStats(m, act, weight, samples, seed) for name, m in modules.items()}
-    observe_inputs(model, modules, forward_loop, lambda name, x: stats[name].update(x))
-    return stats
-
-
-def _needs_pass(act: ActQuant | None, weight: WeightQuant, keep_float: KeepFloat | None) -> bool:
-    return (act is not None and act.dynamic is None) or weight.rounding == "gptq" or keep_float is not None
-
-
-def quantize_linears(
-    model: nn.Module,
-    modules: dict[str, nn.Module] | list[str],
-    weight: WeightQuant | None = None,
-    act: ActQuant | None = None,
-    forward_loop: Callable[[nn.Module], None] | None = None,
-    keep_float: KeepFloat | None = None,
-    seed: int = 0,
-) -> dict[str, dict[str, Any]]:
-    """Replace the named Linears by Int8Linear in place; returns per-module details for the manifest.
-
-    `act=None` is weight-only (W8A16); dynamic activations need no calibration. Static scales, GPTQ
-    Hessians and the input samples sensitivity is measured on come from one run of `forward_loop`,
-    through forward pre-hooks that are removed afterwards; only if every module saw data are modules
-    swapped (a failed calibration leaves the model untouched). `keep_float` leaves the layers whose
-    INT8 error is worst in float, within its parameter budget. Modules are looked up by name in
-    `model`, so a dict from before `smooth()` still works.
-    """
-    weight = weight or WeightQuant()
-    mods = resolve(model, modules)
-    if not mods:
-        raise ConfigError("INT8 quantization: no modules selected")
-    for name, m in mods.items():
-        if not isinstance(m, nn.Linear):
-            raise ConfigError(f"INT8 quantization applies to float nn.Linear modules; '{name}' is {type(m).__name__}")
-    check_unshared(model, mods)
-    # Sensitivity is measured whenever calibration runs anyway (it only needs sampled input rows).
-    samples = keep_float.samples if keep_float is not None else SENSITIVITY_SAMPLES
-    stats = (calibrate(model, mods, act, forward_loop, weight, samples, seed)
-             if _needs_pass(act, weight, keep_float) else {})
-
-    new: dict[str, Int8Linear] = {}
-    for name, m in mods.items():
-        st = stats.get(name)
-        obs = st.observer if st else None
-        q, scale = quantize_weight(m.weight, weight.granularity, weight.qmax)
-        if st is not None and st.hessian is not None:
-            q = gptq_quantize(m.weight, st.hessian.value(), scale, weight.qmax, weight.block_size, weight.damp)
-        new[name] = Int8Linear.from_linear(m, weight.granularity, obs.scale() if obs else None,
-                                           act.dynamic if act else None, quantized=(q, scale))
-    sensitivity = {name: layer_error(mods[name], new[name], st.samples.rows()) for name, st in stats.items()}
-    kept = keep_float.choose(sensitivity, {n: m.weight.numel() for n, m in mods.items()}) if keep_float else set()
-    details: dict[str, dict[str, Any]] = {}
-    for name, q in new.items():
-        w = mods[name].weight.detach().float()
-        err = float((q.dequantized_weight() - w).norm() / w.norm().clamp_min(1e-30))
-        obs = stats[name].observer if name in stats else None
-        details[name] = {
-            "scheme": "float (kept)" if name in kept else q.scheme,
-            "bits": 32 if name in kept else (7 if weight.reduce_range else 8),
-            "granularity": weight.granularity,
-            "activations": q.activations,
-            "rounding": weight.rounding,
-            "observer": obs.kind if obs else None,
-            "observer_params": dict(act.params) if act and act.dynamic is None else None,
-            "input_scale": float(q.input_scale) if q.input_scale is not None else None,
-            "input_amax": obs.amax if obs else None,
-            "smoothquant": q.smooth_scale is not None,
-            "weight_rel_error": round(err, 6),
-            "output_rel_error": round(sensitivity[name], 6) if name in sensitivity else None,
-            "kept_float": name in kept,
-            "shape": [q.out_features, q.in_features],
-            "quantized_bytes": q.weight_int8.numel() * 4 if name in kept else _weight_bytes(q),
-            "fp32_bytes": q.weight_int8.numel() * 4,
-        }
-        if name not in kept:
-            model.set_submodule(name, q)
-    return details
-
-
-def size_summary(details: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Totals over per-module details (INT8 or NF4): quantized vs fp32 weight bytes and their ratio."""
-    q = sum(d["quantized_bytes"] for d in details.values())
-    f = sum(d["fp32_bytes"] for d in details.values())
-    return {"modules": len(details), "quantized_bytes": q, "fp32_bytes": f, "ratio": round(q / f, 6) if f else None}
 
 
 def quantized_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
