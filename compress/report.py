@@ -50,6 +50,15 @@ def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     return "\n".join([line(header), line(tuple("-" * w for w in widths)), *map(line, rows)])
 
 
+def _png(fig: Any) -> bytes:
+    """The figure as PNG bytes, without the Software tag (the file does not change with matplotlib)."""
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def retention_plot(manifest: dict[str, Any]) -> bytes:
     """Retention of each measured metric after every stage; threshold lines where gated."""
     stages = manifest.get("stages", [])
@@ -75,11 +84,7 @@ def retention_plot(manifest: dict[str, Any]) -> bytes:
     ax.set_title(f"{manifest.get('recipe', {}).get('name', '')}: accuracy retention per stage")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def sensitivity_plot(rec: dict[str, Any]) -> bytes | None:
@@ -98,11 +103,7 @@ def sensitivity_plot(rec: dict[str, Any]) -> bytes | None:
     ax.set_ylabel("INT8 relative output error")
     ax.set_title(f"{rec['name']}: per-layer INT8 sensitivity")
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def write_report(run: RunDir) -> None:

@@ -18,7 +18,7 @@ from compress.quant.gptq import Hessian, gptq_quantize
 from compress.quant.int8 import ActQuant, Int8Linear, WeightQuant, quantize_weight
 from compress.quant.observers import make_observer
 from compress.quant.sensitivity import KeepFloat, RowSampler, layer_error
-from compress.quant.smoothquant import check_unshared, observe_inputs, resolve
+from compress.quant.smoothquant import observe_inputs, selected_linears
 
 SENSITIVITY_SAMPLES = 256  # input rows per layer kept for the sensitivity ranking
 
@@ -85,13 +85,7 @@ def quantize_linears(
     `model`, so a dict from before `smooth()` still works.
     """
     weight = weight or WeightQuant()
-    mods = resolve(model, modules)
-    if not mods:
-        raise ConfigError("INT8 quantization: no modules selected")
-    for name, m in mods.items():
-        if not isinstance(m, nn.Linear):
-            raise ConfigError(f"INT8 quantization applies to float nn.Linear modules; '{name}' is {type(m).__name__}")
-    check_unshared(model, mods)
+    mods = selected_linears(model, modules, "INT8 quantization")
     # Sensitivity is measured whenever calibration runs anyway (it only needs sampled input rows).
     samples = keep_float.samples if keep_float is not None else SENSITIVITY_SAMPLES
     stats = (calibrate(model, mods, act, forward_loop, weight, samples, seed)

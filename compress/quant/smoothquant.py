@@ -111,6 +111,18 @@ def check_unshared(model: nn.Module, modules: dict[str, nn.Module]) -> None:
             raise ConfigError(f"'{name}' shares its weight with {', '.join(others)} (tied); exclude it from targets")
 
 
+def selected_linears(model: nn.Module, modules: dict[str, nn.Module] | list[str], what: str) -> dict[str, nn.Linear]:
+    """The named modules, checked before anything changes: some, all float Linears, none with a tied weight."""
+    mods = resolve(model, modules)
+    if not mods:
+        raise ConfigError(f"{what}: no modules selected")
+    for name, m in mods.items():
+        if not isinstance(m, nn.Linear):
+            raise ConfigError(f"{what} applies to float nn.Linear modules; '{name}' is {type(m).__name__}")
+    check_unshared(model, mods)
+    return mods  # type: ignore[return-value]
+
+
 def outlier_ratio(channel_amax: torch.Tensor) -> float:
     """max / median of per-channel |x| maxima: how much one channel dominates a per-tensor scale."""
     med = float(channel_amax.median())
@@ -244,13 +256,7 @@ def smooth(
     auto = alpha == "auto"
     if not auto and not (isinstance(alpha, int | float) and 0.0 <= alpha <= 1.0):
         raise ConfigError(f"SmoothQuant alpha must be in [0, 1] or 'auto', got {alpha!r}")
-    mods = resolve(model, modules)
-    if not mods:
-        raise ConfigError("SmoothQuant: no modules selected")
-    for name, m in mods.items():
-        if not isinstance(m, nn.Linear):
-            raise ConfigError(f"SmoothQuant applies to float nn.Linear modules; '{name}' is {type(m).__name__}")
-    check_unshared(model, mods)
+    mods = selected_linears(model, modules, "SmoothQuant")
     amax, rows = collect_channel_amax(model, mods, forward_loop, samples if auto else 0, seed)
 
     chosen: dict[str, float] = {}
