@@ -304,3 +304,25 @@ def test_providers_and_folder_errors(tmp_path: Path, llava: Exported):
     (broken / "export.json").write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match="not a compress-onnx manifest"):
         read_meta(broken)
+
+
+def test_weight_only_int8_computes_in_float_in_onnxruntime(tmp_path: Path):
+    """ORT fuses DQ(int8) -> MatMul to MatMulNBits, which by default quantizes activations to int8: the
+    export records the session setting that keeps W8A16 in float, and the runner applies it."""
+    from compress.zoo.outliers import add_outliers
+
+    def w8a16(model: nn.Module, adapter: Any, processor: Any) -> nn.Module:
+        add_outliers(model)  # activations with outliers: where int8 activations would show
+        quantize_linears(model, select_modules(model, adapter, Targets(components=["language"])), WeightQuant())
+        return model
+
+    exp = _export("llava", tmp_path / "w8a16", fusion=True, prepare=w8a16)
+    meta = read_meta(exp.out)
+    assert meta["session"]["config"] == {"session.qdq_matmulnbits_accuracy_level": "1"}
+    assert runtime_ops(exp.out / "decoder.onnx").get("MatMulNBits", 0) > 0
+    batch = exp.inputs()
+    want = exp.torch_runner().logits(batch.inputs)
+    got = OrtRunner.from_dir(exp.out).logits(batch.inputs)
+    keep = batch.inputs["attention_mask"].bool()
+    # With ORT's default (int8 activations inside MatMulNBits) this error is ~0.12, 280x the bound.
+    assert (got - want)[keep].abs().max() < 1e-3 * want.abs().max()

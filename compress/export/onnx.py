@@ -320,6 +320,7 @@ def export_onnx(
 
     vision_cfg = getattr(model.config, "vision_config", None)
     has_qdq = any(info["onnx"].startswith("QuantizeLinear") for info in quantized.get("modules", {}).values())
+    has_weight_only = any(info.get("scheme") == "w8a16" for info in quantized.get("modules", {}).values())
     has_int8_gemm = has_qdq or any(info["onnx"].startswith("MatMulInteger")
                                    for info in quantized.get("modules", {}).values())
     meta: dict[str, Any] = {
@@ -339,8 +340,10 @@ def export_onnx(
         **facts,
         "vision_num_heads": int(getattr(vision_cfg, "num_attention_heads", 0) or 0),
         "vision_hidden_size": int(getattr(vision_cfg, "hidden_size", 0) or 0),
-        # Session settings the runner applies: keep per-projection Q/DQ pairs so ORT picks int8 kernels.
-        "session": {"disabled_optimizers": list(qdq.QDQ_SESSION_DISABLED_OPTIMIZERS) if has_qdq else []},
+        # Session settings the runner applies: keep per-projection Q/DQ pairs so ORT picks int8 kernels, and
+        # compute weight-only int8 (fused to MatMulNBits) in float, as the quantize stage measured it.
+        "session": {"disabled_optimizers": list(qdq.QDQ_SESSION_DISABLED_OPTIMIZERS) if has_qdq else [],
+                    "config": dict(qdq.WEIGHT_ONLY_SESSION_CONFIG) if has_weight_only else {}},
         "quantized": quantized,
         "quantize": quantize,
         "fused": False,

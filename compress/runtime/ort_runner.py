@@ -104,6 +104,8 @@ class OrtRunner:
         meta = read_meta(path)
         chosen = resolve_providers(providers)
         options = session_options or ort.SessionOptions()
+        for key, value in meta.get("session", {}).get("config", {}).items():  # what the export was measured with
+            options.add_session_config_entry(key, value)
         if (meta.get("int8_kernels") or {}).get("requires") and not cpu_features()["u8s8_exact"]:
             # A `vnni` export on a host whose U8S8 kernels saturate: have ORT use its exact U8U8 kernels.
             options.add_session_config_entry("session.x64quantprecision", "1")
