@@ -36,8 +36,11 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "static + SmoothQuant auto, 7-bit weights": {"activations": STATIC, "smoothquant": {"alpha": "auto"},
                                                  "weights": {"reduce_range": True}},
     "dynamic per-token": {"activations": {"dynamic": "per_token"}},
-    "dynamic per-token + SmoothQuant auto + GPTQ + keep_float 2% (int8-outliers.yaml)": {
+    "dynamic per-token + SmoothQuant auto + GPTQ + keep_float 2%": {
         "activations": {"dynamic": "per_token"}, "smoothquant": {"alpha": "auto"},
+        "weights": {"rounding": "gptq"}, "keep_float": {"budget": 0.02}},
+    "dynamic per-token + SmoothQuant 0.5 + GPTQ + keep_float 2% (int8-outliers.yaml)": {
+        "activations": {"dynamic": "per_token"}, "smoothquant": {"alpha": 0.5},
         "weights": {"rounding": "gptq"}, "keep_float": {"budget": 0.02}},
     "weight-only W8A16": {"activations": "none"},
 }

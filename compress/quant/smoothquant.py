@@ -216,7 +216,7 @@ def search_alpha(act_amax: torch.Tensor, weight: torch.Tensor, rows: torch.Tenso
     x = rows.float()
     w = weight.detach().float()
     ref = x @ w.T
-    denom = (ref**2).sum().clamp_min(1e-30)
+    denom = (ref**2).sum(-1).clamp_min(1e-30)  # per token: a few huge-norm tokens must not outvote the rest
     errors: dict[float, float] = {}
     for alpha in grid:
         s = smoothing_factors(act_amax, w, alpha)
@@ -231,7 +231,7 @@ def search_alpha(act_amax: torch.Tensor, weight: torch.Tensor, rows: torch.Tenso
             xq = act.fake_quant(xs, obs.scale())
         q, scale = quantize_weight(ws, "per_channel", qmax)
         out = xq @ (q.float() * scale[:, None]).T
-        errors[alpha] = float(((out - ref) ** 2).sum() / denom)
+        errors[alpha] = float((((out - ref) ** 2).sum(-1) / denom).mean())
     best = min(errors, key=lambda a: (errors[a], abs(a - 0.5)))
     return best, errors
 
