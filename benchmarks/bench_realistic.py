@@ -17,7 +17,9 @@ new tokens (EOS ignored), warm-up excluded, median of the repeats:
   image + prompt batches; every Linear except lm_head). Fake-quant in float: what the accuracy gate
   scores, not a fast path.
 - `onnx_fp32` / `onnx_int8`: `export_onnx(fusion=True, quantize=True)` of the float and of the
-  quantized model, run through `OrtRunner` (CPU provider).
+  quantized model, run through `OrtRunner` (CPU provider). `onnx_int8` uses the default
+  `int8_kernels: portable` (exact on every CPU), `onnx_int8_vnni` the S8 graphs that are exact only on
+  VNNI / AMX hosts, `onnx_int8_dynamic` dynamic per-token activation scales (MatMulInteger).
 
 Time to first token = generate with N=1; decode ms/token = (generate(N) - generate(1)) / (N - 1),
 the same derivation for every artifact. The INT8 and fp32 ONNX runs are then profiled once with
@@ -196,10 +198,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
 
-        def export_and_time(name: str) -> None:
+        def export_and_time(name: str, kernels: str = "portable", profile: bool = True) -> None:
             t0 = time.time()
             out = work / name
-            export_onnx(model, adapter, processor, out, fusion=True, quantize=True)
+            export_onnx(model, adapter, processor, out, fusion=True, quantize=True, int8_kernels=kernels)
             export_s[name] = time.time() - t0
             log(f"{name}: exported in {export_s[name]:.0f} s")
             runner = OrtRunner.from_dir(out)
@@ -209,7 +211,7 @@ def main() -> None:
             log(f"{name}: {results[name]}")
             runner = None  # free the sessions before profiling
             gc.collect()
-            if not args.no_profile:
+            if profile and not args.no_profile:
                 profiles[name] = ort_profile(out, inputs, n, work)
                 log(f"{name}: profiled")
             for f in out.iterdir():  # free the disk before the next export
@@ -230,7 +232,13 @@ def main() -> None:
         results["torch_int8_w8a8"] = timings(vision_torch, lambda k: hf_generate(model, inputs, k), n, warmup,
                                              repeats)
         log(f"torch_int8_w8a8 (fake-quant): {results['torch_int8_w8a8']}")
-        export_and_time("onnx_int8")
+        export_and_time("onnx_int8")  # int8_kernels: portable (U8U8 where S8 could saturate non-VNNI CPUs)
+        export_and_time("onnx_int8_vnni", "vnni", profile=False)  # S8 weights: fast U8S8 on VNNI hosts only
+
+        log("INT8 W8A8 with dynamic per-token activations (same random weights, rebuilt)")
+        model, _ = build(args.layers)
+        quantize_linears(model, names, WeightQuant("per_channel"), ActQuant(dynamic="per_token"))
+        export_and_time("onnx_int8_dynamic", profile=False)
 
     base = results["hf_eager_fp32"]
     ratios = {name: {k: r[k] / base[k] for k in TIMES} for name, r in results.items()}
