@@ -40,6 +40,7 @@ from typing import Any
 
 from compress.artifacts import atomic_write
 from compress.errors import CompressError
+from compress.host import cpu_features
 
 # Metrics every measured artifact has; lower is better except decode_tokens_per_s.
 METRICS = ("vision_ms_per_image", "ttft_ms", "decode_tokens_per_s", "decode_ms_per_step", "e2e_ms",
@@ -87,15 +88,9 @@ def machine() -> dict[str, Any]:
     import onnxruntime
     import torch
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+    cpu = cpu_features()["model"] or platform.processor() or ""
+    return {"cpu": cpu, "cpu_flags": cpu_features()["flags"], "cores": os.cpu_count(),
+            "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "onnxruntime": onnxruntime.__version__,
             "onnxruntime_threads": "default (intra_op_num_threads=0: one per physical core)",

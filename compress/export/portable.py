@@ -93,16 +93,11 @@ def make_portable(proto: Any, mode: Int8Kernels = "portable") -> dict[str, int]:
         if mode == "vnni":
             counts["s8_needs_vnni"] += 1
             continue
-        new_w = numpy_helper.from_array((w.astype(np.int16) + U8_ZERO).astype(np.uint8), f"{w_init.name}_u8")
         scale = numpy_helper.to_array(inits[w_dq.input[1]])
-        new_zp = numpy_helper.from_array(np.full(scale.shape, U8_ZERO, np.uint8), f"{w_init.name}_u8_zero_point")
-        graph.initializer.extend([new_w, new_zp])
-        inits[new_w.name], inits[new_zp.name] = new_w, new_zp
-        w_dq.input[0] = new_w.name
-        if len(w_dq.input) > 2:
-            w_dq.input[2] = new_zp.name
-        else:
-            w_dq.input.append(new_zp.name)
+        w_dq.input[0], zp_name = _u8_weight(graph, inits, w_init.name, w, scale.shape)
+        while len(w_dq.input) < 3:
+            w_dq.input.append("")
+        w_dq.input[2] = zp_name
         if u8_zp not in inits:
             zp = numpy_helper.from_array(np.array(U8_ZERO, np.uint8), u8_zp)
             graph.initializer.append(zp)
@@ -133,14 +128,22 @@ def _integer_gemm(graph: Any, inits: dict[str, Any], node: Any, mode: Int8Kernel
         return "s8_s7_safe"
     if mode == "vnni":
         return "s8_needs_vnni"
-    new_w = numpy_helper.from_array((w.astype(np.int16) + U8_ZERO).astype(np.uint8), f"{w_init.name}_u8")
-    new_zp = numpy_helper.from_array(np.array(U8_ZERO, np.uint8), f"{w_init.name}_u8_zero_point")
-    graph.initializer.extend([new_w, new_zp])
-    inits[new_w.name], inits[new_zp.name] = new_w, new_zp
     while len(node.input) < 4:
         node.input.append("")
-    node.input[1], node.input[3] = new_w.name, new_zp.name
+    node.input[1], node.input[3] = _u8_weight(graph, inits, w_init.name, w, ())
     return "u8u8"
+
+
+def _u8_weight(graph: Any, inits: dict[str, Any], name: str, w: np.ndarray,
+               zp_shape: tuple[int, ...]) -> tuple[str, str]:
+    """Add `w` + 128 as a uint8 initializer and its zero point of 128 (shaped like the scales); their names."""
+    from onnx import numpy_helper
+
+    new_w = numpy_helper.from_array((w.astype(np.int16) + U8_ZERO).astype(np.uint8), f"{name}_u8")
+    new_zp = numpy_helper.from_array(np.full(zp_shape, U8_ZERO, np.uint8), f"{name}_u8_zero_point")
+    graph.initializer.extend([new_w, new_zp])
+    inits[new_w.name], inits[new_zp.name] = new_w, new_zp
+    return new_w.name, new_zp.name
 
 
 def _drop_unused_initializers(graph: Any) -> None:
