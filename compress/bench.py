@@ -121,7 +121,8 @@ def _med_ms(seconds: list[float]) -> float:
     return statistics.median(seconds) * 1000
 
 
-def load_runner(kind: str, path: str, source: str, adapter: Any, providers: list[str] | None) -> tuple[Any, Any]:
+def load_runner(kind: str, path: str, source: str, adapter: Any, providers: list[str] | None,
+                threads: int | None = None) -> tuple[Any, Any]:
     """(runner, processor) for a torch checkpoint or an ONNX export folder."""
     if kind == "torch":
         from compress.checkpoint import load_checkpoint
@@ -129,9 +130,10 @@ def load_runner(kind: str, path: str, source: str, adapter: Any, providers: list
 
         model, processor = load_checkpoint(path, adapter)
         return TorchRunner.for_adapter(model, adapter, processor), processor
-    from compress.runtime.ort_runner import OrtRunner
+    from compress.runtime.ort_runner import OrtRunner, session_options
 
-    runner = OrtRunner.from_dir(path, providers=providers)
+    runner = OrtRunner.from_dir(path, providers=providers,
+                                session_options=session_options(threads) if threads else None)
     # Export stages save the processor beside the graphs; older exports fall back to the source's.
     has_own = (Path(path) / "processor_config.json").exists() or (Path(path) / "preprocessor_config.json").exists()
     processor = adapter.load_processor(path if has_own else source)

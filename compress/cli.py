@@ -49,6 +49,27 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from compress.evaluate import evaluate, summary
+
+    extract = {k: v for k, v in (("after_last", args.extract_after_last), ("regex", args.extract_regex)) if v}
+    result = evaluate(args.path, data=args.data, recipe=args.recipe, reference=args.reference,
+                      providers=args.providers, threads=args.threads, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, num_samples=args.num_samples, prompt=args.prompt,
+                      extract=extract or None)
+    print(json.dumps(result, indent=2) if args.json else summary(result))
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from compress.schema import field_reference, schema_text
+
+    sys.stdout.write(field_reference() if args.markdown else schema_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlm-compress", description="Accuracy-gated VLM compression.")
     p.add_argument("--version", action="version", version=f"vlm-compress {__version__}")
@@ -71,6 +92,27 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers (default: CPU)")
     b.set_defaults(fn=_cmd_bench)
+    e = sub.add_parser("eval", help="score any artifact (transformers folder or ONNX export) with the "
+                                    "pipeline's evaluator; writes nothing")
+    e.add_argument("path", help="a model folder (plain, compressed-tensors, bitsandbytes) or an ONNX export folder")
+    e.add_argument("--data", help="evaluation set (folder with metadata.jsonl, parquet, datasets folder)")
+    e.add_argument("--recipe", help="take the evaluation settings (data, prompt, extract, ...) from this recipe")
+    e.add_argument("--reference", metavar="RUN_DIR", help="compare with this run's baseline (token agreement, "
+                   "KL); its recipe's evaluation settings are the defaults")
+    e.add_argument("--prompt", help="prompt template with {question} and the model's image token")
+    e.add_argument("--extract-after-last", help="score the text after the last occurrence of this string")
+    e.add_argument("--extract-regex", help="score the first match of this regex (its first group if any)")
+    e.add_argument("--max-new-tokens", type=int)
+    e.add_argument("--batch-size", type=int)
+    e.add_argument("--num-samples", type=int, help="first N records only")
+    e.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers (default: CPU)")
+    e.add_argument("--threads", type=int, help="CPU threads for torch and ONNX Runtime")
+    e.add_argument("--json", action="store_true", help="print the full result as JSON")
+    e.set_defaults(fn=_cmd_eval)
+    s = sub.add_parser("schema", help="print the recipe JSON Schema (for editors and CI), or --markdown the "
+                                      "field reference")
+    s.add_argument("--markdown", action="store_true", help="the field reference of docs/recipes.md instead")
+    s.set_defaults(fn=_cmd_schema)
     return p
 
 

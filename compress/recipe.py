@@ -26,9 +26,11 @@ Metric = Literal["exact_match", "token_agreement", "logit_kl"]
 
 
 class ModelConfig(Strict):
-    source: str = Field(min_length=1, description="zoo:NAME, a local folder, or a hub id (online only)")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    trust_remote_code: bool = False
+    source: str = Field(min_length=1, description="`zoo:shapes-vqa` (bundled), a local folder with config.json + "
+                        "safetensors, or a hub id (needs the hub or its local cache)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype at load")
+    trust_remote_code: bool = Field(False, description="run the model repository's own Python code; only for "
+                                                       "models you trust")
 
 
 class ExtractConfig(Strict):
@@ -36,8 +38,8 @@ class ExtractConfig(Strict):
     (its first group if it has one). Applied to predictions and references alike; a string without a
     match is compared whole."""
 
-    after_last: str | None = Field(None, min_length=1)
-    regex: str | None = Field(None, min_length=1)
+    after_last: str | None = Field(None, min_length=1, description="keep the text after the last occurrence")
+    regex: str | None = Field(None, min_length=1, description="keep the first match (its first group if any)")
 
     @model_validator(mode="after")
     def _one_rule(self) -> ExtractConfig:
@@ -59,11 +61,13 @@ class ExtractConfig(Strict):
 
 
 class EvaluationConfig(DataConfig):
-    max_new_tokens: int = Field(8, ge=1, le=512)
-    metrics: list[Metric] = Field(default_factory=lambda: ["exact_match", "token_agreement", "logit_kl"])
+    max_new_tokens: int = Field(8, ge=1, le=512, description="greedy answer length limit")
+    metrics: list[Metric] = Field(default_factory=lambda: ["exact_match", "token_agreement", "logit_kl"],
+                                  description="what is measured after every stage (see Metrics above)")
     prompt: str | None = Field(None, description="prompt template with {question}, written with the model's "
-                                                 "image token; overrides the chat template (also for calibration)")
-    extract: ExtractConfig | None = None
+                                                 "image token; overrides the chat template (also for calibration "
+                                                 "and exports)")
+    extract: ExtractConfig | None = Field(None, description="answer post-processing before exact match")
 
     @field_validator("prompt")
     @classmethod
@@ -77,31 +81,33 @@ class EvaluationConfig(DataConfig):
 
 
 class OutputConfig(Strict):
-    dir: str | None = None
-    checkpoints: Literal["all", "last"] = "all"  # resume needs the latest one
-    report: bool = True
+    dir: str | None = Field(None, description="run folder; `--out` overrides it; one of the two is required")
+    checkpoints: Literal["all", "last"] = Field("all", description="keep every kept stage's checkpoint, or only "
+                                                                   "the latest (enough to resume)")
+    report: bool = Field(True, description="write report.md and retention.png")
 
 
 class RecipeBase(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    seed: int = 0
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="shown in the report")
+    seed: int = Field(0, description="seeds Python, NumPy and torch before any work")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch and ONNX Runtime (default: "
                                                          "torch's default); `run --threads` overrides it")
-    model: ModelConfig
-    calibration: DataConfig | None = None
-    evaluation: EvaluationConfig
-    output: OutputConfig = OutputConfig()
+    model: ModelConfig = Field(description="what to compress")
+    calibration: DataConfig | None = Field(None, description="image + prompt batches for stages that calibrate "
+                                           "(static INT8 activations, SmoothQuant, GPTQ, keep_float)")
+    evaluation: EvaluationConfig = Field(description="the held-out set every check is scored on")
+    output: OutputConfig = Field(OutputConfig(), description="where and what to keep")
 
 
 @cache
 def recipe_model() -> type[RecipeBase]:
     """The Recipe class, with `stages` a union over every registered stage config."""
-    configs = tuple(spec.config for spec in registered_stages().values())
+    configs = tuple(spec.config for _, spec in sorted(registered_stages().items()))  # stable schema order
     union = Annotated[Union[configs], Field(discriminator="type")]  # noqa: UP007 (built at run time)
     return create_model(
         "Recipe",
         __base__=RecipeBase,
-        stages=(list[union], Field(min_length=1)),  # type: ignore[valid-type]
+        stages=(list[union], Field(min_length=1, description="run in order, each gated")),  # type: ignore[valid-type]
     )
 
 

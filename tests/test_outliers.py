@@ -16,7 +16,7 @@ from compress.pipeline import run
 from compress.quant import ActQuant, Int8Linear, KeepFloat, WeightQuant, quantize_linears, smooth
 from compress.quant.gptq import Hessian, gptq_quantize
 from compress.quant.int8 import dynamic_scale, fake_quant, quantize_weight
-from compress.quant.smoothquant import search_alpha
+from compress.quant.smoothquant import Mapping, _Factors, search_alpha
 from compress.zoo import MODELS
 from compress.zoo.outliers import build
 
@@ -70,17 +70,19 @@ def _layer_with_outliers(seed: int = 0) -> tuple[nn.Linear, torch.Tensor]:
     return layer, x
 
 
-def test_dynamic_per_token_fake_quant_is_per_row_and_round_trips(tmp_path: Path):
+def test_dynamic_per_token_fake_quant_follows_compressed_tensors():
     layer, x = _layer_with_outliers()
     q = Int8Linear.from_linear(layer, act_dynamic="per_token")
     assert q.scheme == "w8a8" and q.activations == "dynamic_per_token" and q.input_scale is None
-    scale = x.abs().amax(-1, keepdim=True) / 127
-    expected = torch.nn.functional.linear(fake_quant(x, scale), q.dequantized_weight())
-    assert torch.equal(q(x), expected)
-    assert torch.equal(dynamic_scale(x, "per_tensor"), x.abs().max() / 127)
-    again = Int8Linear.from_spec(q.spec())
-    again.load_state_dict(q.state_dict())
-    assert torch.equal(again(x), q(x))
+    tokens = x.reshape(8, 64, 64)  # [batch, seq, hidden]: one scale per token, max|x| / 127.5
+    scale = tokens.abs().amax(-1, keepdim=True) / 127.5
+    expected = torch.nn.functional.linear(fake_quant(tokens, scale), q.dequantized_weight())
+    assert torch.equal(q(tokens), expected)
+    # compressed-tensors keeps the first two axes: a 2-D [tokens, hidden] input gets one scale per call.
+    assert torch.equal(dynamic_scale(x, "per_token"), x.abs().max() / 127.5)
+    assert torch.equal(dynamic_scale(x, "per_tensor"), x.abs().max() / 127.5)
+    zero = dynamic_scale(torch.zeros(1, 2, 4), "per_token")
+    assert torch.equal(zero, torch.full((1, 2, 1), torch.finfo(torch.float32).eps))  # never 0, never NaN
 
 
 def test_gptq_rounding_beats_round_to_nearest_on_correlated_inputs():
@@ -102,7 +104,8 @@ def test_gptq_rounding_beats_round_to_nearest_on_correlated_inputs():
 def test_smoothquant_alpha_search_scores_each_candidate_and_picks_the_best():
     layer, x = _layer_with_outliers()
     act = ActQuant(dynamic="per_token")
-    best, errors = search_alpha(x.abs().amax(0), layer.weight, x, act, 127)
+    mapping = Mapping("norm", ("layer",), "norm", slice(None))
+    best, errors = search_alpha(_Factors(mapping, x.abs().amax(0), [layer.weight]), [layer.weight], x, act, 127)
     assert errors[best] == min(errors.values()) and errors[best] < 0.5 * errors[0.0]
 
 

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compress.arch import get_adapter, select_modules
@@ -20,15 +19,12 @@ from compress.errors import ConfigError
 from compress.quant import (
     ActQuant,
     Int8Linear,
-    SmoothedLinear,
     WeightQuant,
     fake_quant,
     make_observer,
     nf4_details,
     quantize_linears,
     quantize_nf4,
-    quantized_specs,
-    replace_with_int8_from_specs,
     size_summary,
     smooth,
     use_portable_nf4_kernel,
@@ -251,31 +247,38 @@ def test_calibration_without_batches_fails_before_any_change():
     assert not any(m._forward_pre_hooks for m in t.model.modules())  # hooks were removed
 
 
-def test_spec_round_trip_is_bit_exact(tmp_path):
+def test_compressed_tensors_round_trip_is_bit_exact(tmp_path):
+    """Three schemes in one model -> three config groups; our loader and plain transformers both rebuild it."""
+    from transformers import AutoModelForImageTextToText
+
+    from compress.checkpoint import load_checkpoint, save_checkpoint
+
     t = tiny("llava")
     mlp = select_modules(t.model, t.adapter, Targets(components=["language"], include=["*mlp*"]))
     attn = select_modules(t.model, t.adapter, Targets(components=["language"], exclude=["*mlp*"]))
-    smooth(t.model, mlp, t.loop, alpha=0.5)
+    vision = select_modules(t.model, t.adapter, Targets(components=["vision"]))
+    smooth(t.model, mlp, t.loop, alpha=0.5, act=ActQuant("minmax"))
     quantize_linears(t.model, mlp, WeightQuant(), ActQuant("minmax"), t.loop)
     quantize_linears(t.model, attn, WeightQuant("per_tensor"), None)
-    proj = select_modules(t.model, t.adapter, Targets(components=["projector"]))
-    smooth(t.model, proj, t.loop, alpha=0.8)  # smoothed but left in float
+    quantize_linears(t.model, vision, WeightQuant(), ActQuant(dynamic="per_token"))
     out = t.logits()
+    _, processor = tiny_model("llava")
+    save_checkpoint(t.model, processor, tmp_path)
 
-    specs = json.loads(json.dumps(quantized_specs(t.model)))
-    assert len(specs) == len(mlp) + len(attn) + len(proj)
-    assert {s["kind"] for s in specs.values()} == {"int8_linear", "smoothed_linear"}
-    save_file(t.model.state_dict(), tmp_path / "model.safetensors")
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "mixed-precision"
+    assert sorted(g["format"] for g in config["config_groups"].values()) == [
+        "int-quantized", "int-quantized", "pack-quantized"]
+    assert not list(tmp_path.glob("compress_quant*"))
 
-    fresh, _ = tiny_model("llava", seed=3)  # different random weights: everything must come from the file
-    replace_with_int8_from_specs(fresh, specs)
-    fresh.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=True)
-    fresh.eval()
+    fresh, _ = load_checkpoint(tmp_path, get_adapter("llava"))
+    assert {n for n, m in fresh.named_modules() if isinstance(m, Int8Linear)} == set(mlp) | set(attn) | set(vision)
     assert torch.equal(t.logits(fresh), out)
+    assert not hasattr(fresh.config, "quantization_config") and fresh.hf_quantizer is None
 
-    wrong = {"lm_head": {**next(iter(specs.values())), "in_features": 7}}
-    with pytest.raises(ConfigError, match=r"expected an nn\.Linear"):
-        replace_with_int8_from_specs(tiny_model("llava")[0], wrong)
+    plain, info = AutoModelForImageTextToText.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert torch.equal(t.logits(plain.eval()), out)
 
 
 # ---- SmoothQuant ---------------------------------------------------------------------------------------
@@ -295,11 +298,17 @@ def test_smoothquant_is_equivalent_and_flattens_outliers():
     ref = t.logits()
     targets = Targets(components=["language"], include=["*q_proj", "*k_proj", "*v_proj", "*gate_proj", "*up_proj"])
     mods = select_modules(t.model, t.adapter, targets)
-    details = smooth(t.model, mods, t.loop, alpha=0.5)
-    assert all(type(t.model.get_submodule(n)) is SmoothedLinear for n in mods)
+    norms = {k: v.clone() for k, v in t.model.state_dict().items() if "layernorm" in k}
+    result = smooth(t.model, mods, t.loop, alpha=0.5)
+    details = result["modules"]
+    assert set(details) == set(mods) and result["not_smoothed"] == []
+    assert all(type(t.model.get_submodule(n)) is nn.Linear for n in mods)  # folded: plain Linears remain
+    changed = [k for k, v in t.model.state_dict().items() if k in norms and not torch.equal(v, norms[k])]
+    assert len(changed) == 2 * len(t.adapter.decoder_layers(t.model))  # 1/s went into both norms of each layer
     torch.testing.assert_close(t.logits(), ref, rtol=1e-4, atol=1e-5)  # smoothing alone changes nothing
-    for d in details.values():
+    for name, d in details.items():
         assert d["outlier_ratio_after"] < d["outlier_ratio_before"] / 3
+        assert d["folded_into"].endswith("layernorm (norm)"), (name, d["folded_into"])
 
     # What the quantizer sees: per-tensor scales shrink, and W8A8 error drops versus the unsmoothed model.
     smoothed = quantize_linears(t.model, mods, WeightQuant(), ActQuant("minmax"), t.loop)
@@ -307,32 +316,78 @@ def test_smoothquant_is_equivalent_and_flattens_outliers():
     _with_outlier_channels(plain_model)
     plain = quantize_linears(plain_model.model, list(mods), WeightQuant(), ActQuant("minmax"), plain_model.loop)
     for name in mods:
-        assert smoothed[name]["smoothquant"] and smoothed[name]["input_scale"] < plain[name]["input_scale"]
+        assert smoothed[name]["input_scale"] < plain[name]["input_scale"]
     err_smooth = float((t.logits() - ref).abs().mean())
     err_plain = float((plain_model.logits() - ref).abs().mean())
     assert err_smooth < err_plain
 
 
-def test_smoothquant_on_a_layer_with_outliers():
+class _Block(nn.Module):
+    """A pre-norm attention + gated MLP block named like Llama's (the names smoothing rules match)."""
+
+    def __init__(self, heads: int = 4, kv_heads: int = 2, head_dim: int = 8):
+        super().__init__()
+        hidden = heads * head_dim
+        self.input_layernorm = nn.LayerNorm(hidden)
+        self.self_attn = nn.Module()
+        self.self_attn.head_dim, self.self_attn.num_key_value_groups = head_dim, heads // kv_heads
+        self.self_attn.q_proj = nn.Linear(hidden, hidden)
+        self.self_attn.k_proj = nn.Linear(hidden, kv_heads * head_dim)
+        self.self_attn.v_proj = nn.Linear(hidden, kv_heads * head_dim)
+        self.self_attn.o_proj = nn.Linear(hidden, hidden)
+        self.mlp = nn.Module()
+        self.mlp.gate_proj, self.mlp.up_proj = nn.Linear(hidden, 64), nn.Linear(hidden, 64)
+        self.mlp.down_proj = nn.Linear(64, hidden)
+        self.shape = (heads, kv_heads, head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        heads, kv, hd = self.shape
+        a = self.self_attn
+        h = self.input_layernorm(x)
+        b, s, _ = h.shape
+        q = a.q_proj(h).view(b, s, heads, hd).transpose(1, 2)
+        k = a.k_proj(h).view(b, s, kv, hd).transpose(1, 2).repeat_interleave(heads // kv, dim=1)
+        v = a.v_proj(h).view(b, s, kv, hd).transpose(1, 2).repeat_interleave(heads // kv, dim=1)
+        o = torch.softmax(q @ k.transpose(-1, -2) / hd**0.5, -1) @ v
+        x = x + a.o_proj(o.transpose(1, 2).reshape(b, s, heads * hd))
+        return x + self.mlp.down_proj(torch.nn.functional.silu(self.mlp.gate_proj(x)) * self.mlp.up_proj(x))
+
+
+def test_smoothquant_folds_every_mapping_exactly_and_flattens_outliers():
     torch.manual_seed(0)
-    lin = nn.Linear(32, 16)
-    x = torch.randn(64, 32)
-    x[:, 5] *= 60.0
-    model = nn.Sequential(lin)
-    ref = model(x)
+    block = _Block().eval()
+    with torch.no_grad():
+        block.input_layernorm.weight[[3, 9]] *= 50.0  # outlier channels into q/k/v
+        block.self_attn.v_proj.weight[[2, 11]] *= 30.0  # ... into o_proj (through attention, under GQA)
+        block.mlp.up_proj.weight[[5]] *= 40.0  # ... into down_proj (through the gated product)
+    x = torch.randn(4, 6, 32)
+    ref = block(x)
+    names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
 
     def loop(m: nn.Module) -> None:
-        m(x)
+        with torch.no_grad():
+            m(x)
 
-    details = smooth(model, {"0": lin}, loop, alpha=0.5)
-    assert isinstance(model[0], SmoothedLinear) and isinstance(model[0], nn.Linear)
-    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
-    assert details["0"]["act_amax_after"] < details["0"]["act_amax_before"] / 5
-    again = smooth(model, ["0"], loop, alpha=0.5)  # composes with the existing smooth_scale
-    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
-    assert again["0"]["outlier_ratio_before"] == pytest.approx(details["0"]["outlier_ratio_after"], rel=1e-3)
+    result = smooth(block, names, loop, alpha=0.5)
+    details = result["modules"]
+    assert result["not_smoothed"] == ["mlp.gate_proj", "mlp.up_proj"]  # no post-attention norm in this block
+    assert {d["folded_into"] for d in details.values()} == {
+        "input_layernorm (norm)", "self_attn.v_proj (heads)", "mlp.up_proj (rows)"}
+    torch.testing.assert_close(block(x), ref, rtol=1e-4, atol=1e-4)
+    for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
+        assert details[name]["act_amax_after"] < details[name]["act_amax_before"] / 4, name
     with pytest.raises(ConfigError, match="alpha"):
-        smooth(model, ["0"], loop, alpha=1.5)
+        smooth(block, names, loop, alpha=1.5)
+
+
+def test_smoothquant_without_a_producer_to_fold_into_changes_nothing():
+    lin = nn.Linear(32, 16)
+    model = nn.Sequential(lin)
+    x = torch.randn(8, 32)
+    before = lin.weight.clone()
+    result = smooth(model, ["0"], lambda m: m(x), alpha=0.5)
+    assert result == {"modules": {}, "not_smoothed": ["0"]}
+    assert torch.equal(lin.weight, before)
 
 
 # ---- NF4 ---------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from compress.arch.tiny import FAMILIES, save_tiny
 from compress.checkpoint import load_checkpoint
 from compress.cli import main
 from compress.errors import ConfigError, RecipeError
-from compress.quant import Int8Linear
 from compress.recipe import load_recipe
 from compress.registry import get_stage
 from compress.stages.base import StageContext
@@ -65,6 +64,7 @@ NF4 = {"type": "quantize", "scheme": "nf4", "targets": {"components": ["language
         ([{**INT8, "activations": {"calibration": "kl"}}], True, "stages[0].activations"),
         ([INT8], False, "needs a 'calibration' section"),
         ([INT8, NF4], True, "'quantize' stage cannot run after a 'quantize' stage (model is fake_quant)"),
+        ([NF4, INT8], True, "INT8 after NF4 has no checkpoint format transformers loads"),
         ([INT8, {"type": "prune", "method": "l1_unstructured", "sparsity": 0.1,
                  "targets": {"components": ["language"]}, "gate": {"min_retention": 0.9}}], True,
          "'prune' stage cannot run after a 'quantize' stage"),
@@ -79,7 +79,7 @@ def test_quantize_recipe_errors(tmp_path, stages, calibration, needle):
 
 def test_valid_orders(tmp_path):
     weight_only = {**INT8, "activations": "none"}
-    for stages in ([NF4, INT8], [weight_only], [{**INT8, "smoothquant": {"alpha": 0.8}}],
+    for stages in ([weight_only, INT8], [weight_only], [{**INT8, "smoothquant": {"alpha": 0.8}}],
                    [{**INT8, "smoothquant": {"alpha": "auto"}, "weights": {"rounding": "gptq", "reduce_range": True},
                      "keep_float": {"budget": 0.1}}]):
         load_recipe(_recipe(tmp_path, stages))
@@ -193,7 +193,8 @@ def test_int8_recipe_on_bundled_model(tmp_path):
     mods = stage["details"]["modules"]
     assert all(d["scheme"] == "w8a8" and d["observer"] == "percentile" and d["input_scale"] > 0
                for d in mods.values())
-    assert (out / stage["checkpoint"] / "compress_quant.json").exists()
+    config = json.loads((out / stage["checkpoint"] / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "int-quantized"
     again = _reevaluate(out, stage, m)
     assert again == pytest.approx(stage["metrics"], abs=1e-6)
 
@@ -217,15 +218,18 @@ def test_nf4_recipe_reloads_with_from_pretrained(tmp_path):
 def test_mixed_recipe_gives_each_component_its_scheme(tmp_path):
     out = tmp_path / "mixed"
     m = _run(ROOT / "recipes/mixed.yaml", out)
-    nf4, int8 = m["stages"]
-    assert nf4["status"] == int8["status"] == "completed"
-    assert all("language_model" in k for k in nf4["details"]["modules"])
-    assert all("vision_tower" in k for k in int8["details"]["modules"])
-    model, _ = load_checkpoint(out / int8["checkpoint"], get_adapter("llava"))
-    assert isinstance(model.model.vision_tower.encoder.layers[0].mlp.fc1, Int8Linear)
-    assert type(model.model.language_model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    language, vision = m["stages"]
+    assert language["status"] == vision["status"] == "completed"
+    assert all("language_model" in k and d["scheme"] == "w8a16" for k, d in language["details"]["modules"].items())
+    assert all("vision_tower" in k and d["scheme"] == "w8a8" for k, d in vision["details"]["modules"].items())
+    ckpt = out / vision["checkpoint"]
+    groups = json.loads((ckpt / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert sorted(g["format"] for g in groups.values()) == ["int-quantized", "pack-quantized"]
+    model, _ = load_checkpoint(ckpt, get_adapter("llava"))
+    assert model.model.vision_tower.encoder.layers[0].mlp.fc1.scheme == "w8a8"
+    assert model.model.language_model.layers[0].mlp.up_proj.scheme == "w8a16"
     assert type(model.model.multi_modal_projector.linear_1).__name__ == "Linear"
-    assert _reevaluate(out, int8, m) == pytest.approx(int8["metrics"], abs=1e-6)
+    assert _reevaluate(out, vision, m) == pytest.approx(vision["metrics"], abs=1e-6)
 
 
 def _bad_calibration(tmp_path: Path, image: bytes | None) -> Path:

@@ -192,3 +192,78 @@ def test_every_registered_stage_has_a_bundled_recipe():
     used = {s.type for p in Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml")
             for s in load_recipe(p).recipe.stages}
     assert set(stages()) <= used, set(stages()) - used
+
+
+# ---- JSON Schema and the generated field reference -----------------------------------------------------
+
+ROOT = Path(__file__).parent.parent
+SCHEMA_LINE = "# yaml-language-server: $schema=../docs/recipe.schema.json"
+# YAML-level faults: the YAML parser rejects them before any schema sees a document.
+NOT_SCHEMA_QUESTIONS = {"duplicate key", "invalid yaml"}
+
+
+def _validator():
+    import jsonschema
+
+    from compress.schema import recipe_schema
+
+    schema = recipe_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def test_committed_schema_and_field_reference_are_current(capsys):
+    from compress.schema import field_reference, schema_text
+
+    assert (ROOT / "docs/recipe.schema.json").read_text() == schema_text(), \
+        "docs/recipe.schema.json drifted: run python -m compress.schema"
+    assert field_reference() in (ROOT / "docs/recipes.md").read_text(), \
+        "docs/recipes.md field reference drifted: run python -m compress.schema"
+    assert main(["schema"]) == 0
+    assert capsys.readouterr().out == schema_text()
+    assert main(["schema", "--markdown"]) == 0
+    assert capsys.readouterr().out == field_reference()
+
+
+def test_schema_accepts_every_bundled_recipe_and_they_point_editors_at_it():
+    import yaml
+
+    validator = _validator()
+    for path in sorted(ROOT.joinpath("recipes").glob("*.yaml")):
+        text = path.read_text()
+        assert text.splitlines()[0] == SCHEMA_LINE, path
+        errors = [e.message for e in validator.iter_errors(yaml.safe_load(text))]
+        assert not errors, (path, errors)
+
+
+@pytest.mark.parametrize(("what", "old", "new", "line", "needles"),
+                         [b for b in BAD if b[0] not in NOT_SCHEMA_QUESTIONS],
+                         ids=[b[0] for b in BAD if b[0] not in NOT_SCHEMA_QUESTIONS])
+def test_schema_rejects_what_the_loader_rejects(tmp_path, what, old, new, line, needles):
+    import yaml
+
+    text = VALID.replace(old, new, 1)
+    with pytest.raises(RecipeError):
+        load_recipe(write(tmp_path, text))
+    assert list(_validator().iter_errors(yaml.safe_load(text))), f"schema accepts: {what}"
+
+
+@pytest.mark.parametrize("stage", [
+    {"scheme": "int8", "activations": {"calibration": "minmax", "dynamic": "per_token"}},
+    {"scheme": "int8", "activations": {"percentile": 99.0}},
+    {"scheme": "int8", "activations": {"dynamic": "per_channel"}},
+    {"scheme": "int4", "activations": "none"},
+    {"scheme": "int8", "activations": "none", "weights": {"granularity": "per_group"}},
+    {"scheme": "nf4", "nf4": {"blocksize": 48}},
+], ids=["both-activation-modes", "no-activation-mode", "bad-dynamic", "unknown-scheme", "bad-granularity",
+        "bad-blocksize"])
+def test_schema_rejects_malformed_quantize_stages(tmp_path, stage):
+    import yaml
+
+    doc = yaml.safe_load(VALID)
+    doc["stages"] = [{"type": "quantize", "targets": {"components": ["language"]}, "gate": {"min_retention": 0.9},
+                      **stage}]
+    doc["calibration"] = {"source": "../calibration/shapes-vqa/calib"}
+    with pytest.raises(RecipeError):
+        load_recipe(write(tmp_path, yaml.safe_dump(doc)))
+    assert list(_validator().iter_errors(doc))

@@ -19,9 +19,9 @@ class Columns(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    image: str = Field("image", min_length=1)
-    prompt: str = Field("prompt", min_length=1)
-    answer: str | None = Field("answer", min_length=1)
+    image: str = Field("image", min_length=1, description="image column (folder format: `file_name`)")
+    prompt: str = Field("prompt", min_length=1, description="question column")
+    answer: str | None = Field("answer", min_length=1, description="reference answer column; null for none")
 
     @model_validator(mode="after")
     def _distinct(self) -> Columns:
@@ -41,10 +41,11 @@ class DataConfig(BaseModel):
         description="local folder (metadata.jsonl), parquet file or folder of them, a `datasets` "
         "save_to_disk folder, or hub:owner/name (online only)",
     )
-    format: Literal["auto", "folder", "parquet", "datasets", "hub"] = "auto"
+    format: Literal["auto", "folder", "parquet", "datasets", "hub"] = Field("auto", description="how to read "
+                                                                                    "`source`")
     split: str | None = Field(None, min_length=1, description="split of a DatasetDict / hub dataset")
     num_samples: int | None = Field(None, ge=1, description="take the first N (after optional shuffle)")
-    shuffle: bool = False
-    seed: int = 0
-    batch_size: int = Field(16, ge=1)
-    columns: Columns = Columns()
+    shuffle: bool = Field(False, description="shuffle before `num_samples` (deterministic with `seed`)")
+    seed: int = Field(0, description="shuffle seed")
+    batch_size: int = Field(16, ge=1, description="batch size for calibration / evaluation")
+    columns: Columns = Field(Columns(), description="column names")

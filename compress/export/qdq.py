@@ -4,7 +4,7 @@ INT8 (`Int8Linear`): for the export each module is swapped for `QdqLinear`, whic
 thing with torch's `quantized_decomposed` ops; the dynamo exporter translates those to ONNX
 QuantizeLinear / DequantizeLinear, so the graph holds, per module,
 
-    x (* smooth_scale) -> QuantizeLinear(input_scale, zp 0, int8) -> DequantizeLinear      (W8A8 only)
+    x -> QuantizeLinear(input_scale, zp 0, int8) -> DequantizeLinear      (W8A8 only)
     weight: int8 initializer [in, out] -> DequantizeLinear(weight_scale, axis=1)           (per channel)
     MatMul(x_dq, w_dq) (+ bias)
 
@@ -70,7 +70,7 @@ class QdqLinear(nn.Module):
     """Export-time stand-in for an `Int8Linear`: same numbers, expressed as ops the exporter keeps.
 
     Static scales: Q/DQ pairs (ORT fuses them into integer GEMMs). Dynamic scales: the scale is computed
-    in the graph (ReduceMax / 127, per token or per call), the input quantized to uint8 (+128) and fed
+    in the graph (ReduceMax / 127.5, per token or per call), the input quantized to uint8 (+128) and fed
     with the int8 weight to ONNX MatMulInteger, then rescaled: ORT runs the integer GEMM directly.
     """
 
@@ -83,15 +83,12 @@ class QdqLinear(nn.Module):
         self.register_buffer("w_zero", torch.tensor(0, dtype=torch.int8))
         self.register_buffer("weight_int8", m.weight_int8.t().contiguous())  # [in, out]: MatMul's B
         self.register_buffer("weight_scale", m.weight_scale.detach().float().clone())
-        self.register_buffer("smooth_scale", None if m.smooth_scale is None else m.smooth_scale.detach().float())
         self.input_scale = None if m.input_scale is None else float(m.input_scale)
         self.bias = None if m.bias is None else nn.Parameter(m.bias.detach().float(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qd = torch.ops.quantized_decomposed
         h = x.float()
-        if self.smooth_scale is not None:
-            h = h * self.smooth_scale
         if self.act_dynamic is not None:
             return self._dynamic(h).to(x.dtype)
         if self.input_scale is not None:
@@ -258,7 +255,6 @@ def export_modules(model: nn.Module, quantize: bool = True) -> Iterator[tuple[di
             onnx_form = ("QuantizeLinear/DequantizeLinear" if m.input_scale is not None
                          else "MatMulInteger (dynamic scales)" if m.act_dynamic else "DequantizeLinear")
             modules[name] = {"scheme": m.scheme, "activations": m.activations, "granularity": m.granularity,
-                             "smooth": m.smooth_scale is not None,
                              "onnx": onnx_form if quantize else "float fake-quant ops"}
         elif _is_bnb4(m):
             new = Bnb4Linear(m) if quantize else dequantized_linear(m)

@@ -3,22 +3,25 @@
 `Int8Linear` is fake-quant on the exact integer grid: it stores the weight as a real int8 tensor plus
 float32 scales, and its forward computes what an integer deployment computes,
 
-    x' = x * smooth_scale                                 (if SmoothQuant was applied)
-    s  = input_scale (static) | max|x'| / 127 per token or per call (dynamic)
-    x_q = clamp(round(x' / s), -128, 127)                 (if activations are quantized)
+    s  = input_scale (static) | max|x| / 127.5 per token or per call (dynamic)
+    x_q = clamp(round(x / s), -128, 127)                  (if activations are quantized)
     y  = (x_q * s) @ (weight_int8 * weight_scale[:, None])^T + bias
 
 in float32. Rounding is half-to-even and activation saturation is [-128, 127], the semantics of ONNX
 QuantizeLinear, so a QDQ export with these exact scales reproduces it; weights use the symmetric
-range [-127, 127]. An int8 GEMM (e.g. `torch._int_mm`) would accumulate the same integer products
-exactly, but only differs from this in float rounding of the final rescale; it is not used because on
-CPU it only helps with AVX-512 VNNI and has shape restrictions, and correctness comes first.
+range [-127, 127]. The dynamic divisor 127.5 (not 127) and the eps for all-zero rows are
+compressed-tensors' convention, so transformers computes exactly this from our checkpoints.
+SmoothQuant leaves no trace here: it is folded into the float weights before quantization. An int8
+GEMM (e.g. `torch._int_mm`) would accumulate the same integer products exactly, but only differs
+from this in float rounding of the final rescale; it is not used because on CPU it only helps with
+AVX-512 VNNI and has shape restrictions, and correctness comes first.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,17 +29,12 @@ from torch import nn
 
 from compress.errors import ConfigError
 from compress.quant.observers import QMAX, make_observer
-from compress.quant.smoothquant import (
-    Fp32BuffersMixin,
-    SmoothedLinear,
-    resolve,
-)
 
 Granularity = Literal["per_channel", "per_tensor"]
 Dynamic = Literal["per_token", "per_tensor"]
 ACT_QMIN, ACT_QMAX = -128, 127
 S7_QMAX = 64
-DYNAMIC_EPS = 1e-8  # floor of a dynamic max|x|: keeps the scale finite on all-zero (padding) rows
+DYNAMIC_DIVISOR = 127.5  # compressed-tensors: symmetric scale = max|x| / ((qmax - qmin) / 2)
 
 
 @dataclass(frozen=True)
@@ -103,21 +101,45 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def dynamic_scale(x: torch.Tensor, mode: Dynamic) -> torch.Tensor:
-    """max|x| / 127 per token (last axis reduced) or over the whole call; never 0 (an all-zero row is exact)."""
-    amax = x.abs().amax(dim=-1, keepdim=True) if mode == "per_token" else x.abs().max()
-    return torch.clamp(amax, min=DYNAMIC_EPS) / QMAX
+    """max|x| / 127.5 per token or over the whole call; a 0 scale (an all-zero row, exact anyway) becomes
+    the dtype's eps. Exactly compressed-tensors' rule, rank quirk included: "per token" keeps the first
+    two axes ([batch, seq, hidden] -> one scale per token), so a 2-D input ([tokens, hidden], e.g.
+    Qwen2-VL's vision blocks) gets one scale for the call, as transformers computes on our checkpoints."""
+    if mode == "per_token" and x.ndim > 2:
+        amax = x.abs().amax(dim=tuple(range(2, x.ndim)), keepdim=True)
+    else:
+        amax = x.abs().max()
+    scale = amax / DYNAMIC_DIVISOR
+    return torch.where(scale == 0, torch.finfo(scale.dtype).eps, scale)
+
+
+class Fp32BuffersMixin:
+    """Keep the named buffers in float32 through `model.to(dtype)` / `.half()` (devices still move).
+
+    Quantization scales are part of the integer grid; rounding them to bf16 would change the model.
+    """
+
+    fp32_buffers: ClassVar[tuple[str, ...]] = ()
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
+        before = {n: b for n in self.fp32_buffers if (b := self._buffers.get(n)) is not None}
+        out = super()._apply(fn, recurse)  # type: ignore[misc]
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype != torch.float32:
+                self._buffers[name] = old.to(device=new.device, dtype=torch.float32)
+        return out
 
 
 class Int8Linear(Fp32BuffersMixin, nn.Module):
     """Drop-in replacement for nn.Linear holding int8 weights; see the module docstring for the math.
 
     Buffers (all that an export needs): `weight_int8` (int8, out x in), `weight_scale` (float32, (out,)
-    or (1,)), `input_scale` (float32 scalar, or None for weight-only), `smooth_scale` (float32 (in,), or
-    None), and `bias` (a frozen parameter in the model's float dtype, or None). Scales stay float32 when
-    the model is cast to another dtype.
+    or (1,)), `input_scale` (float32 scalar, or None for weight-only or dynamic), and `bias` (a frozen
+    parameter in the model's float dtype, or None). Scales stay float32 when the model is cast.
     """
 
-    fp32_buffers = ("weight_scale", "input_scale", "smooth_scale")
+    fp32_buffers = ("weight_scale", "input_scale")
 
     def __init__(
         self,
@@ -126,7 +148,6 @@ class Int8Linear(Fp32BuffersMixin, nn.Module):
         bias: bool = True,
         granularity: Granularity = "per_channel",
         act_quant: bool = True,
-        smooth: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
         act_dynamic: Dynamic | None = None,
@@ -142,7 +163,6 @@ class Int8Linear(Fp32BuffersMixin, nn.Module):
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(n_scales, **f32))
         self.register_buffer("input_scale", torch.ones((), **f32) if act_quant else None)
-        self.register_buffer("smooth_scale", torch.ones(in_features, **f32) if smooth else None)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
@@ -170,8 +190,6 @@ class Int8Linear(Fp32BuffersMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
-        if self.smooth_scale is not None:
-            h = h * self.smooth_scale
         if self.input_scale is not None:
             h = fake_quant(h, self.input_scale)
         elif self.act_dynamic is not None:
@@ -182,8 +200,7 @@ class Int8Linear(Fp32BuffersMixin, nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"scheme={self.scheme}, activations={self.activations}, granularity={self.granularity}, "
-            f"smooth={self.smooth_scale is not None}"
+            f"scheme={self.scheme}, activations={self.activations}, granularity={self.granularity}"
         )
 
     @classmethod
@@ -195,9 +212,8 @@ class Int8Linear(Fp32BuffersMixin, nn.Module):
         act_dynamic: Dynamic | None = None,
         quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> Int8Linear:
-        """Quantize a float Linear (a `SmoothedLinear` keeps its smooth_scale). Neither `input_scale` nor
-        `act_dynamic`: weight-only. `quantized`: (int8 weight, scales) computed elsewhere (e.g. GPTQ)."""
-        smooth = getattr(linear, "smooth_scale", None)
+        """Quantize a float Linear. Neither `input_scale` nor `act_dynamic`: weight-only.
+        `quantized`: (int8 weight, scales) computed elsewhere (e.g. GPTQ)."""
         w = linear.weight
         new = cls(
             linear.in_features,
@@ -205,7 +221,6 @@ class Int8Linear(Fp32BuffersMixin, nn.Module):
             bias=linear.bias is not None,
             granularity=granularity,
             act_quant=input_scale is not None,
-            smooth=smooth is not None,
             device=w.device,
             dtype=w.dtype,
             act_dynamic=act_dynamic,
@@ -215,75 +230,11 @@ class Int8Linear(Fp32BuffersMixin, nn.Module):
         new.weight_scale.copy_(scale)
         if input_scale is not None and act_dynamic is None:
             new.input_scale.fill_(input_scale)
-        if smooth is not None:
-            new.smooth_scale.copy_(smooth)
         if linear.bias is not None:
             new.bias.data.copy_(linear.bias.detach())
         return new.train(linear.training)
 
-    def spec(self) -> dict[str, Any]:
-        """JSON description: enough to build an empty module with the same state_dict keys and shapes."""
-        return {
-            "kind": "int8_linear",
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
-            "granularity": self.granularity,
-            "act_quant": self.input_scale is not None,
-            "act_dynamic": self.act_dynamic,
-            "smooth": self.smooth_scale is not None,
-            "dtype": str(self.bias.dtype if self.bias is not None else torch.float32).removeprefix("torch."),
-        }
 
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any], device: torch.device | str | None = None) -> Int8Linear:
-        """An empty (placeholder-valued) module to be filled by `load_state_dict`."""
-        if spec.get("kind") != "int8_linear":
-            raise ConfigError(f"not an int8_linear spec: {spec}")
-        return cls(
-            spec["in_features"],
-            spec["out_features"],
-            bias=spec["bias"],
-            granularity=spec["granularity"],
-            act_quant=spec["act_quant"],
-            smooth=spec["smooth"],
-            device=device,
-            dtype=getattr(torch, spec.get("dtype", "float32")),
-            act_dynamic=spec.get("act_dynamic"),
-        )
-
-
-def quantized_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Spec of every Int8Linear / SmoothedLinear in the model, by module name (JSON-serialisable)."""
-    return {name: m.spec() for name, m in model.named_modules() if isinstance(m, Int8Linear | SmoothedLinear)}
-
-
-def int8_spec(module: nn.Module) -> dict[str, Any]:
-    if not isinstance(module, Int8Linear | SmoothedLinear):
-        raise TypeError(f"no quantization spec for {type(module).__name__}")
-    return module.spec()
-
-
-def replace_with_int8_from_specs(model: nn.Module, specs: dict[str, dict[str, Any]]) -> None:
-    """Put empty Int8Linear / SmoothedLinear modules where `specs` say, on a freshly built float model.
-
-    Each target must currently be an nn.Linear of the same shape (checked for all before any change).
-    Afterwards `model.load_state_dict(saved_state)` restores the exact quantized model.
-    """
-    builders = {"int8_linear": Int8Linear.from_spec, "smoothed_linear": SmoothedLinear.from_spec}
-    current = resolve(model, list(specs))
-    for name, spec in specs.items():
-        m = current[name]
-        if spec.get("kind") not in builders:
-            raise ConfigError(f"'{name}': unknown quantized module kind {spec.get('kind')!r}")
-        if not isinstance(m, nn.Linear) or (m.in_features, m.out_features) != (
-            spec["in_features"],
-            spec["out_features"],
-        ):
-            raise ConfigError(f"'{name}': expected an nn.Linear {spec['in_features']}->{spec['out_features']}, "
-                              f"found {m}")
-        if (m.bias is not None) != spec["bias"]:
-            raise ConfigError(f"'{name}': bias presence differs from the spec")
-    for name, spec in specs.items():
-        device = current[name].weight.device
-        model.set_submodule(name, builders[spec["kind"]](spec, device=device).train(current[name].training))
+def int8_modules(model: nn.Module) -> dict[str, Int8Linear]:
+    """Every Int8Linear in the model, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, Int8Linear)}

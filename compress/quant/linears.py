@@ -52,7 +52,7 @@ def calibrate(
     samples: int = 0,
     seed: int = 0,
 ) -> dict[str, _LayerStats]:
-    """Observe each module's input (after its smooth_scale) over one run of `forward_loop`; change nothing."""
+    """Observe each module's input over one run of `forward_loop`; change nothing."""
     if forward_loop is None:
         raise ConfigError("INT8 calibration (static activations, GPTQ or sensitivity) needs calibration data "
                           "(a forward_loop), but none was given")
@@ -117,7 +117,6 @@ def quantize_linears(
             "observer_params": dict(act.params) if act and act.dynamic is None else None,
             "input_scale": float(q.input_scale) if q.input_scale is not None else None,
             "input_amax": obs.amax if obs else None,
-            "smoothquant": q.smooth_scale is not None,
             "weight_rel_error": round(err, 6),
             "output_rel_error": round(sensitivity[name], 6) if name in sensitivity else None,
             "kept_float": name in kept,

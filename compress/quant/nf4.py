@@ -79,7 +79,7 @@ def check_nf4(model: nn.Module, selected_names: list[str], blocksize: int) -> No
                 f"(weight {m.out_features}x{m.in_features}); use a smaller blocksize or exclude the module"
             )
     check_unshared(model, {name: modules[name] for name in selected_names})  # tied lm_head / embeddings
-    foreign = [n for n, m in modules.items() if type(m).__name__ in ("Int8Linear", "SmoothedLinear", "Linear4bit")]
+    foreign = [n for n, m in modules.items() if type(m).__name__ in ("Int8Linear", "Linear4bit")]
     if foreign:
         raise ConfigError(f"NF4 must be applied to a float model; already quantized/smoothed: {', '.join(foreign[:5])}")
 

@@ -40,15 +40,10 @@ class RowSampler:
 
 @torch.no_grad()
 def layer_error(original: nn.Module, quantized: nn.Module, rows: torch.Tensor) -> float:
-    """Relative squared output error of `quantized` against `original` on the sampled input rows.
-
-    The rows were observed after any smooth_scale, so they feed the float weight of a SmoothedLinear
-    directly; both modules get the unsmoothed input back (rows / smooth_scale) and apply it themselves.
-    """
+    """Relative squared output error of `quantized` against `original` on the sampled input rows."""
     if rows.numel() == 0:
         return 0.0
-    smooth = getattr(original, "smooth_scale", None)
-    x = rows / smooth if smooth is not None else rows
+    x = rows
     ref = original(x.to(original.weight.dtype)).float()
     got = quantized(x.to(original.weight.dtype)).float()
     return float(((got - ref) ** 2).sum() / (ref**2).sum().clamp_min(1e-30))

@@ -1,86 +1,65 @@
-"""SmoothQuant: move activation outliers into the weights before INT8 quantization.
+"""SmoothQuant, folded: move activation outliers into the weights and the inverse into what made them.
 
-Per input channel j, s_j = max|X_j|^alpha / max|W_:,j|^(1-alpha). The weight columns are multiplied by
-s and the activation divided by s, so y = (x / s) @ (W * s)^T = x @ W^T is unchanged while the
-per-channel activation ranges become flatter (per-tensor activation scales lose less).
+Per input channel j, s_j = max|X_j|^alpha / max_k max|W^k_:,j|^(1-alpha) over every Linear k that reads
+X. Their weight columns are multiplied by s, and 1/s is folded into the producer of X: a norm's weight
+(and bias), or the output rows of the Linear before it (up_proj before down_proj in a gated MLP, v_proj
+before o_proj through attention, one s per key/value head channel under GQA). The model stays a plain
+transformers model with changed numbers, so every checkpoint format and exporter carries it as is;
+llm-compressor folds the same way. Linears whose input has no such producer (fc2 after a GELU, a
+projector fed by a residual stream) are not smoothed and are listed as such.
 
-The textbook version folds 1/s into the preceding LayerNorm. Our targets are arbitrary Linears that
-need not follow a norm (and q/k/v would need one shared s), so 1/s is kept as a `smooth_scale` buffer
-multiplied onto the input inside the module: `SmoothedLinear` (float) and `Int8Linear` (quantized).
-An exporter emits it as one elementwise Mul before the (Q)MatMul, or folds it into a preceding
-norm/Mul when it can prove the input is not shared.
+Mappings come from `RULES` (module-name patterns of the supported families), and the fold is checked:
+the model's outputs on the first calibration batch must not move, or nothing is kept.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from compress.errors import ConfigError
+from compress.errors import CompressError, ConfigError
 
 S_MIN, S_MAX = 1e-5, 1e5  # keep s (and 1/s) finite and away from zero
+FOLD_RTOL = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
 
 
-class Fp32BuffersMixin:
-    """Keep the named buffers in float32 through `model.to(dtype)` / `.half()` (devices still move).
+@dataclass(frozen=True)
+class Rule:
+    """Under one module: `targets` read the output of `source` (a norm, or a Linear's rows)."""
 
-    Quantization scales are part of the integer grid; rounding them to bf16 would change the model.
-    """
-
-    fp32_buffers: ClassVar[tuple[str, ...]] = ()
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
-        before = {n: b for n in self.fp32_buffers if (b := self._buffers.get(n)) is not None}
-        out = super()._apply(fn, recurse)  # type: ignore[misc]
-        for name, old in before.items():
-            new = self._buffers[name]
-            if new.dtype != torch.float32:
-                self._buffers[name] = old.to(device=new.device, dtype=torch.float32)
-        return out
+    source: str
+    targets: tuple[str, ...]
+    kind: str  # norm | rows (elementwise path, e.g. gated MLP) | heads (through attention)
+    requires: str | None = None  # a sibling that must exist (the gate of a gated MLP)
+    unless: str | None = None  # a sibling that must not exist (Gemma's post-attention norm is not pre-MLP)
 
 
-class SmoothedLinear(Fp32BuffersMixin, nn.Linear):
-    """A Linear whose weight columns were scaled by s; it multiplies its input by `smooth_scale` = 1/s.
+RULES: tuple[Rule, ...] = (
+    Rule("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "norm"),
+    Rule("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "norm", unless="pre_feedforward_layernorm"),
+    Rule("layer_norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "norm"),  # CLIP, SigLIP
+    Rule("layer_norm2", ("mlp.fc1",), "norm"),
+    Rule("norm1", ("attn.qkv",), "norm"),  # Qwen2-VL vision
+    Rule("norm2", ("mlp.fc1",), "norm"),
+    Rule("norm2", ("mlp.gate_proj", "mlp.up_proj"), "norm"),  # Qwen2.5-VL vision
+    Rule("mlp.up_proj", ("mlp.down_proj",), "rows", requires="mlp.gate_proj"),
+    Rule("self_attn.v_proj", ("self_attn.o_proj",), "heads"),
+    Rule("self_attn.v_proj", ("self_attn.out_proj",), "heads"),
+    Rule("attn.qkv", ("attn.proj",), "heads"),
+)
 
-    Still an `nn.Linear` (stages selecting Linears see it), numerically equal to the original layer.
-    """
 
-    fp32_buffers = ("smooth_scale",)
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.register_buffer("smooth_scale", torch.ones(in_features, dtype=torch.float32, device=device))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear((x * self.smooth_scale).to(x.dtype), self.weight, self.bias)
-
-    @classmethod
-    def wrap(cls, linear: nn.Linear, smooth_scale: torch.Tensor) -> SmoothedLinear:
-        """Reuse `linear`'s weight and bias tensors (no copy); nothing is allocated on the real device."""
-        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        new.weight = linear.weight
-        new.bias = linear.bias
-        new.smooth_scale = smooth_scale.detach().to(device=linear.weight.device, dtype=torch.float32).clone()
-        return new.train(linear.training)
-
-    def spec(self) -> dict[str, Any]:
-        """JSON description to rebuild an empty module of this shape before `load_state_dict`."""
-        return {
-            "kind": "smoothed_linear",
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
-            "dtype": str(self.weight.dtype).removeprefix("torch."),
-        }
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any], device: torch.device | str | None = None) -> SmoothedLinear:
-        dtype = getattr(torch, spec.get("dtype", "float32"))
-        return cls(spec["in_features"], spec["out_features"], bias=spec["bias"], device=device, dtype=dtype)
+@dataclass
+class Mapping:
+    source: str
+    targets: tuple[str, ...]
+    kind: str
+    rows: slice  # the source rows that produce the targets' input (all, or the V third of a fused qkv)
+    groups: tuple[int, int, int] | None = None  # heads: (kv heads, query heads per kv head, head_dim)
 
 
 def input_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
@@ -117,10 +96,74 @@ def selected_linears(model: nn.Module, modules: dict[str, nn.Module] | list[str]
     if not mods:
         raise ConfigError(f"{what}: no modules selected")
     for name, m in mods.items():
-        if not isinstance(m, nn.Linear):
+        if type(m) is not nn.Linear:
             raise ConfigError(f"{what} applies to float nn.Linear modules; '{name}' is {type(m).__name__}")
     check_unshared(model, mods)
     return mods  # type: ignore[return-value]
+
+
+def _get(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _head_layout(attn: nn.Module | None, source: nn.Linear, target: nn.Linear, fused: bool) -> tuple | None:
+    """(rows of source feeding target, (kv heads, queries per kv head, head_dim)), or None if unclear."""
+    head_dim = getattr(attn, "head_dim", None)
+    if not isinstance(head_dim, int) or head_dim <= 0 or target.in_features % head_dim:
+        return None
+    width = target.in_features
+    if fused:  # [q; k; v] rows of one Linear, no GQA
+        if source.out_features != 3 * width:
+            return None
+        return slice(2 * width, 3 * width), (width // head_dim, 1, head_dim)
+    rep = int(getattr(attn, "num_key_value_groups", 1) or 1)
+    if source.out_features * rep != width or source.out_features % head_dim:
+        return None
+    return slice(0, source.out_features), (source.out_features // head_dim, rep, head_dim)
+
+
+def find_mappings(model: nn.Module, selected: set[str]) -> list[Mapping]:
+    """Every rule that matches under some module, has a float source and at least one selected target."""
+    found: list[Mapping] = []
+    claimed: set[str] = set()
+    for prefix, parent in model.named_modules():
+        for rule in RULES:
+            src = _get(parent, rule.source)
+            tgts = [_get(parent, t) for t in rule.targets]
+            if src is None or any(type(t) is not nn.Linear for t in tgts):
+                continue
+            if (rule.requires and _get(parent, rule.requires) is None) or (rule.unless and _get(parent, rule.unless)):
+                continue
+            names = tuple(f"{prefix}.{t}" if prefix else t for t in rule.targets)
+            if claimed.intersection(names) or not selected.intersection(names):
+                continue
+            if rule.kind == "norm":
+                w = getattr(src, "weight", None)
+                if type(src) is nn.Linear or not isinstance(w, torch.Tensor) or w.shape != (tgts[0].in_features,):
+                    continue
+                mapping = Mapping(_join(prefix, rule.source), names, "norm", slice(None))
+            elif type(src) is not nn.Linear:
+                continue
+            elif rule.kind == "rows":
+                if src.out_features != tgts[0].in_features:
+                    continue
+                mapping = Mapping(_join(prefix, rule.source), names, "rows", slice(0, src.out_features))
+            else:
+                attn = _get(parent, rule.source.rsplit(".", 1)[0])
+                layout = _head_layout(attn, src, tgts[0], fused=rule.source.endswith("qkv"))
+                if layout is None:
+                    continue
+                mapping = Mapping(_join(prefix, rule.source), names, "heads", layout[0], layout[1])
+            claimed.update(names)
+            found.append(mapping)
+    return found
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 def outlier_ratio(channel_amax: torch.Tensor) -> float:
@@ -134,13 +177,37 @@ def _finite(value: float) -> float | None:
     return round(value, 4) if value != float("inf") else None
 
 
-def smoothing_factors(act_amax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
-    """s_j = max|X_j|^alpha / max|W_j|^(1-alpha); channels with no signal (0 on either side) keep s=1."""
-    w_amax = weight.detach().abs().float().amax(dim=0)
-    a = act_amax.float()
-    s = a.pow(alpha) / w_amax.pow(1.0 - alpha)
-    dead = (a <= 0) | (w_amax <= 0) | ~torch.isfinite(s)
+def smoothing_factors(act_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s_j = act_amax_j^alpha / w_amax_j^(1-alpha); channels with no signal (0 on either side) keep s=1."""
+    a, w = act_amax.float(), w_amax.float()
+    s = a.pow(alpha) / w.pow(1.0 - alpha)
+    dead = (a <= 0) | (w <= 0) | ~torch.isfinite(s)
     return torch.where(dead, torch.ones_like(s), s).clamp(S_MIN, S_MAX)
+
+
+class _Factors:
+    """s for one mapping as a function of alpha; under attention one s per kv-head channel, repeated."""
+
+    def __init__(self, mapping: Mapping, act_amax: torch.Tensor, weights: list[torch.Tensor]):
+        w_amax = torch.cat([w.detach().abs().float() for w in weights]).amax(dim=0)
+        self.groups = mapping.groups
+        if self.groups is not None:
+            kv, rep, hd = self.groups
+            act_amax = act_amax.float().view(kv, rep, hd).amax(dim=1).reshape(-1)
+            w_amax = w_amax.view(kv, rep, hd).amax(dim=1).reshape(-1)
+        self.act_amax, self.w_amax = act_amax.float(), w_amax
+
+    def source(self, alpha: float) -> torch.Tensor:
+        """What the source's output channels are divided by."""
+        return smoothing_factors(self.act_amax, self.w_amax, alpha)
+
+    def target(self, alpha: float) -> torch.Tensor:
+        """What the targets' input columns are multiplied by."""
+        s = self.source(alpha)
+        if self.groups is None:
+            return s
+        kv, rep, hd = self.groups
+        return s.view(kv, 1, hd).expand(kv, rep, hd).reshape(-1)
 
 
 def observe_inputs(
@@ -149,15 +216,13 @@ def observe_inputs(
     forward_loop: Callable[[nn.Module], None],
     observe: Callable[[str, torch.Tensor], None],
 ) -> None:
-    """Run `forward_loop` once, calling `observe(name, x)` on each module's input as the module sees it
-    (after any smooth_scale); every module must see data, or nothing downstream may change."""
+    """Run `forward_loop` once, calling `observe(name, x)` on each module's input; every module must see
+    data, or nothing downstream may change."""
     seen: set[str] = set()
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            x = input_of(args, kwargs).detach()
-            smooth = getattr(module, "smooth_scale", None)
-            observe(name, x * smooth if smooth is not None else x)
+            observe(name, input_of(args, kwargs).detach())
             seen.add(name)
 
         return hook
@@ -177,50 +242,24 @@ def observe_inputs(
         )
 
 
-def collect_channel_amax(
-    model: nn.Module, modules: dict[str, nn.Module], forward_loop: Callable[[nn.Module], None] | None,
-    samples: int = 0, seed: int = 0,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per-input-channel max |x| of each module's input (after any existing smooth_scale), over forward_loop,
-    plus up to `samples` input rows per module (for the alpha search)."""
-    from compress.quant.sensitivity import RowSampler
-
-    if forward_loop is None:
-        raise ConfigError("SmoothQuant needs calibration data (a forward_loop), but none was given")
-    amax: dict[str, torch.Tensor] = {}
-    samplers = {name: RowSampler(samples, seed) for name in modules}
-
-    def observe(name: str, x: torch.Tensor) -> None:
-        cur = x.abs().float().reshape(-1, x.shape[-1]).amax(dim=0)
-        amax[name] = cur if name not in amax else torch.maximum(amax[name], cur)
-        samplers[name].update(x)
-
-    observe_inputs(model, modules, forward_loop, observe)
-    return amax, {name: sp.rows() for name, sp in samplers.items()}
-
-
 ALPHA_GRID = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 
 
-def search_alpha(act_amax: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, act: Any, qmax: int,
+def search_alpha(factors: _Factors, weights: list[torch.Tensor], rows: torch.Tensor, act: Any, qmax: int,
                  grid: tuple[float, ...] = ALPHA_GRID) -> tuple[float, dict[float, float]]:
-    """The alpha whose smoothed, INT8-quantized layer reproduces the float layer best on `rows`.
+    """The alpha whose smoothed, INT8-quantized targets reproduce the float ones best on `rows`.
 
-    Error: relative squared output error with the stage's own activation scheme (dynamic, or a static
-    scale from the same observer over the sampled rows) and round-to-nearest weights. Returns
-    (best alpha, {alpha: error}).
+    Error: relative squared output error per token (so a few huge-norm tokens do not outvote the rest),
+    summed over the targets, with the stage's own activation scheme and round-to-nearest weights.
     """
     from compress.quant.int8 import quantize_weight
     from compress.quant.observers import make_observer
 
     x = rows.float()
-    w = weight.detach().float()
-    ref = x @ w.T
-    denom = (ref**2).sum(-1).clamp_min(1e-30)  # per token: a few huge-norm tokens must not outvote the rest
     errors: dict[float, float] = {}
     for alpha in grid:
-        s = smoothing_factors(act_amax, w, alpha)
-        xs, ws = x / s, w * s
+        s = factors.target(alpha)
+        xs = x / s
         if act is None:
             xq = xs
         elif act.dynamic is not None:
@@ -229,11 +268,51 @@ def search_alpha(act_amax: torch.Tensor, weight: torch.Tensor, rows: torch.Tenso
             obs = make_observer(act.observer, **act.params)
             obs.update(xs)
             xq = act.fake_quant(xs, obs.scale())
-        q, scale = quantize_weight(ws, "per_channel", qmax)
-        out = xq @ (q.float() * scale[:, None]).T
-        errors[alpha] = float((((out - ref) ** 2).sum(-1) / denom).mean())
+        total = 0.0
+        for weight in weights:
+            w = weight.detach().float()
+            ref = x @ w.T
+            q, scale = quantize_weight(w * s, "per_channel", qmax)
+            out = xq @ (q.float() * scale[:, None]).T
+            total += float((((out - ref) ** 2).sum(-1) / (ref**2).sum(-1).clamp_min(1e-30)).mean())
+        errors[alpha] = total
     best = min(errors, key=lambda a: (errors[a], abs(a - 0.5)))
     return best, errors
+
+
+@torch.no_grad()
+def _fold(model: nn.Module, m: Mapping, factors: _Factors, alpha: float) -> None:
+    s_src, s_tgt = factors.source(alpha), factors.target(alpha)
+    for name in m.targets:
+        w = model.get_submodule(name).weight
+        w.mul_(s_tgt.to(w.device, w.dtype)[None, :])
+    src = model.get_submodule(m.source)
+    inv = (1.0 / s_src).to(src.weight.device)
+    if m.kind == "norm":
+        src.weight.mul_(inv.to(src.weight.dtype))
+        if getattr(src, "bias", None) is not None:
+            src.bias.mul_(inv.to(src.bias.dtype))
+    else:
+        src.weight[m.rows].mul_(inv.to(src.weight.dtype)[:, None])
+        if src.bias is not None:
+            src.bias[m.rows].mul_(inv.to(src.bias.dtype))
+
+
+class _FirstCall:
+    """Records the model's first call (inputs and output logits) so the fold can be checked afterwards."""
+
+    def __init__(self, model: nn.Module):
+        self.args: tuple | None = None
+        self.handle = model.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self.args is None:
+            self.args, self.kwargs, self.ref = args, dict(kwargs), _logits(output).detach().clone()
+        self.handle.remove()
+
+
+def _logits(output: Any) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output[0] if isinstance(output, tuple) else output
 
 
 def smooth(
@@ -245,47 +324,87 @@ def smooth(
     weight_qmax: int = 127,
     samples: int = 512,
     seed: int = 0,
-) -> dict[str, dict[str, Any]]:
-    """Apply SmoothQuant to the named Linears in place (they become `SmoothedLinear`). Returns details.
+) -> dict[str, Any]:
+    """Apply folded SmoothQuant to the named Linears in place. Returns {"modules": per target, "not_smoothed"}.
 
-    `alpha="auto"` searches `ALPHA_GRID` per layer on sampled calibration inputs, scoring each with the
+    `alpha="auto"` searches `ALPHA_GRID` per mapping on sampled calibration inputs, scoring with the
     stage's activation scheme `act` (an `ActQuant`) and int8 weights in [-weight_qmax, weight_qmax].
-    Calibration runs `forward_loop(model)` once. Nothing in the model changes unless every module saw
-    data. Smoothing an already smoothed module composes the scales.
+    Calibration runs `forward_loop(model)` once; nothing changes unless every mapping saw data and the
+    folded model answers like the original.
     """
+    from compress.quant.sensitivity import RowSampler
+
     auto = alpha == "auto"
     if not auto and not (isinstance(alpha, int | float) and 0.0 <= alpha <= 1.0):
         raise ConfigError(f"SmoothQuant alpha must be in [0, 1] or 'auto', got {alpha!r}")
     mods = selected_linears(model, modules, "SmoothQuant")
-    amax, rows = collect_channel_amax(model, mods, forward_loop, samples if auto else 0, seed)
+    if forward_loop is None:
+        raise ConfigError("SmoothQuant needs calibration data (a forward_loop), but none was given")
+    mappings = find_mappings(model, set(mods))
+    covered = {t for m in mappings for t in m.targets}
+    not_smoothed = sorted(set(mods) - covered)
+    if not mappings:
+        return {"modules": {}, "not_smoothed": not_smoothed}
+    check_unshared(model, resolve(model, [t for m in mappings for t in m.targets] + [m.source for m in mappings]))
 
-    chosen: dict[str, float] = {}
-    searched: dict[str, dict[float, float]] = {}
-    for name, m in mods.items():
-        if auto:
-            chosen[name], searched[name] = search_alpha(amax[name], m.weight, rows[name], act, weight_qmax)
-        else:
-            chosen[name] = float(alpha)
+    first = {m.targets[0]: m for m in mappings}
+    amax: dict[str, torch.Tensor] = {}
+    samplers = {name: RowSampler(samples if auto else 0, seed) for name in first}
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        cur = x.abs().float().reshape(-1, x.shape[-1]).amax(dim=0)
+        amax[name] = cur if name not in amax else torch.maximum(amax[name], cur)
+        samplers[name].update(x)
+
+    call = _FirstCall(model)
+    try:
+        observe_inputs(model, resolve(model, list(first)), forward_loop, observe)
+    finally:
+        call.handle.remove()
+
     details: dict[str, dict[str, Any]] = {}
-    for name, m in mods.items():
-        s = smoothing_factors(amax[name], m.weight, chosen[name]).to(m.weight.device)
-        with torch.no_grad():
-            m.weight.mul_(s.to(m.weight.dtype)[None, :])
-        if isinstance(m, SmoothedLinear):
-            m.smooth_scale = m.smooth_scale / s
-        else:
-            model.set_submodule(name, SmoothedLinear.wrap(m, 1.0 / s))
+    plan = []
+    for name, m in first.items():
+        weights = [model.get_submodule(t).weight for t in m.targets]
+        factors = _Factors(m, amax[name], weights)
+        searched: dict[float, float] = {}
+        chosen = float(alpha) if not auto else 0.0
+        if auto:
+            chosen, searched = search_alpha(factors, weights, samplers[name].rows(), act, weight_qmax)
+        plan.append((m, factors, chosen))
         before = amax[name].cpu()
-        after = before / s.cpu()
-        details[name] = {
-            "alpha": chosen[name],
+        s = factors.target(chosen).cpu()
+        info = {
+            "alpha": chosen,
+            "folded_into": f"{m.source} ({m.kind})",
             "outlier_ratio_before": _finite(outlier_ratio(before)),
-            "outlier_ratio_after": _finite(outlier_ratio(after)),
+            "outlier_ratio_after": _finite(outlier_ratio(before / s)),
             "act_amax_before": float(before.max()),
-            "act_amax_after": float(after.max()),
+            "act_amax_after": float((before / s).max()),
             "smooth_min": float(s.min()),
             "smooth_max": float(s.max()),
         }
         if auto:
-            details[name]["alpha_errors"] = {str(a): round(e, 8) for a, e in searched[name].items()}
-    return details
+            info["alpha_errors"] = {str(a): round(e, 8) for a, e in searched.items()}
+        details.update({t: info for t in m.targets})
+
+    originals = {k: v.detach().clone() for k, v in model.state_dict().items()
+                 if k.rsplit(".", 1)[0] in {m.source for m in mappings} | covered}
+    for m, factors, chosen in plan:
+        _fold(model, m, factors, chosen)
+    _check_fold(model, call, originals)
+    return {"modules": details, "not_smoothed": not_smoothed}
+
+
+@torch.no_grad()
+def _check_fold(model: nn.Module, call: _FirstCall, originals: dict[str, torch.Tensor]) -> None:
+    """The folded model must answer like the original on the first calibration batch, or it is restored."""
+    if call.args is None:
+        return
+    got = _logits(model(*call.args, **call.kwargs)).float()
+    ref = call.ref.float()
+    err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+    if err > FOLD_RTOL.get(call.ref.dtype, 5e-2) or not torch.isfinite(got).all():
+        model.load_state_dict(originals, strict=False)
+        raise CompressError(f"SmoothQuant folding changed the model's outputs (max relative error {err:.3g}); "
+                            "a smoothing rule does not fit this architecture, nothing was changed")

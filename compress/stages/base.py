@@ -31,18 +31,26 @@ class Targets(Strict):
     (`layers.0.mlp.up_proj`).
     """
 
-    components: list[Component] = Field(min_length=1)
-    include: list[str] = Field(default_factory=list)
-    exclude: list[str] = Field(default_factory=list)
+    components: list[Component] = Field(min_length=1, description="which parts of the model")
+    include: list[str] = Field(default_factory=list, description="keep only modules matching one of these globs")
+    exclude: list[str] = Field(default_factory=list, description="then drop modules matching one of these globs")
 
 
 class Gate(Strict):
     """What retention the stage must keep, and what happens when it does not."""
 
-    metric: Literal["exact_match", "token_agreement"] = "exact_match"
-    min_retention: float | None = Field(default=None, gt=0.0, le=1.0)
-    max_kl: float | None = Field(default=None, ge=0.0)
-    on_fail: Literal["stop", "warn", "rollback"] = "stop"
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={
+        "anyOf": [{"required": ["min_retention"]}, {"required": ["max_kl"]}]})
+
+    metric: Literal["exact_match", "token_agreement"] = Field(
+        "exact_match", description="what min_retention applies to; must be in evaluation.metrics")
+    min_retention: float | None = Field(default=None, gt=0.0, le=1.0, description="value / baseline must be at "
+                                                                                   "least this")
+    max_kl: float | None = Field(default=None, ge=0.0, description="logit_kl must be at most this (needs logit_kl "
+                                                                   "measured)")
+    on_fail: Literal["stop", "warn", "rollback"] = Field(
+        "stop", description="stop: exit 3, report written, earlier stages kept; warn: keep the stage and go on; "
+        "rollback: discard the stage, restore the previous state and go on")
 
     @model_validator(mode="after")
     def _has_threshold(self) -> Gate:
@@ -55,8 +63,9 @@ class StageConfig(Strict):
     """Base of every stage config. Subclasses set `type: Literal[...]` and the class vars."""
 
     type: str
-    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    gate: Gate
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                             description="checkpoint folder name, unique per recipe (default NN-type)")
+    gate: Gate = Field(description="the retention this stage must keep")
 
     # Ordering rules, checked when the recipe loads (before any model is loaded).
     accepts: ClassVar[frozenset[str]] = frozenset({"float", "sparse"})

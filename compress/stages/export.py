@@ -18,37 +18,46 @@ Graph = Literal["vision", "embed", "decoder", "end_to_end"]
 
 
 class OptimizeConfig(Strict):
-    fusion: bool = True
+    fusion: bool = Field(True, description="onnxscript + onnxruntime transformer fusions")
 
 
 class DynamicConfig(Strict):
     """Graphs are always exported with dynamic axes; the fields document it (static shapes: not yet)."""
 
-    batch: Literal[True] = True
-    image_count: Literal[True] = True
-    sequence: Literal[True] = True
+    batch: Literal[True] = Field(True, description="dynamic batch axis")
+    image_count: Literal[True] = Field(True, description="dynamic image-count axis")
+    sequence: Literal[True] = Field(True, description="dynamic sequence and past axes")
 
 
 class ParityConfig(Strict):
-    atol: float | dict[Graph, float] = 1e-4
-    rtol: float | dict[Graph, float] = 1e-3
-    decode_steps: int = Field(3, ge=1, le=64)
+    atol: float | dict[Graph, float] = Field(1e-4, description="absolute tolerance vs PyTorch: one number or "
+                                                               "per graph")
+    rtol: float | dict[Graph, float] = Field(1e-3, description="relative tolerance vs PyTorch: one number or "
+                                                               "per graph")
+    decode_steps: int = Field(3, ge=1, le=64, description="KV-cache decode steps compared after the prefill")
 
 
 class ExportConfig(StageConfig):
     type: Literal["export"]
-    format: Literal["onnx"]
-    opset: int = Field(18, ge=18, le=21)
+    format: Literal["onnx"] = Field(description="ONNX graphs (vision encoder, embeddings, KV-cache decoder)")
+    opset: int = Field(18, ge=18, le=21, description="ONNX opset")
     # Both graphs are needed for the gate: it answers questions through the exported files.
-    components: list[Literal["vision", "decoder"]] = Field(default_factory=lambda: ["vision", "decoder"])
-    optimize: OptimizeConfig = OptimizeConfig()
-    quantize: Literal["from_stage", "none"] = "from_stage"
+    components: list[Literal["vision", "decoder"]] = Field(
+        default_factory=lambda: ["vision", "decoder"], description="both: the gate answers through the files")
+    optimize: OptimizeConfig = Field(OptimizeConfig(), description="graph fusions")
+    quantize: Literal["from_stage", "none"] = Field(
+        "from_stage", description="carry INT8 (Q/DQ, MatMulInteger) and NF4 (MatMulBnb4) into the graphs, or "
+        "export the same numbers as float ops")
     # portable: W8A8 graphs exact on every CPU (U8U8 where S8 weights could saturate non-VNNI kernels);
     # vnni: fastest on VNNI/AMX hosts, recorded as needing one (compress.export.portable).
-    int8_kernels: Literal["portable", "vnni"] = "portable"
-    dynamic: DynamicConfig = DynamicConfig()
-    parity: ParityConfig = ParityConfig()
-    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"], min_length=1)
+    int8_kernels: Literal["portable", "vnni"] = Field(
+        "portable", description="portable: same numbers on every CPU; vnni: faster on AVX-512 VNNI / AVX-VNNI / "
+        "AMX hosts, recorded as needing one")
+    dynamic: DynamicConfig = Field(DynamicConfig(), description="dynamic axes (always on)")
+    parity: ParityConfig = Field(ParityConfig(), description="tolerances of the parity check vs PyTorch")
+    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"], min_length=1,
+                                 description="ONNX Runtime execution providers the gate's evaluation runs on; "
+                                 "unavailable ones are skipped, CPU is the fallback")
 
     accepts = frozenset({"float", "sparse", "fake_quant", "quantized"})
     requirement = "a PyTorch model (float, sparse or quantized); export it once, at the end"

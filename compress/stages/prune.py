@@ -15,10 +15,11 @@ from compress.stages.base import StageConfig, StageContext, StageResult, Targets
 
 class PruneConfig(StageConfig):
     type: Literal["prune"]
-    method: Literal["l1_unstructured"]
-    sparsity: float = Field(gt=0.0, lt=1.0, description="fraction of weights set to zero")
-    scope: Literal["per_module", "global"] = "per_module"
-    targets: Targets
+    method: Literal["l1_unstructured"] = Field(description="zero the smallest-magnitude weights")
+    sparsity: float = Field(gt=0.0, lt=1.0, description="fraction of the selected weights set to zero")
+    scope: Literal["per_module", "global"] = Field("per_module", description="one threshold per layer, or one "
+                                                                             "across every selected layer")
+    targets: Targets = Field(description="nn.Linear modules to prune")
 
     def output_state(self, state: str) -> str:
         return "sparse"

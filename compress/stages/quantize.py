@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from compress.arch import select_modules
 from compress.checkpoint import model_bytes
@@ -25,12 +25,14 @@ class GptqConfig(Strict):
 
 
 class WeightsConfig(Strict):
-    granularity: Literal["per_channel", "per_tensor"] = "per_channel"
-    symmetric: Literal[True] = True  # int8 weights are symmetric; the field documents it
+    granularity: Literal["per_channel", "per_tensor"] = Field("per_channel", description="one scale per output "
+                                                                                         "channel, or one per layer")
+    symmetric: Literal[True] = Field(True, description="int8 weights are symmetric (zero point 0); documents it")
     reduce_range: bool = Field(False, description="7-bit weights in [-64, 64]: exact with the fast U8S8 kernels "
                                                   "on every CPU, at one bit of precision")
     rounding: Literal["rtn", "gptq"] = Field("rtn", description="round to nearest, or GPTQ error compensation")
-    gptq: GptqConfig | None = None
+    gptq: GptqConfig | None = Field(None, description="GPTQ settings (needs rounding: gptq and a calibration "
+                                                       "section)")
 
     @model_validator(mode="after")
     def _gptq_section(self) -> WeightsConfig:
@@ -42,10 +44,16 @@ class WeightsConfig(Strict):
 class ActivationsConfig(Strict):
     """Static per-tensor scales from an observer (`calibration`), or dynamic ones computed at run time."""
 
-    calibration: Literal["minmax", "percentile", "entropy", "mse"] | None = None
-    dynamic: Literal["per_token", "per_tensor"] | None = None
-    percentile: float = Field(99.99, gt=50.0, le=100.0)
-    bins: int = Field(2048, ge=256)
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={
+        "oneOf": [{"required": ["calibration"]}, {"required": ["dynamic"]}]})
+
+    calibration: Literal["minmax", "percentile", "entropy", "mse"] | None = Field(
+        None, description="static per-tensor scales chosen by this observer over the calibration data")
+    dynamic: Literal["per_token", "per_tensor"] | None = Field(
+        None, description="scales computed at run time: max|x| / 127.5 per token, or per call")
+    percentile: float = Field(99.99, gt=50.0, le=100.0, description="percentile observer: the |x| percentile "
+                                                                    "that maps to 127")
+    bins: int = Field(2048, ge=256, description="histogram bins of the percentile / entropy / mse observers")
 
     @model_validator(mode="after")
     def _one_mode(self) -> ActivationsConfig:
@@ -70,26 +78,32 @@ class SmoothQuantConfig(Strict):
 class KeepFloatConfig(Strict):
     """Keep the layers INT8 hurts most in float (sensitivity on each layer's own calibration inputs)."""
 
-    mode: Literal["auto"] = "auto"
+    mode: Literal["auto"] = Field("auto", description="rank layers by INT8 output error on their own inputs")
     budget: float = Field(0.05, gt=0.0, lt=1.0, description="at most this fraction of the selected parameters")
     samples: int = Field(512, ge=16, description="input rows per layer sensitivity is measured on")
 
 
 class NF4Config(Strict):
-    blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = 64
-    double_quant: bool = True
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = Field(
+        64, description="weights per absmax scale; every layer needs in_features % blocksize == 0")
+    double_quant: bool = Field(True, description="quantize the absmax scales too (bitsandbytes' nested quant)")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="matmul dtype")
 
 
 class QuantizeConfig(StageConfig):
     type: Literal["quantize"]
-    scheme: Literal["int8", "nf4"]
-    targets: Targets
-    weights: WeightsConfig = WeightsConfig()
-    activations: ActivationsConfig | Literal["none"] | None = None
-    smoothquant: SmoothQuantConfig | None = None
-    keep_float: KeepFloatConfig | None = None
-    nf4: NF4Config | None = None
+    scheme: Literal["int8", "nf4"] = Field(description="int8: compressed-tensors checkpoint (W8A8 or W8A16); "
+                                                       "nf4: bitsandbytes 4-bit (see quantization.md)")
+    targets: Targets = Field(description="nn.Linear modules to quantize")
+    weights: WeightsConfig = Field(WeightsConfig(), description="int8 only: how weights are quantized")
+    activations: ActivationsConfig | Literal["none"] | None = Field(
+        None, description="int8 only, required: static (calibration) or dynamic scales, or none for weight-only")
+    smoothquant: SmoothQuantConfig | None = Field(
+        None, description="int8 W8A8 only: move activation outliers into the weights, folded into the norms / "
+        "Linears that produce each input (layers without one are listed as not smoothed)")
+    keep_float: KeepFloatConfig | None = Field(
+        None, description="int8 only: keep the layers INT8 hurts most in float, within a parameter budget")
+    nf4: NF4Config | None = Field(None, description="nf4 only")
 
     @model_validator(mode="after")
     def _scheme_sections(self) -> QuantizeConfig:
@@ -120,19 +134,23 @@ class QuantizeConfig(StageConfig):
         return isinstance(self.activations, ActivationsConfig) and self.activations.dynamic is not None
 
     def output_state(self, state: str) -> str:
-        return "quantized" if self.scheme == "nf4" or state == "quantized" else "fake_quant"
+        return "quantized" if self.scheme == "nf4" else "fake_quant"
 
     @property
     def accepts(self) -> frozenset[str]:  # type: ignore[override]
-        # NF4 reloads the model through a BitsAndBytesConfig, which cannot carry INT8 modules along.
+        # NF4 reloads the model through a BitsAndBytesConfig, which cannot carry INT8 modules along; and an
+        # INT8 stage after NF4 would need bitsandbytes' and compressed-tensors' quantization_config in one
+        # config.json, which no loader reads: such a folder would load with random weights, so it is refused.
         return frozenset({"float", "sparse"}) if self.scheme == "nf4" else frozenset(
-            {"float", "sparse", "fake_quant", "quantized"})
+            {"float", "sparse", "fake_quant"})
 
     @property
     def requirement(self) -> str:  # type: ignore[override]
         if self.scheme == "nf4":
-            return "float or sparse weights (put nf4 stages before int8 ones)"
-        return "float, sparse or quantized PyTorch weights"
+            return "float or sparse weights (nf4 and int8 do not mix in one checkpoint)"
+        return ("float, sparse or INT8 weights: INT8 after NF4 has no checkpoint format transformers loads "
+                "(bitsandbytes and compressed-tensors each need the one quantization_config); for per-component "
+                "precision use int8 W8A8 for one component and int8 weight-only (activations: none) for another")
 
 
 def _int8(model: torch.nn.Module, names: list[str], cfg: QuantizeConfig, ctx: StageContext) -> dict:
@@ -154,11 +172,17 @@ def _int8(model: torch.nn.Module, names: list[str], cfg: QuantizeConfig, ctx: St
                          gptq.block_size, gptq.damp)
     if cfg.needs_calibration and ctx.forward_loop is None:
         raise ConfigError("this INT8 stage needs a 'calibration' data section")
+    smoothed: dict = {}
     if cfg.smoothquant is not None:
-        details["smoothquant"] = smooth(model, names, ctx.forward_loop, alpha=cfg.smoothquant.alpha, act=act,
-                                        weight_qmax=weight.qmax, samples=cfg.smoothquant.samples, seed=ctx.seed)
+        sq = smooth(model, names, ctx.forward_loop, alpha=cfg.smoothquant.alpha, act=act,
+                    weight_qmax=weight.qmax, samples=cfg.smoothquant.samples, seed=ctx.seed)
+        smoothed = sq["modules"]
+        details["smoothquant"] = smoothed
+        details["not_smoothed"] = sq["not_smoothed"]  # no norm or Linear before them to fold 1/s into
     keep = KeepFloat(cfg.keep_float.budget, cfg.keep_float.samples) if cfg.keep_float else None
     details["modules"] = quantize_linears(model, names, weight, act, ctx.forward_loop, keep, ctx.seed)
+    for name, d in details["modules"].items():
+        d["smoothquant"] = name in smoothed
     details["kept_float"] = sorted(n for n, d in details["modules"].items() if d["kept_float"])
     return details
 
@@ -171,7 +195,7 @@ def apply(model: torch.nn.Module, cfg: QuantizeConfig, ctx: StageContext) -> Sta
     names = list(select_modules(model, ctx.adapter, cfg.targets, kinds=(torch.nn.Linear,)))
     if cfg.scheme == "nf4":
         nf4 = cfg.nf4 or NF4Config()
-        if any(type(m).__name__ in ("Int8Linear", "SmoothedLinear") for m in model.modules()):
+        if any(type(m).__name__ in ("Int8Linear",) for m in model.modules()):
             raise ConfigError("an nf4 stage must come before int8 stages (it reloads the model through "
                               "bitsandbytes, which cannot carry INT8 layers)")
         check_nf4(model, names, nf4.blocksize)  # shapes checked before anything changes

@@ -1,0 +1,172 @@
+"""INT8 layers as a compressed-tensors checkpoint: the format transformers, vLLM and SGLang load.
+
+W8A8 (static per-tensor or dynamic per-token/per-tensor activations) is `int-quantized`: `weight` int8,
+`weight_scale` [out, 1] or [1], `input_scale` [1] when static. Weight-only (W8A16) is `pack-quantized`:
+`weight_packed` int32, `weight_scale`, `weight_shape`. Each distinct scheme is one config group whose
+targets are anchored module-name regexes that also match transformers' legacy checkpoint names
+(`language_model.model.layers…` for `model.language_model.layers…`). Layers kept in float are simply
+not targeted. Our Int8Linear grid is compressed-tensors' own (see int8.py), so plain `from_pretrained`
+computes what the stage measured; reading back goes through that same loader and converts its modules.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.errors import ConfigError
+from compress.quant.int8 import Int8Linear, int8_modules
+
+INT_QUANTIZED, PACK_QUANTIZED = "int-quantized", "pack-quantized"
+
+
+def _args(strategy: str, dynamic: bool = False) -> dict[str, Any]:
+    return {"num_bits": 8, "type": "int", "symmetric": True, "strategy": strategy, "dynamic": dynamic}
+
+
+def scheme_of(m: Int8Linear) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
+    """(format, weight args, input-activation args) of one layer."""
+    weights = _args("channel" if m.granularity == "per_channel" else "tensor")
+    if m.act_dynamic is not None:
+        return INT_QUANTIZED, weights, _args("token" if m.act_dynamic == "per_token" else "tensor", dynamic=True)
+    if m.input_scale is not None:
+        return INT_QUANTIZED, weights, _args("tensor")
+    return PACK_QUANTIZED, weights, None
+
+
+def _pattern(name: str, generic: bool) -> str:
+    """Anchored regex for a module name; `model.` segments optional (new and legacy names both match)."""
+    parts = name.split(".")
+    if parts[0] == "model" and len(parts) > 2:  # model.language_model.layers… / language_model.model.layers…
+        parts = parts[1:]
+        if parts[1] == "model":
+            parts = [parts[0], *parts[2:]]
+    escaped = [r"\d+" if generic and p.isdigit() else re.escape(p) for p in parts]
+    if len(parts) == 1:  # lm_head, or language_model.lm_head in legacy names
+        return rf"re:^(?:.*\.)?{escaped[0]}$"
+    return rf"re:^(?:model\.)?{escaped[0]}\.(?:model\.)?{'.'.join(escaped[1:]).replace('.', chr(92) + '.')}$"
+
+
+def _targets(names: list[str], linears: list[str]) -> list[str]:
+    """Compact targets: one pattern per layer position when every layer's module of it is in the group."""
+    chosen = set(names)
+    out: list[str] = []
+    for name in names:
+        generic = _pattern(name, generic=True)
+        regex = re.compile(generic.removeprefix("re:"))
+        covers = [n for n in linears if regex.match(n)]
+        pattern = generic if set(covers) <= chosen else _pattern(name, generic=False)
+        if pattern not in out:
+            out.append(pattern)
+    return out
+
+
+def quantization_config(model: nn.Module) -> dict[str, Any] | None:
+    """The `quantization_config` for config.json, validated by compressed-tensors; None if nothing is INT8."""
+    from compressed_tensors import __version__
+    from compressed_tensors.quantization import QuantizationConfig
+
+    modules = int8_modules(model)
+    if not modules:
+        return None
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | Int8Linear)]
+    groups: dict[str, list[str]] = {}
+    schemes: dict[str, tuple] = {}
+    for name, m in modules.items():
+        scheme = scheme_of(m)
+        key = repr(scheme)
+        schemes[key] = scheme
+        groups.setdefault(key, []).append(name)
+    config_groups = {}
+    for i, (key, names) in enumerate(groups.items()):
+        fmt, weights, inputs = schemes[key]
+        config_groups[f"group_{i}"] = {"targets": _targets(names, linears), "weights": weights,
+                                       "input_activations": inputs, "format": fmt}
+    formats = {schemes[k][0] for k in groups}
+    config = {
+        "quant_method": "compressed-tensors",
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
+        "config_groups": config_groups,
+        "ignore": [],
+        "version": __version__,
+    }
+    QuantizationConfig.model_validate(config)  # fail here, not in a user's loader
+    return config
+
+
+def compressed_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with each Int8Linear's buffers replaced by its compressed-tensors tensors."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    out = dict(state)
+    for name, m in int8_modules(model).items():
+        for key in [k for k in out if k.startswith(f"{name}.")]:
+            del out[key]
+        fmt, _, _ = scheme_of(m)
+        scale = m.weight_scale.detach().float()
+        out[f"{name}.weight_scale"] = scale.reshape(-1, 1).contiguous() if m.granularity == "per_channel" else scale
+        if fmt == PACK_QUANTIZED:
+            out[f"{name}.weight_packed"] = pack_to_int32(m.weight_int8.detach().cpu(), 8).contiguous()
+            out[f"{name}.weight_shape"] = torch.tensor(list(m.weight_int8.shape))
+        else:
+            out[f"{name}.weight"] = m.weight_int8.detach().contiguous()
+        if m.input_scale is not None:
+            out[f"{name}.input_scale"] = m.input_scale.detach().float().reshape(1)
+        if m.bias is not None:
+            out[f"{name}.bias"] = m.bias.detach()
+    return out
+
+
+def _int_weight(m: nn.Module, scale: torch.Tensor) -> torch.Tensor:
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    packed = getattr(m, "weight_packed", None)
+    if packed is not None:
+        return unpack_from_int32(packed.data, 8, torch.Size(m.weight_shape.tolist())).to(torch.int8)
+    w = m.weight.data
+    if w.dtype == torch.int8:
+        return w
+    return torch.round(w.float() / scale.reshape(-1, 1)).clamp(-128, 127).to(torch.int8)  # decompressed already
+
+
+def from_loaded(model: nn.Module) -> int:
+    """Turn the layers transformers' compressed-tensors loader built into Int8Linears; returns how many.
+
+    Afterwards the model no longer refers to the quantizer: it is this toolkit's in-memory form again.
+    """
+    count = 0
+    for name, m in list(model.named_modules()):
+        scheme = getattr(m, "quantization_scheme", None)
+        if scheme is None:
+            continue
+        w, a = scheme.weights, scheme.input_activations
+        if w is None or w.num_bits != 8 or str(w.type) not in ("int", "QuantizationType.INT") or not w.symmetric \
+                or str(w.strategy).rsplit(".", 1)[-1].lower() not in ("channel", "tensor"):
+            raise ConfigError(f"'{name}': compressed-tensors scheme {scheme.model_dump(exclude_none=True)} is not "
+                              "one this toolkit handles (8-bit symmetric integer weights, per channel or tensor)")
+        scale = m.weight_scale.data.float()
+        dynamic = None
+        if a is not None and a.dynamic:
+            dynamic = "per_token" if str(a.strategy).rsplit(".", 1)[-1].lower() == "token" else "per_tensor"
+        q = _int_weight(m, scale)
+        per_channel = scale.numel() > 1
+        new = Int8Linear(q.shape[1], q.shape[0], bias=getattr(m, "bias", None) is not None,
+                         granularity="per_channel" if per_channel else "per_tensor",
+                         act_quant=a is not None and not a.dynamic, act_dynamic=dynamic, device=q.device,
+                         dtype=m.bias.dtype if getattr(m, "bias", None) is not None else torch.float32)
+        new.weight_int8.copy_(q)
+        new.weight_scale.copy_(scale.reshape(-1))
+        if new.input_scale is not None:
+            new.input_scale.fill_(float(m.input_scale.data.reshape(-1)[0]))
+        if new.bias is not None:
+            new.bias.data.copy_(m.bias.data)
+        model.set_submodule(name, new.train(m.training))
+        count += 1
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return count

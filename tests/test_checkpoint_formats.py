@@ -1,0 +1,137 @@
+"""Guard: every quantization scheme's checkpoint loads in plain transformers, in a process that never
+imports this project, with every weight in place and the stage model's exact logits.
+
+The coverage table below must name every scheme and activation mode the quantize stage accepts; a new
+one added to the stage's config without a row here fails `test_every_registered_scheme_is_covered`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import typing
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from compress.arch import get_adapter
+from compress.arch.tiny import save_tiny
+from compress.checkpoint import load_checkpoint, save_checkpoint
+from compress.registry import get_stage
+from compress.stages.base import StageContext
+from compress.stages.quantize import ActivationsConfig, QuantizeConfig, WeightsConfig
+
+ALL = {"components": ["vision", "projector", "language"]}
+STATIC = {"calibration": "percentile", "percentile": 99.9}
+
+# (family, stage config) per scheme form; keys name what they cover.
+CASES: dict[str, tuple[str, dict]] = {
+    "int8/static/per_channel": ("llava", {"activations": STATIC, "smoothquant": {"alpha": 0.5}}),
+    "int8/static/per_tensor": ("llava", {"activations": {"calibration": "minmax"},
+                                         "weights": {"granularity": "per_tensor"}}),
+    "int8/dynamic_per_token/per_channel": ("llava", {"activations": {"dynamic": "per_token"},
+                                                     "weights": {"rounding": "gptq", "reduce_range": True},
+                                                     "smoothquant": {"alpha": "auto"}, "keep_float": {"budget": 0.1}}),
+    "int8/dynamic_per_tensor/per_channel": ("llava", {"activations": {"dynamic": "per_tensor"}}),
+    "int8/none/per_channel": ("llava", {"activations": "none"}),
+    "int8/dynamic_per_token/qwen2_vl": ("qwen2_vl", {"activations": {"dynamic": "per_token"}}),
+    "int8/static/idefics3": ("idefics3", {"activations": STATIC, "smoothquant": {"alpha": 0.5}}),
+    # bitsandbytes' own CPU kernel needs out_features % 32 == 0 (the tiny k/v projections have 16).
+    "nf4": ("llava", {"nf4": {"blocksize": 32},
+                      "targets": {"components": ["language"], "exclude": ["*k_proj", "*v_proj"]}}),
+}
+
+LOADER = textwrap.dedent("""
+    import json, sys
+    import torch
+    from transformers import AutoModelForImageTextToText
+    results = {}
+    for folder in sys.argv[1:]:
+        model, info = AutoModelForImageTextToText.from_pretrained(folder, output_loading_info=True)
+        saved = torch.load(folder + "/expected.pt")
+        with torch.no_grad():
+            logits = model.eval()(**saved["inputs"]).logits
+        r = {**{k: sorted(map(str, v))[:5] for k, v in info.items() if k != "error_msgs"},
+             "max_abs_diff": float((logits - saved["logits"]).abs().max()), "scale": float(logits.abs().max())}
+        # bitsandbytes computes NF4 in bf16 on AVX512-BF16 CPUs; its float path shows the weights are exact.
+        bf16 = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
+        if bf16:
+            model = AutoModelForImageTextToText.from_pretrained(folder)
+            for m in model.modules():
+                if hasattr(m, "support_avx512bf16_for_cpu"):
+                    m.support_avx512bf16_for_cpu = False
+            with torch.no_grad():
+                logits = model.eval()(**saved["inputs"]).logits
+            r["bnb_bf16_kernel"] = True
+            r["float_kernel_max_abs_diff"] = float((logits - saved["logits"]).abs().max())
+        results[folder] = r
+    results["imported_compress"] = any(m == "compress" or m.startswith("compress.") for m in sys.modules)
+    print(json.dumps(results))
+""")
+
+
+def test_every_registered_scheme_is_covered():
+    schemes = set(typing.get_args(QuantizeConfig.model_fields["scheme"].annotation))
+    act = ActivationsConfig.model_fields
+    dynamic = typing.get_args(act["dynamic"].annotation)[0]  # Literal[...] | None
+    modes = {"static", "none"} | {f"dynamic_{d}" for d in typing.get_args(dynamic)}
+    granularities = set(typing.get_args(WeightsConfig.model_fields["granularity"].annotation))
+    covered = {key.split("/")[0] for key in CASES}
+    assert schemes <= covered, f"schemes without a plain-transformers load test: {schemes - covered}"
+    int8 = [key.split("/") for key in CASES if key.startswith("int8/")]
+    assert modes <= {k[1] for k in int8}, f"int8 activation modes not covered: {modes - {k[1] for k in int8}}"
+    assert granularities <= {k[2] for k in int8}, "int8 weight granularities not covered"
+
+
+def _images(n: int, seed: int) -> list[Image.Image]:
+    g = torch.Generator().manual_seed(seed)
+    return [Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()) for _ in range(n)]
+
+
+def _stage_checkpoint(tmp_path: Path, key: str, family: str, extra: dict) -> Path:
+    src = tmp_path / f"src-{family}"
+    if not src.exists():
+        save_tiny(family, src)
+    adapter = get_adapter(json.loads((src / "config.json").read_text())["model_type"])
+    model, processor = load_checkpoint(src, adapter)
+    questions = ["what is it?", "which colour is this one?"]
+
+    def forward_loop(m):
+        with torch.no_grad():
+            for seed in (1, 2):
+                m(**adapter.build_inputs(processor, _images(2, seed), questions).inputs)
+
+    scheme = key.split("/")[0]
+    raw = {"type": "quantize", "scheme": scheme, "targets": ALL, "gate": {"min_retention": 0.5}, **extra}
+    spec = get_stage("quantize")
+    ctx = StageContext(adapter=adapter, processor=processor, workdir=tmp_path / "work", seed=0,
+                       forward_loop=forward_loop)
+    q = spec.apply(model, spec.config.model_validate(raw), ctx).model
+    out = tmp_path / key.replace("/", "-")
+    save_checkpoint(q, processor, out)
+    inputs = adapter.build_inputs(processor, _images(2, 7), ["what is this?", "where is the square?"]).inputs
+    with torch.no_grad():
+        logits = q(**inputs).logits
+    torch.save({"inputs": dict(inputs), "logits": logits}, out / "expected.pt")
+    return out
+
+
+def test_plain_transformers_loads_every_scheme_exactly(tmp_path):
+    folders = {key: _stage_checkpoint(tmp_path, key, family, extra) for key, (family, extra) in CASES.items()}
+    proc = subprocess.run([sys.executable, "-c", LOADER, *map(str, folders.values())], capture_output=True,
+                          text=True, timeout=600, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results.pop("imported_compress") is False
+    for key, folder in folders.items():
+        r = results[str(folder)]
+        assert r["missing_keys"] == r["unexpected_keys"] == r["mismatched_keys"] == [], (key, r)
+        if r.get("bnb_bf16_kernel"):  # this host's bitsandbytes picks its bf16 kernel: bf16-close, float-exact
+            assert r["max_abs_diff"] <= 1e-2 * r["scale"], (key, r)
+            assert r["float_kernel_max_abs_diff"] <= 1e-5, (key, r)
+        else:
+            assert r["max_abs_diff"] <= 1e-5, (key, r["max_abs_diff"])
