@@ -83,7 +83,7 @@ def evaluation_config(recipe: str | None, reference: str | None, data: str | Non
         update["extract"] = overrides["extract"]
     if update:
         try:
-            cfg = EvaluationConfig.model_validate({**cfg.model_dump(), **update})
+            cfg = EvaluationConfig.model_validate({**cfg.model_dump(exclude_unset=True), **update})
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'evaluation'}: {e['msg']}" for e in exc.errors())
             raise ConfigError(f"evaluation options: {problems}") from None

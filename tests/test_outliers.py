@@ -180,3 +180,9 @@ def test_default_int8_fails_its_gate_on_outliers_and_outlier_aware_holds_in_torc
     assert torch_rec["details"]["activations"] == "dynamic per_token"
     assert ort_rec["details"]["int8_kernels"]["requires"] is None  # portable graphs
     assert (result.run_dir / "sensitivity-int8-outlier-aware.png").is_file()
+    # Plain transformers (a process that never imports this project) loads the INT8 stage and scores the same.
+    from hf_answers import score_in_fresh_process
+
+    plain = score_in_fresh_process(result.run_dir / torch_rec["checkpoint"], ROOT / "calibration/shapes-vqa/eval", 24)
+    assert plain["loading"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
+    assert plain["exact_match"] == pytest.approx(torch_rec["metrics"]["exact_match"], abs=1e-9)

@@ -195,6 +195,7 @@ def test_int8_recipe_on_bundled_model(tmp_path):
                for d in mods.values())
     config = json.loads((out / stage["checkpoint"] / "config.json").read_text())
     assert config["quantization_config"]["format"] == "int-quantized"
+    _plain_transformers_scores(out / stage["checkpoint"], stage)
     again = _reevaluate(out, stage, m)
     assert again == pytest.approx(stage["metrics"], abs=1e-6)
 
@@ -230,6 +231,16 @@ def test_mixed_recipe_gives_each_component_its_scheme(tmp_path):
     assert model.model.language_model.layers[0].mlp.up_proj.scheme == "w8a16"
     assert type(model.model.multi_modal_projector.linear_1).__name__ == "Linear"
     assert _reevaluate(out, vision, m) == pytest.approx(vision["metrics"], abs=1e-6)
+    _plain_transformers_scores(ckpt, vision)
+
+
+def _plain_transformers_scores(folder: Path, stage: dict) -> None:
+    """A process that never imports this project loads the folder with every weight and scores the same."""
+    from hf_answers import score_in_fresh_process
+
+    result = score_in_fresh_process(folder, ROOT / "calibration/shapes-vqa/eval", max_new_tokens=24)
+    assert result["loading"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
+    assert result["exact_match"] == pytest.approx(stage["metrics"]["exact_match"], abs=1e-9)
 
 
 def _bad_calibration(tmp_path: Path, image: bytes | None) -> Path:

@@ -1,0 +1,73 @@
+"""Score a model folder the way a user of plain transformers would: no import of this project.
+
+    python tests/hf_answers.py MODEL_DIR EVAL_DIR MAX_NEW_TOKENS [N]
+
+Loads the folder with `AutoModelForImageTextToText` / `AutoProcessor`, formats each question with the
+processor's chat template, answers greedily with `generate` (KV cache), and prints one JSON line:
+loading info, exact match (case, white space and trailing punctuation ignored) and the answers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+
+def normalize(text: str) -> str:
+    return re.sub(r"[\s.!?,;:]+$", "", " ".join(text.lower().split()))
+
+
+def main() -> None:
+    model_dir, eval_dir, max_new = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    limit = int(sys.argv[4]) if len(sys.argv) > 4 else None
+    model, info = AutoModelForImageTextToText.from_pretrained(model_dir, output_loading_info=True)
+    model.eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    processor.tokenizer.padding_side = "left"
+    records = [json.loads(line) for line in (eval_dir / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    records = records[:limit]
+    answers: list[str] = []
+    for start in range(0, len(records), 50):
+        batch = records[start:start + 50]
+        prompts = [processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["prompt"]}]}],
+            add_generation_prompt=True, tokenize=False) for r in batch]
+        images = [Image.open(eval_dir / r["file_name"]).convert("RGB") for r in batch]
+        enc = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            if start == 0:  # compressed-tensors decompresses in a pre-hook of the model's forward, which
+                model(**enc)  # generate's image-encoder pre-pass skips (transformers 5.24): one forward first
+            out = model.generate(**enc, max_new_tokens=max_new, do_sample=False)
+        new = out[:, enc["input_ids"].shape[1]:]
+        answers += [processor.tokenizer.decode(t, skip_special_tokens=True).strip() for t in new]
+    hits = [normalize(a) == normalize(r["answer"]) for a, r in zip(answers, records, strict=True)]
+    print(json.dumps({
+        "loading": {k: [str(x) for x in v][:5] for k, v in info.items() if k != "error_msgs"},
+        "exact_match": sum(hits) / len(hits),
+        "answers": answers,
+        "imported_compress": any(m == "compress" or m.startswith("compress.") for m in sys.modules),
+    }))
+
+
+def score_in_fresh_process(model_dir: Path, eval_dir: Path, max_new_tokens: int) -> dict:
+    """Run this file as a script (a new interpreter that never imports `compress`); its JSON result."""
+    import os
+    import subprocess
+
+    proc = subprocess.run([sys.executable, __file__, str(model_dir), str(eval_dir), str(max_new_tokens)],
+                          capture_output=True, text=True, timeout=900, cwd=model_dir,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["imported_compress"] is False
+    return result
+
+
+if __name__ == "__main__":
+    main()
