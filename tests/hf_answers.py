@@ -1,10 +1,11 @@
 """Score a model folder the way a user of plain transformers would: no import of this project.
 
-    python tests/hf_answers.py MODEL_DIR EVAL_DIR MAX_NEW_TOKENS [N]
+    python tests/hf_answers.py MODEL_DIR EVAL_DIR MAX_NEW_TOKENS [PROMPT_TEMPLATE]
 
-Loads the folder with `AutoModelForImageTextToText` / `AutoProcessor`, formats each question with the
-processor's chat template, answers greedily with `generate` (KV cache), and prints one JSON line:
-loading info, exact match (case, white space and trailing punctuation ignored) and the answers.
+Loads the folder with `AutoModelForImageTextToText` / `AutoProcessor`, formats each question with
+the processor's chat template (or PROMPT_TEMPLATE, a `{question}` template, as a recipe's prompt
+does), answers greedily with `generate` (KV cache), and prints one JSON line: loading info, exact
+match (case, white space and trailing punctuation ignored) and the answers.
 """
 
 from __future__ import annotations
@@ -25,17 +26,16 @@ def normalize(text: str) -> str:
 
 def main() -> None:
     model_dir, eval_dir, max_new = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-    limit = int(sys.argv[4]) if len(sys.argv) > 4 else None
+    template = sys.argv[4] if len(sys.argv) > 4 else None
     model, info = AutoModelForImageTextToText.from_pretrained(model_dir, output_loading_info=True)
     model.eval()
     processor = AutoProcessor.from_pretrained(model_dir)
     processor.tokenizer.padding_side = "left"
     records = [json.loads(line) for line in (eval_dir / "metadata.jsonl").read_text().splitlines() if line.strip()]
-    records = records[:limit]
     answers: list[str] = []
     for start in range(0, len(records), 50):
         batch = records[start:start + 50]
-        prompts = [processor.apply_chat_template(
+        prompts = [template.format(question=r["prompt"]) if template else processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["prompt"]}]}],
             add_generation_prompt=True, tokenize=False) for r in batch]
         images = [Image.open(eval_dir / r["file_name"]).convert("RGB") for r in batch]
@@ -55,12 +55,13 @@ def main() -> None:
     }))
 
 
-def score_in_fresh_process(model_dir: Path, eval_dir: Path, max_new_tokens: int) -> dict:
+def score_in_fresh_process(model_dir: Path, eval_dir: Path, max_new_tokens: int, prompt: str | None = None) -> dict:
     """Run this file as a script (a new interpreter that never imports `compress`); its JSON result."""
     import os
     import subprocess
 
-    proc = subprocess.run([sys.executable, __file__, str(model_dir), str(eval_dir), str(max_new_tokens)],
+    args = [str(model_dir), str(eval_dir), str(max_new_tokens), *([prompt] if prompt else [])]
+    proc = subprocess.run([sys.executable, __file__, *args],
                           capture_output=True, text=True, timeout=900, cwd=model_dir,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

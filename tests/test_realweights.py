@@ -63,5 +63,14 @@ def test_static_int8_collapses_on_smollm2_and_the_outlier_aware_recipe_holds(tmp
     quant = {k: aware_stage[k] for k in ("weights", "activations", "smoothquant", "keep_float")}
     aware = run(_recipe(tmp_path, built, "aware", quant), out=tmp_path / "aware")
     assert aware.ok, aware.manifest["stages"]
-    metrics = aware.manifest["stages"][0]["metrics"]
+    rec = aware.manifest["stages"][0]
+    metrics = rec["metrics"]
     assert metrics["token_agreement"] >= 0.9 and metrics["logit_kl"] < 0.05
+    # The compressed-tensors stage folder, in plain transformers (a process that never imports us).
+    from hf_answers import score_in_fresh_process
+
+    doc = yaml.safe_load((ROOT / "recipes" / "int8-smollm2.yaml").read_text())
+    plain = score_in_fresh_process(aware.run_dir / rec["checkpoint"], built / "eval",
+                                   doc["evaluation"]["max_new_tokens"], doc["evaluation"]["prompt"])
+    assert plain["loading"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
+    assert plain["exact_match"] == pytest.approx(metrics["exact_match"], abs=1e-9)
