@@ -16,7 +16,8 @@ from compress.pipeline import run
 from compress.quant import ActQuant, Int8Linear, KeepFloat, WeightQuant, quantize_linears, smooth
 from compress.quant.gptq import Hessian, gptq_quantize
 from compress.quant.int8 import dynamic_scale, fake_quant, quantize_weight
-from compress.quant.smoothquant import Mapping, _Factors, search_alpha
+from compress.quant.smooth_rules import Mapping
+from compress.quant.smoothquant import _Factors, search_alpha
 from compress.zoo import MODELS
 from compress.zoo.outliers import build
 

@@ -17,7 +17,8 @@ from compress.quant.linears import calibrate, quantize_linears, size_summary
 from compress.quant.nf4 import check_nf4, nf4_details, quantize_nf4, use_portable_nf4_kernel
 from compress.quant.observers import OBSERVERS, Observer, make_observer
 from compress.quant.sensitivity import KeepFloat
-from compress.quant.smoothquant import find_mappings, smooth
+from compress.quant.smooth_rules import find_mappings
+from compress.quant.smoothquant import smooth
 
 __all__ = [
     "OBSERVERS",
