@@ -276,8 +276,11 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
                                "started": datetime.now(UTC).isoformat(timespec="seconds")}
         run_dir.set_stage_record(rec)
         t0 = time.time()
+        exports = [s["artifacts"] for s in m.get("stages", []) if s["status"] in ("completed", "warned")
+                   and s.get("artifacts") and s["index"] < i]
         ctx = StageContext(adapter=adapter, processor=processor, workdir=run_dir.path(f".work/{name}"),
-                           seed=r.seed, forward_loop=forward_loop, threads=threads)
+                           seed=r.seed, forward_loop=forward_loop, threads=threads,
+                           export_dir=run_dir.path(exports[-1]) if exports else None)
         try:
             model, state_source, status = _run_stage(model, cfg, i, rec, ctx, scoring, state_source)
         except Exception as e:  # recorded, reported, and the run ends here; --resume retries the stage

@@ -113,5 +113,8 @@ def test_tensorrt_provider_after_dynamic_int8_is_a_load_time_error(tmp_path):
     quant = {"type": "quantize", "name": "dyn", "scheme": "int8", "targets": {"components": ["language"]},
              "activations": {"dynamic": "per_token"}, "gate": {"min_retention": 0.9}}
     export = {**EXPORT, "providers": ["TensorrtExecutionProvider", "CPUExecutionProvider"]}
-    with pytest.raises(RecipeError, match=r"stages\[1\].*TensorrtExecutionProvider.*dynamic INT8.*'dyn'"):
+    with pytest.raises(RecipeError, match=r"stages\[1\].*TensorRT.*dynamic INT8.*'dyn'"):
         load_recipe(_recipe(tmp_path, [quant, export]))
+    target = {**EXPORT, "target": "tensorrt"}
+    with pytest.raises(RecipeError, match=r"stages\[1\].*TensorRT.*dynamic INT8.*'dyn'"):
+        load_recipe(_recipe(tmp_path, [quant, target]))

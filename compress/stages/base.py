@@ -89,6 +89,7 @@ class StageContext:
     seed: int
     forward_loop: Callable[[torch.nn.Module], None] | None = None
     threads: int | None = None  # CPU threads for runtimes the stage creates (None: their default)
+    export_dir: Path | None = None  # the latest kept export stage's folder (what an engine stage builds from)
 
 
 @dataclass

@@ -40,6 +40,10 @@ class ParityConfig(Strict):
 class ExportConfig(StageConfig):
     type: Literal["export"]
     format: Literal["onnx"] = Field(description="ONNX graphs (vision encoder, embeddings, KV-cache decoder)")
+    target: Literal["onnxruntime", "tensorrt"] = Field(
+        "onnxruntime", description="onnxruntime: fused with ORT contrib ops, portable INT8 kernels; tensorrt: standard "
+        "ops only (no ORT fusion), INT8 as signed Q/DQ with the quantize stage's scales, ready for a `type: engine` "
+        "stage; still scored in ONNX Runtime")
     opset: int = Field(18, ge=18, le=21, description="ONNX opset")
     # Both graphs are needed for the gate: it answers questions through the exported files.
     components: list[Literal["vision", "decoder"]] = Field(
@@ -67,16 +71,18 @@ class ExportConfig(StageConfig):
 
     def check_after(self, earlier: list[StageConfig]) -> str | None:
         """TensorRT takes static Q/DQ only: dynamic INT8 (MatMulInteger) and NF4 (MatMulBnb4) cannot run there."""
-        if "TensorrtExecutionProvider" not in self.providers or self.quantize != "from_stage":
+        trt = "TensorrtExecutionProvider" in self.providers or self.target == "tensorrt"
+        if not trt or self.quantize != "from_stage":
             return None
         for stage in earlier:
             if getattr(stage, "dynamic_activations", False):
-                return (f"export provider TensorrtExecutionProvider cannot run the dynamic INT8 activations of "
+                return (f"TensorRT (target / provider) cannot run the dynamic INT8 activations of "
                         f"stage '{stage.name or stage.type}' (MatMulInteger with run-time scales; TensorRT "
                         "accepts static QuantizeLinear/DequantizeLinear only): use activations.calibration")
             if getattr(stage, "scheme", None) == "nf4":
-                return (f"export provider TensorrtExecutionProvider cannot run the NF4 layers of stage "
-                        f"'{stage.name or stage.type}' (com.microsoft MatMulBnb4 is an ONNX Runtime op)")
+                return (f"TensorRT (target / provider) cannot run the NF4 layers of stage "
+                        f"'{stage.name or stage.type}' (bitsandbytes NF4 has no TensorRT form; com.microsoft "
+                        "MatMulBnb4 is an ONNX Runtime op): use int8 with activations.calibration")
         return None
 
     @model_validator(mode="after")
@@ -95,9 +101,15 @@ def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> Stage
     from compress.runtime.ort_runner import OrtRunner, session_options
 
     out = ctx.workdir / "onnx"
+    tensorrt = cfg.target == "tensorrt"
+    # TensorRT parses standard ops and signed, zero-point-0 Q/DQ: no ORT fusion, no uint8 portable rewrite.
     result = export_onnx(model, ctx.adapter, ctx.processor, out, opset=cfg.opset, components=cfg.components,
-                         fusion=cfg.optimize.fusion, quantize=cfg.quantize == "from_stage",
-                         int8_kernels=cfg.int8_kernels)
+                         fusion=cfg.optimize.fusion and not tensorrt, quantize=cfg.quantize == "from_stage",
+                         int8_kernels="vnni" if tensorrt else cfg.int8_kernels)
+    if tensorrt:
+        from compress.export.files import read_meta, write_meta
+
+        write_meta(out, {**read_meta(out), "target": "tensorrt"})
     ctx.processor.save_pretrained(out)  # the folder answers questions on its own: graphs + processor
     try:
         parity = check_parity(model, ctx.adapter, ctx.processor, out, atol=cfg.parity.atol, rtol=cfg.parity.rtol,
@@ -112,6 +124,7 @@ def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> Stage
     files = {name: {"file": path.name, "bytes": path.stat().st_size} for name, path in result.files.items()}
     return StageResult(model, {
         "format": cfg.format,
+        "target": cfg.target,
         "opset": cfg.opset,
         "providers": runner_providers(runner),
         "files": files,

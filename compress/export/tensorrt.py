@@ -1,0 +1,249 @@
+"""TensorRT engines from exported ONNX graphs, built ahead of time on a machine without a GPU.
+
+`tensorrt` (the full package) is used when importable, else `tensorrt_rtx` (TensorRT for RTX, real
+wheels on PyPI); their Python APIs are the same for this job. Networks are strongly typed: precision
+comes from the graph's dtypes (fp16 graphs, int8 Q/DQ, int4 blocked DequantizeLinear), not from
+builder flags. Building needs no GPU; deserializing or running an engine does.
+
+What TensorRT made of a graph is read from the VERBOSE build log with DETAILED profiling verbosity:
+one `Layers:` message lists every kernel, its tactic and the ONNX nodes it absorbed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compress.errors import CompressError, ConfigError
+
+BACKENDS = ("tensorrt", "tensorrt_rtx")
+# Compute capabilities TensorRT-RTX can target ahead of time (its ComputeCapability enum).
+RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
+
+
+class PreflightError(CompressError):
+    """A graph TensorRT's parser rejects; `.rows` is the table (graph, node, op, reason)."""
+
+    exit_code = 4
+
+    def __init__(self, rows: list[dict[str, str]]):
+        self.rows = rows
+        table = "\n".join(f"  {r['graph']}: node {r['node']!r} ({r['op']}): {r['reason']}" for r in rows)
+        super().__init__(f"TensorRT cannot parse {len(rows)} node(s); nothing was built:\n{table}")
+
+
+def load_backend(name: str = "auto") -> tuple[Any, str]:
+    """(module, backend name): `auto` prefers the full TensorRT, then TensorRT-RTX."""
+    import importlib
+
+    order = BACKENDS if name == "auto" else (name,)
+    for candidate in order:
+        try:
+            return importlib.import_module(candidate), candidate
+        except ImportError:
+            continue
+    hint = "pip install tensorrt-rtx (or vlm-compress[tensorrt])"
+    raise ConfigError(f"TensorRT backend {name!r} is not installed: {hint}")
+
+
+class _Log:
+    """Collects every builder message; TensorRT calls `log` from its own threads."""
+
+    def __init__(self, trt: Any):
+        outer = self
+        self.messages: list[tuple[int, str]] = []
+
+        class Logger(trt.ILogger):
+            def __init__(self) -> None:
+                trt.ILogger.__init__(self)
+
+            def log(self, severity: Any, msg: str) -> None:
+                outer.messages.append((int(severity), msg))
+
+        self.logger = Logger()
+
+    def text(self) -> str:
+        return "\n".join(m for _, m in self.messages)
+
+
+def _network(trt: Any, builder: Any) -> Any:
+    flags = 0
+    strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if strongly is not None:
+        flags = 1 << int(strongly)
+    return builder.create_network(flags)
+
+
+def preflight(trt: Any, graphs: dict[str, Path]) -> list[dict[str, str]]:
+    """Parse every graph; one row per node the parser rejects (empty: all parse)."""
+    rows: list[dict[str, str]] = []
+    for name, path in graphs.items():
+        log = _Log(trt)
+        builder = trt.Builder(log.logger)
+        network = _network(trt, builder)  # the parser fills it: it must outlive the parser (else a segfault)
+        parser = trt.OnnxParser(network, log.logger)
+        if parser.parse_from_file(str(path)):
+            continue
+        for i in range(parser.num_errors):
+            err = parser.get_error(i)
+            reason = err.desc().split("\n")[-1].strip() or err.desc()
+            rows.append({"graph": name, "node": err.node_name(), "op": err.node_operator(), "reason": reason})
+    return rows
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One optimization profile: min / opt / max shape per input name."""
+
+    name: str
+    shapes: dict[str, tuple[list[int], list[int], list[int]]]
+
+
+def _dims(shape: list[Any], values: dict[str, int], name: str) -> list[int]:
+    out = []
+    for d in shape:
+        if isinstance(d, int):
+            out.append(d)
+        elif d not in values:
+            raise ConfigError(f"input {name!r}: no profile value for dynamic axis {d!r}")
+        else:
+            out.append(values[d])
+    return out
+
+
+def profiles_for(graph: str, io: list[dict[str, Any]], limits: Any) -> list[Profile]:
+    """Profiles from the recipe's limits and the graph's input shapes (axis names from export.json).
+
+    decoder: a prefill profile (past 0, up to max_prompt_tokens new) and a decode profile (one token, past up
+    to max_prompt_tokens + max_new_tokens); vision: up to max_batch * max_images images; embed: prompt ids.
+    """
+    b, p, n = limits.max_batch, limits.max_prompt_tokens, limits.max_new_tokens
+
+    def build(name: str, lo: dict[str, int], opt: dict[str, int], hi: dict[str, int]) -> Profile:
+        return Profile(name, {i["name"]: (_dims(i["shape"], lo, i["name"]), _dims(i["shape"], opt, i["name"]),
+                                          _dims(i["shape"], hi, i["name"])) for i in io})
+
+    if graph == "decoder":
+        prefill = build("prefill", {"batch": 1, "seq": 1, "past": 0, "total": 1},
+                        {"batch": max(1, b // 2), "seq": max(1, p // 2), "past": 0, "total": max(1, p // 2)},
+                        {"batch": b, "seq": p, "past": 0, "total": p})
+        decode = build("decode", {"batch": 1, "seq": 1, "past": 1, "total": 2},
+                       {"batch": max(1, b // 2), "seq": 1, "past": p, "total": p + 1},
+                       {"batch": b, "seq": 1, "past": p + n, "total": p + n + 1})
+        return [prefill, decode]
+    if graph == "vision":
+        images = b * limits.max_images
+        return [build("images", {"batch": 1}, {"batch": max(1, images // 2)}, {"batch": images})]
+    total = p + n
+    return [build("tokens", {"batch": 1, "seq": 1}, {"batch": max(1, b // 2), "seq": max(1, p // 2)},
+                  {"batch": b, "seq": total})]
+
+
+def _targets(trt: Any, config: Any, targets: list[str]) -> list[str]:
+    """Set the compute capabilities to build for (TensorRT-RTX); the full TensorRT builds for the local GPU."""
+    enum = getattr(trt, "ComputeCapability", None)
+    if enum is None or not hasattr(config, "set_compute_capability"):
+        return ["local GPU"]
+    config.num_compute_capabilities = len(targets)
+    for i, t in enumerate(targets):
+        config.set_compute_capability(getattr(enum, t.upper()), i)
+    return targets
+
+
+def build_engine(trt: Any, onnx_path: Path, profiles: list[Profile], targets: list[str],
+                 engine_path: Path) -> dict[str, Any]:
+    """Build and write one engine; returns what the manifest records about it."""
+    log = _Log(trt)
+    builder = trt.Builder(log.logger)
+    network = _network(trt, builder)
+    parser = trt.OnnxParser(network, log.logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        raise PreflightError([{"graph": onnx_path.stem, "node": parser.get_error(i).node_name(),
+                               "op": parser.get_error(i).node_operator(), "reason": parser.get_error(i).desc()}
+                              for i in range(parser.num_errors)])
+    config = builder.create_builder_config()
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    built_for = _targets(trt, config, targets)
+    for prof in profiles:
+        p = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in prof.shapes.items():
+            p.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(p)
+    t0 = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - t0
+    if serialized is None:
+        errors = [m for sev, m in log.messages if sev <= int(trt.ILogger.Severity.ERROR)]
+        raise CompressError(f"TensorRT could not build {onnx_path.name}: {'; '.join(errors[-3:]) or 'no message'}")
+    data = bytes(serialized)
+    tmp = engine_path.with_suffix(engine_path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(engine_path)
+    layers = parse_layers(log.text())
+    return {
+        "engine": engine_path.name,
+        "source": onnx_path.name,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "build_s": round(seconds, 2),
+        "targets": built_for,
+        "profiles": {p.name: p.shapes for p in profiles},
+        "memory": memory(log.text()),
+        "fusion": fusion_summary(layers),
+        "layers": layers,
+        "log": log.text(),
+    }
+
+
+_LAYER = re.compile(r"^Name: (?P<name>.*?), LayerType: (?P<type>[^,]*),")
+
+
+def parse_layers(log: str) -> list[dict[str, Any]]:
+    """Kernels from the `Layers:` build message: name, type, tactic, input dtypes, absorbed ONNX nodes."""
+    block = log.split("Layers:\n", 1)
+    if len(block) < 2:
+        return []
+    layers = []
+    for line in block[1].splitlines():
+        m = _LAYER.match(line)
+        if not m:
+            if layers and not line.startswith("Name:"):
+                break
+            continue
+        tactic = re.search(r"TacticName: ([^,]*)", line)
+        inputs = line.split("Inputs: ", 1)[1].split("], Outputs:", 1)[0] if "Inputs: " in line else ""
+        layers.append({
+            "name": m["name"],
+            "type": m["type"],
+            "tactic": tactic.group(1) if tactic else "",
+            "input_dtypes": sorted(set(re.findall(r"Datatype: (\w+)", inputs))),
+            "onnx_nodes": re.findall(r"\[ONNX Layer: ([^\]]*)\]", line),
+        })
+    return layers
+
+
+def fusion_summary(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """What TensorRT fused: attention kernels (and the Softmax they absorbed), int8 / int4 GEMMs."""
+    attention = [lay for lay in layers if any(k in (lay["tactic"] + lay["name"]).lower() for k in ("mha", "attention"))]
+    gemms = [lay for lay in layers if lay["type"].lower() == "gemm"]
+    return {
+        "kernels": len(layers),
+        "attention_kernels": len(attention),
+        "attention_tactics": sorted({lay["tactic"].split("_0x")[0] for lay in attention}),
+        "softmax_absorbed": sum(any("Softmax" in n for n in lay["onnx_nodes"]) for lay in attention),
+        "gemm": len(gemms),
+        "int8_gemm": sum("Int8" in lay["input_dtypes"] for lay in gemms),
+        "int4_gemm": sum("Int4" in lay["input_dtypes"] for lay in gemms),
+        "onnx_nodes_absorbed": sum(len(lay["onnx_nodes"]) for lay in layers),
+    }
+
+
+def memory(log: str) -> dict[str, int]:
+    """Weights and (largest) activation memory the builder reported, in bytes."""
+    weights = re.findall(r"Total Weights Memory: (\d+) bytes", log)
+    acts = [int(x) for x in re.findall(r"Total Activation Memory: (\d+) bytes", log)]
+    return {"weights_bytes": int(weights[-1]) if weights else 0, "activation_bytes": max(acts) if acts else 0}

@@ -1,0 +1,137 @@
+"""`type: engine`: real TensorRT(-RTX) engines built on this CPU-only machine from a `target: tensorrt` export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import yaml
+from onnx import TensorProto, helper
+
+from compress.cli import main
+from compress.errors import RecipeError
+from compress.recipe import load_recipe
+
+trt_backend = pytest.importorskip("tensorrt_rtx")  # the dev extra installs it; the full tensorrt is opt-in
+
+ROOT = Path(__file__).parent.parent
+QUANT = {"type": "quantize", "name": "int8", "scheme": "int8",
+         "targets": {"components": ["vision", "projector", "language"]},
+         "activations": {"calibration": "percentile", "percentile": 99.99}, "gate": {"min_retention": 0.99}}
+EXPORT = {"type": "export", "name": "onnx-trt", "format": "onnx", "target": "tensorrt",
+          "parity": {"atol": {"vision": 0.05, "embed": 1.0e-6, "decoder": 0.01, "end_to_end": 0.05}, "rtol": 1.0e-2},
+          "gate": {"min_retention": 0.99}}
+ENGINE = {"type": "engine", "name": "trt", "precision": "fp16", "compute_capabilities": ["sm86", "sm89", "sm120"],
+          "profiles": {"max_batch": 4, "max_prompt_tokens": 128, "max_new_tokens": 32}, "gate": {"min_retention": 0.99}}
+
+
+def _recipe(tmp: Path, stages: list[dict], samples: int = 50) -> Path:
+    doc = {"name": "engine-test", "seed": 0, "model": {"source": "zoo:shapes-vqa"},
+           "calibration": {"source": str(ROOT / "calibration/shapes-vqa/calib"), "num_samples": 64, "batch_size": 64},
+           "evaluation": {"source": str(ROOT / "calibration/shapes-vqa/eval"), "num_samples": samples,
+                          "batch_size": samples, "max_new_tokens": 24},
+           "stages": stages}
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, dict]:
+    tmp = tmp_path_factory.mktemp("engine")
+    out = tmp / "run"
+    assert main(["run", str(_recipe(tmp, [QUANT, EXPORT, ENGINE])), "--out", str(out)]) == 0
+    return out, json.loads((out / "manifest.json").read_text())
+
+
+def test_int8_fp16_engines_are_built_fused_and_honestly_scored(run):
+    out, manifest = run
+    rec = manifest["stages"][-1]
+    assert rec["type"] == "engine" and rec["status"] == "completed"
+    d = rec["details"]
+    assert d["backend"] == "tensorrt_rtx" and d["precision"] == "fp16" and d["executed"] is False
+    assert d["engines_executed"].startswith("no: engines built for sm86, sm89, sm120, not executed on this host")
+    assert rec["backend"] == "onnxruntime"  # what the gate really scored
+    assert rec["checks"][0]["retention"] >= 0.99
+    for graph, engine in d["engines"].items():
+        path = out / rec["artifacts"] / ("llm.engine" if graph == "decoder" else "visual/visual.engine")
+        assert path.stat().st_size == engine["bytes"] >= 0.9 * engine["onnx_weight_bytes"] > 0
+        assert engine["targets"] == ["sm86", "sm89", "sm120"] and engine["build_s"] > 0
+        assert engine["fusion"]["attention_kernels"] > 0 and engine["fusion"]["softmax_absorbed"] > 0, graph
+        assert engine["fusion"]["int8_gemm"] > 0, graph  # the quantize stage's Q/DQ became Int8 GEMMs
+        assert engine["memory"]["weights_bytes"] > 0
+    assert list(d["engines"]["decoder"]["profiles"]) == ["prefill", "decode"]
+    assert "sm86" in (out / "report.md").read_text() and "not executed on this host" in (out / "report.md").read_text()
+
+
+def test_engine_folder_layout(run):
+    out, manifest = run
+    folder = out / manifest["stages"][-1]["artifacts"]
+    for name in ("llm.engine", "config.json", "embedding.safetensors", "visual/visual.engine", "visual/config.json",
+                 "onnx/decoder.onnx", "onnx/vision.onnx", "build/decoder.log", "build/vision.log", "layers.json",
+                 "tokenizer.json"):
+        assert (folder / name).is_file(), name
+    config = json.loads((folder / "config.json").read_text())
+    assert config["max_kv_cache_capacity"] == 160 and config["builder"]["compute_capabilities"] == ["sm86", "sm89",
+                                                                                                     "sm120"]
+    assert json.loads((folder / "visual/config.json").read_text())["max_batch_size"] == 4
+    fp16 = onnx.load(str(folder / "onnx/decoder.onnx"), load_external_data=False)
+    assert any(t.data_type == TensorProto.FLOAT16 for t in fp16.graph.initializer)
+    layers = json.loads((folder / "layers.json").read_text())
+    assert any("mha" in lay["tactic"] for lay in layers["decoder"])
+
+
+def test_fp32_build_and_profile_math(run, tmp_path):
+    from compress.export import tensorrt as T
+    from compress.export.files import read_meta
+    from compress.stages.engine import ProfilesConfig
+
+    out, manifest = run
+    export = out / manifest["stages"][1]["artifacts"]
+    io = read_meta(export)["io"]
+    limits = ProfilesConfig(max_batch=8, max_prompt_tokens=100, max_new_tokens=28, max_images=2)
+    prefill, decode = T.profiles_for("decoder", io["decoder"]["inputs"], limits)
+    assert prefill.shapes["inputs_embeds"] == ([1, 1, 128], [4, 50, 128], [8, 100, 128])
+    assert prefill.shapes["past_key_values.0.key"][2][2] == 0
+    assert decode.shapes["attention_mask"] == ([1, 2], [4, 101], [8, 129])
+    assert decode.shapes["past_key_values.0.key"][2] == [8, 2, 128, 32]
+    (vision,) = T.profiles_for("vision", io["vision"]["inputs"], limits)
+    assert vision.shapes["pixel_values"][2][0] == 16
+    trt, _ = T.load_backend("tensorrt_rtx")
+    info = T.build_engine(trt, export / "vision.onnx", [vision], ["sm80"], tmp_path / "v.engine")
+    assert (tmp_path / "v.engine").stat().st_size == info["bytes"] and info["fusion"]["int8_gemm"] > 0
+
+
+def test_preflight_lists_every_node_tensorrt_cannot_parse(tmp_path):
+    from compress.export import tensorrt as T
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])
+    node = helper.make_node("FastGelu", ["x"], ["y"], name="gelu_0", domain="com.microsoft")
+    graph = helper.make_graph([node], "g", [x], [y])
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    path = tmp_path / "contrib.onnx"
+    onnx.save(model, str(path))
+    trt, _ = T.load_backend("auto")
+    rows = T.preflight(trt, {"decoder": path})
+    assert rows and rows[0]["graph"] == "decoder" and rows[0]["node"] == "gelu_0" and rows[0]["op"] == "FastGelu"
+    err = T.PreflightError(rows)
+    assert "gelu_0" in str(err) and "FastGelu" in str(err) and "nothing was built" in str(err)
+
+
+@pytest.mark.parametrize(("stages", "needle"), [
+    ([ENGINE], "cannot run (model is float)"),
+    ([{**EXPORT, "target": "onnxruntime"}, ENGINE], "builds from an export stage with target: tensorrt"),
+    ([EXPORT, {**ENGINE, "compute_capabilities": ["sm86", "sm86"]}], "lists a target twice"),
+    ([EXPORT, {**ENGINE, "compute_capabilities": ["sm90"]}], "stages[1].compute_capabilities[0]"),
+    ([EXPORT, {**ENGINE, "profiles": {"max_batch": 0}}], "stages[1].profiles.max_batch"),
+    ([{**QUANT, "scheme": "nf4", "activations": None}, EXPORT, ENGINE], "NF4"),
+])
+def test_impossible_engine_requests_are_recipe_errors(tmp_path, stages, needle):
+    stages = [{k: v for k, v in s.items() if v is not None} for s in stages]
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_recipe(tmp_path, stages))
+    assert needle in str(e.value)
