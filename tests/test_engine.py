@@ -135,3 +135,24 @@ def test_impossible_engine_requests_are_recipe_errors(tmp_path, stages, needle):
     with pytest.raises(RecipeError) as e:
         load_recipe(_recipe(tmp_path, stages))
     assert needle in str(e.value)
+
+
+def test_rebuild_retargets_an_engine_folder_in_place(run, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    out, manifest = run
+    folder = tmp_path / "engines"
+    shutil.copytree(out / manifest["stages"][-1]["artifacts"], folder)
+    before = (folder / "llm.engine").read_bytes()
+    proc = subprocess.run([sys.executable, "-m", "compress.export.tensorrt", str(folder), "--targets", "sm80"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "decoder: llm.engine" in proc.stdout and "for sm80" in proc.stdout
+    assert (folder / "llm.engine").read_bytes() != before  # one architecture instead of three
+    for config in ("config.json", "visual/config.json"):
+        assert json.loads((folder / config).read_text())["builder"]["compute_capabilities"] == ["sm80"]
+    bad = subprocess.run([sys.executable, "-m", "compress.export.tensorrt", str(tmp_path)], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "not an engine stage folder" in bad.stderr and "Traceback" not in bad.stderr

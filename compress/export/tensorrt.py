@@ -247,3 +247,85 @@ def memory(log: str) -> dict[str, int]:
     weights = re.findall(r"Total Weights Memory: (\d+) bytes", log)
     acts = [int(x) for x in re.findall(r"Total Activation Memory: (\d+) bytes", log)]
     return {"weights_bytes": int(weights[-1]) if weights else 0, "activation_bytes": max(acts) if acts else 0}
+
+
+def build_all(trt: Any, graphs: dict[str, Path], io: dict[str, Any], limits: Any, targets: list[str], out: Path,
+              engine_files: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """One engine per graph into `out` (names from `engine_files`), build logs in build/, kernels in layers.json."""
+    import json
+
+    engines: dict[str, dict[str, Any]] = {}
+    layers: dict[str, list[Any]] = {}
+    (out / "build").mkdir(exist_ok=True)
+    for name, engine_file in engine_files.items():
+        info = build_engine(trt, graphs[name], profiles_for(name, io[name]["inputs"], limits), targets,
+                            out / engine_file)
+        (out / "build" / f"{name}.log").write_text(info.pop("log"))
+        layers[name] = info.pop("layers")
+        info["onnx_weight_bytes"] = weight_bytes(graphs[name])
+        engines[name] = info
+    (out / "layers.json").write_text(json.dumps(layers, indent=1) + "\n")
+    return engines
+
+
+def weight_bytes(path: Path) -> int:
+    """Bytes of the graph's initializers (what the engine must at least carry)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=True)
+    return sum(len(t.raw_data) for t in proto.graph.initializer)
+
+
+def rebuild(folder: Path, backend: str = "auto", targets: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Rebuild an engine stage folder's engines from its own onnx/ graphs and config.json limits, in place.
+
+    For a host the build machine never saw: another TensorRT (the full package builds for the local GPU)
+    or other compute capabilities. Returns the new engine records; config.json's builder section is updated.
+    """
+    import json
+    from types import SimpleNamespace
+
+    from compress.export.files import read_meta
+
+    config_file = folder / "config.json"
+    if not config_file.is_file() or not (folder / "onnx").is_dir():
+        raise ConfigError(f"'{folder}' is not an engine stage folder (config.json and onnx/ expected)")
+    config = json.loads(config_file.read_text())
+    builder = config["builder"]
+    limits = SimpleNamespace(**{k: builder[k] for k in ("max_batch", "max_prompt_tokens", "max_new_tokens",
+                                                        "max_images")})
+    trt, name = load_backend(backend)
+    chosen = list(targets or builder["compute_capabilities"])
+    meta = read_meta(folder / "onnx")
+    engine_files = {"decoder": "llm.engine", "vision": "visual/visual.engine"}
+    graphs = {g: folder / "onnx" / meta["graphs"][g] for g in engine_files}
+    rows = preflight(trt, graphs)
+    if rows:
+        raise PreflightError(rows)
+    engines = build_all(trt, graphs, meta["io"], limits, chosen, folder, engine_files)
+    builder.update(backend=name, version=trt.__version__, compute_capabilities=chosen)
+    for path in (config_file, folder / "visual" / "config.json"):
+        doc = json.loads(path.read_text())
+        doc["builder"] = builder
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+    return engines
+
+
+if __name__ == "__main__":  # python -m compress.export.tensorrt FOLDER [--backend B] [--targets sm86 ...]
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(description="rebuild an engine stage folder's engines for this host")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS])
+    p.add_argument("--targets", nargs="+", help="compute capabilities (TensorRT-RTX), e.g. sm86 sm120")
+    a = p.parse_args()
+    try:
+        built = rebuild(a.folder, a.backend, a.targets)
+    except CompressError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    for g, e in built.items():
+        print(f"{g}: {e['engine']} {e['bytes']:,} bytes for {', '.join(e['targets'])} in {e['build_s']} s")

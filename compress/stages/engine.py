@@ -151,17 +151,7 @@ def apply(model: torch.nn.Module, cfg: EngineConfig, ctx: StageContext) -> Stage
     if rows:
         raise T.PreflightError(rows)
     meta = read_meta(ctx.export_dir)
-    engines: dict[str, dict] = {}
-    layers: dict[str, list] = {}
-    (out / "build").mkdir()
-    for name, engine_file in GRAPHS.items():
-        profiles = T.profiles_for(name, meta["io"][name]["inputs"], cfg.profiles)
-        info = T.build_engine(trt, graphs[name], profiles, cfg.compute_capabilities, out / engine_file)
-        (out / "build" / f"{name}.log").write_text(info.pop("log"))
-        layers[name] = info.pop("layers")
-        info["onnx_weight_bytes"] = _weight_bytes(graphs[name])
-        engines[name] = info
-    (out / "layers.json").write_text(json.dumps(layers, indent=1) + "\n")
+    engines = T.build_all(trt, graphs, meta["io"], cfg.profiles, cfg.compute_capabilities, out, GRAPHS)
     limits = cfg.profiles.model_dump()
     common = {"builder": {"backend": backend, "version": trt.__version__, "precision": cfg.precision,
                           "compute_capabilities": cfg.compute_capabilities, **limits}}
@@ -195,11 +185,3 @@ def apply(model: torch.nn.Module, cfg: EngineConfig, ctx: StageContext) -> Stage
                             f"the gate scored {scored}",
         "scored_artifact": scored,
     }, runner=runner, artifacts=out)
-
-
-def _weight_bytes(path: Path) -> int:
-    """Bytes of the graph's initializers (what the engine must at least carry)."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=True)
-    return sum(len(t.raw_data) or 0 for t in proto.graph.initializer)
