@@ -280,7 +280,8 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
                    and s.get("artifacts") and s["index"] < i]
         ctx = StageContext(adapter=adapter, processor=processor, workdir=run_dir.path(f".work/{name}"),
                            seed=r.seed, forward_loop=forward_loop, threads=threads,
-                           export_dir=run_dir.path(exports[-1]) if exports else None)
+                           export_dir=run_dir.path(exports[-1]) if exports else None,
+                           calibration=inputs.calibration, baseline_source=inputs.source, dtype=r.model.dtype)
         try:
             model, state_source, status = _run_stage(model, cfg, i, rec, ctx, scoring, state_source)
         except Exception as e:  # recorded, reported, and the run ends here; --resume retries the stage
