@@ -2,6 +2,8 @@
 the model with real-LLM activation outliers, each a real pipeline run of one prune stage (gate on warn).
 
     python benchmarks/prune_methods.py [--out runs/prune-methods] [--samples 500]
+    python benchmarks/prune_methods.py --smollm2 runs/smollm2-llava   # real SmolLM2-135M weights (see
+                                                                      # compress/zoo/smollm2.py), its own eval set
 
 Writes results.json and results.md into --out; the table goes to docs/pruning.md.
 """
@@ -28,11 +30,16 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
 def _recipe(out: Path, name: str, model: str, stage: dict[str, Any], samples: int) -> Path:
+    evaluation = {"source": str(ROOT / "calibration/shapes-vqa/eval"), "batch_size": 100, "max_new_tokens": 24,
+                  "num_samples": samples}
+    calibration = {"source": str(ROOT / "calibration/shapes-vqa/calib"), "num_samples": 128, "batch_size": 64}
+    if not model.startswith("zoo:"):  # the SmolLM2 LLaVA: its own evaluation set and prompt
+        smol = yaml.safe_load((ROOT / "recipes/int8-smollm2.yaml").read_text())
+        evaluation = {**smol["evaluation"], "source": str(Path(model).parent / "eval")}
+        calibration.update(num_samples=64, batch_size=16)
     doc = {"name": name, "seed": 0, "model": {"source": model},
-           "calibration": {"source": str(ROOT / "calibration/shapes-vqa/calib"), "num_samples": 128,
-                           "batch_size": 64},
-           "evaluation": {"source": str(ROOT / "calibration/shapes-vqa/eval"), "batch_size": 100,
-                          "max_new_tokens": 24, "num_samples": samples},
+           "calibration": calibration,
+           "evaluation": evaluation,
            "stages": [{"type": "prune", "name": "prune", "targets": {"components": ["language"]}, **stage,
                        "gate": {"min_retention": 0.99, "on_fail": "warn"}}]}
     path = out / "recipes" / f"{name}.yaml"
@@ -45,9 +52,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "prune-methods")
     p.add_argument("--samples", type=int, default=500)
+    p.add_argument("--smollm2", type=Path, help="a folder built by python -m compress.zoo.smollm2 (real weights)")
     args = p.parse_args()
+    models = {"smollm2": str((args.smollm2 / "model").resolve())} if args.smollm2 else MODELS
     rows = []
-    for model, source in MODELS.items():
+    for model, source in models.items():
         for label, pattern in PATTERNS.items():
             for method in METHODS:
                 name = f"{model}-{method}-{pattern['pattern'].replace(':', 'of')}"

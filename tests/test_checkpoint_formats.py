@@ -40,6 +40,8 @@ CASES: dict[str, tuple[str, dict]] = {
     "int8/none/per_channel": ("llava", {"activations": "none"}),
     "int8/dynamic_per_token/qwen2_vl": ("qwen2_vl", {"activations": {"dynamic": "per_token"}}),
     "int8/static/idefics3": ("idefics3", {"activations": STATIC, "smoothquant": {"alpha": 0.5}}),
+    # After 2:4 pruning: the checkpoint also carries compressed-tensors' sparsity_config (dense format).
+    "int8/static/2:4": ("llava", {"activations": STATIC, "_prune": "2:4"}),
     # bitsandbytes' own CPU kernel needs out_features % 32 == 0 (the tiny k/v projections have 16).
     "nf4": ("llava", {"nf4": {"blocksize": 32},
                       "targets": {"components": ["language"], "exclude": ["*k_proj", "*v_proj"]}}),
@@ -106,12 +108,20 @@ def _stage_checkpoint(tmp_path: Path, key: str, family: str, extra: dict) -> Pat
                 m(**adapter.build_inputs(processor, _images(2, seed), questions).inputs)
 
     scheme = key.split("/")[0]
+    extra = dict(extra)
+    pattern = extra.pop("_prune", None)
+    if pattern:
+        from compress.arch import select_modules
+        from compress.sparsity import prune_linears
+        from compress.stages.base import Targets
+
+        prune_linears(model, select_modules(model, adapter, Targets(**ALL)), "magnitude", 0.5, pattern, None)
     raw = {"type": "quantize", "scheme": scheme, "targets": ALL, "gate": {"min_retention": 0.5}, **extra}
     spec = get_stage("quantize")
     ctx = StageContext(adapter=adapter, processor=processor, workdir=tmp_path / "work", seed=0,
                        forward_loop=forward_loop)
     q = spec.apply(model, spec.config.model_validate(raw), ctx).model
-    out = tmp_path / key.replace("/", "-")
+    out = tmp_path / key.replace("/", "-").replace(":", "of")
     save_checkpoint(q, processor, out)
     inputs = adapter.build_inputs(processor, _images(2, 7), ["what is this?", "where is the square?"]).inputs
     with torch.no_grad():
@@ -127,6 +137,8 @@ def test_plain_transformers_loads_every_scheme_exactly(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert results.pop("imported_compress") is False
+    sparse = json.loads((folders["int8/static/2:4"] / "config.json").read_text())["quantization_config"]
+    assert sparse["sparsity_config"]["sparsity_structure"] == "2:4" and sparse["sparsity_config"]["format"] == "dense"
     for key, folder in folders.items():
         r = results[str(folder)]
         assert r["missing_keys"] == r["unexpected_keys"] == r["mismatched_keys"] == [], (key, r)

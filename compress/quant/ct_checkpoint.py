@@ -95,6 +95,28 @@ def quantization_config(model: nn.Module) -> dict[str, Any] | None:
         "version": __version__,
     }
     QuantizationConfig.model_validate(config)  # fail here, not in a user's loader
+    sparsity = sparsity_config(modules, linears)
+    if sparsity is not None:
+        config["sparsity_config"] = sparsity
+    return config
+
+
+def sparsity_config(modules: dict[str, Int8Linear], linears: list[str]) -> dict[str, Any] | None:
+    """compressed-tensors' `sparsity_config` (format `dense`: the zeros are stored) when pruning left the
+    INT8 layers 2:4 / 4:8 (every one of them) or at least 30% zeros; None otherwise."""
+    from compressed_tensors.config import SparsityCompressionConfig
+
+    from compress.sparsity import nm_valid
+
+    weights = {n: m.weight_int8 for n, m in modules.items()}
+    zeros = sum(int((w == 0).sum()) for w in weights.values()) / max(sum(w.numel() for w in weights.values()), 1)
+    structure = next((f"{n}:{m}" for n, m in ((2, 4), (4, 8)) if zeros >= 0.45
+                      and all(nm_valid(w, n, m) for w in weights.values())), None)
+    if structure is None and zeros < 0.3:
+        return None
+    config = {"format": "dense", "global_sparsity": round(zeros, 6), "sparsity_structure": structure or "unstructured",
+              "targets": _targets(list(modules), linears), "ignore": []}
+    SparsityCompressionConfig.load_from_registry("dense", **{k: v for k, v in config.items() if k != "format"})
     return config
 
 
