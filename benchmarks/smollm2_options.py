@@ -64,6 +64,7 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=ROOT / "runs" / "smollm2-llava")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "smollm2-options")
     args = p.parse_args()
+    args.model = args.model.resolve()
     rows = []
     for i, (label, quant) in enumerate(OPTIONS.items()):
         result = run(_recipe(args.out, args.model, f"option-{i}", quant), out=args.out / f"option-{i}", force=True)
