@@ -172,15 +172,21 @@ def measure_one(runner: Any, processor: Any, adapter: Any, images: list, questio
     }
 
 
-def eval_inputs(run_dir: Path, batch: int) -> tuple[list, list[str]]:
-    """The first `batch` image + prompt pairs of the run's own evaluation set, read as the run read it."""
-    from compress.data import load_dataset
+def run_recipe(run_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """(the run's LoadedRecipe, its manifest): the recipe text the run kept, resolved where it was written
+    (relative data paths resolve against the recipe's own folder)."""
     from compress.recipe import parse_recipe
 
     m = _manifest(run_dir)
-    # The run keeps the recipe text; relative data paths resolve against where the recipe was.
     where = Path(m.get("recipe", {}).get("path") or run_dir / "recipe.yaml")
-    loaded = parse_recipe((run_dir / "recipe.yaml").read_text(encoding="utf-8"), where)
+    return parse_recipe((run_dir / "recipe.yaml").read_text(encoding="utf-8"), where), m
+
+
+def eval_inputs(run_dir: Path, batch: int) -> tuple[list, list[str]]:
+    """The first `batch` image + prompt pairs of the run's own evaluation set, read as the run read it."""
+    from compress.data import load_dataset
+
+    loaded, _ = run_recipe(run_dir)
     cfg = loaded.recipe.evaluation.model_copy(update={"num_samples": batch, "shuffle": False})
     data = load_dataset(cfg, loaded.base_dir)
     if len(data.records) < batch:

@@ -9,7 +9,6 @@ baseline, and the data must be the very set the baseline was recorded on (checke
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,15 +46,11 @@ def identify(path: str | Path) -> Artifact:
 
 
 def _run_recipe(run_dir: Path) -> tuple[Any, dict[str, Any]]:
-    """(the run's LoadedRecipe, its manifest): the recipe text the run kept, resolved where it was written."""
-    from compress.recipe import parse_recipe
+    from compress.bench import run_recipe
 
-    manifest_file = run_dir / "manifest.json"
-    if not manifest_file.is_file():
+    if not (run_dir / "manifest.json").is_file():
         raise ConfigError(f"--reference {run_dir}: not a run folder (no manifest.json)")
-    manifest = json.loads(manifest_file.read_text())
-    where = Path(manifest.get("recipe", {}).get("path") or run_dir / "recipe.yaml")
-    return parse_recipe((run_dir / "recipe.yaml").read_text(encoding="utf-8"), where), manifest
+    return run_recipe(run_dir)
 
 
 def evaluation_config(recipe: str | None, reference: str | None, data: str | None,
@@ -121,11 +116,7 @@ def evaluate(path: str | Path, data: str | None = None, recipe: str | None = Non
             raise ConfigError(f"--reference {reference}: the run has no recorded baseline ({ref_file})")
         ref = Reference(**load_file(str(ref_file)))
     adapter = get_adapter(artifact.model_type)
-    if cfg.prompt is not None:
-        if adapter.image_token not in cfg.prompt:
-            raise ConfigError(f"prompt must contain the model's image token '{adapter.image_token}', "
-                              f"got {cfg.prompt!r}")
-        adapter.prompt_template = cfg.prompt
+    adapter.use_prompt(cfg.prompt)
     source = manifest["model"]["resolved"] if manifest else str(artifact.path)
     runner, processor = load_runner(artifact.kind, str(artifact.path), source, adapter, providers, threads)
     ev = Evaluator(adapter, processor, dataset, cfg).evaluate(runner, ref, desc=f"eval ({runner.backend})")

@@ -186,11 +186,8 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
     out_dir = _out_dir(recipe, out)
     inputs = _resolve(recipe)  # reads data and model config; nothing written yet
     adapter = adapter_for_source(inputs.source, r.model.trust_remote_code)
-    if r.evaluation.prompt is not None:
-        if adapter.image_token not in r.evaluation.prompt:
-            raise ConfigError(f"{recipe.path}: evaluation.prompt must contain the model's image token "
-                              f"'{adapter.image_token}' ({adapter.name}), got {r.evaluation.prompt!r}")
-        adapter.prompt_template = r.evaluation.prompt  # calibration, evaluation and exports all prompt alike
+    # Calibration, evaluation and exports all prompt alike.
+    adapter.use_prompt(r.evaluation.prompt, where=f"{recipe.path}: evaluation.prompt")
     run_dir = RunDir(out_dir)
     resuming = run_dir.open(inputs.sha256(), resume=resume, force=force)
     _seed_everything(r.seed)

@@ -111,6 +111,13 @@ class Adapter:
     # A recipe's `evaluation.prompt` ("<image> question: {question} answer:"): overrides the chat template.
     prompt_template: str | None = None
 
+    def use_prompt(self, template: str | None, where: str = "prompt") -> None:
+        """Prompt every batch with `template` (None: the chat template); it must hold this model's image token."""
+        if template is not None and self.image_token not in template:
+            raise ConfigError(f"{where} must contain the model's image token '{self.image_token}' ({self.name}), "
+                              f"got {template!r}")
+        self.prompt_template = template
+
     def format_prompt(self, processor: Any, question: str) -> str:
         if self.prompt_template is not None:
             return self.prompt_template.format(question=question)

@@ -23,6 +23,8 @@ from compress.errors import CompressError, ConfigError
 BACKENDS = ("tensorrt", "tensorrt_rtx")
 # Compute capabilities TensorRT-RTX can target ahead of time (its ComputeCapability enum).
 RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
+# Which graph becomes which engine file (TensorRT Edge-LLM's layout).
+ENGINE_FILES = {"decoder": "llm.engine", "vision": "visual/visual.engine"}
 
 
 class PreflightError(CompressError):
@@ -78,21 +80,25 @@ def _network(trt: Any, builder: Any) -> Any:
     return builder.create_network(flags)
 
 
-def preflight(trt: Any, graphs: dict[str, Path]) -> list[dict[str, str]]:
-    """Parse every graph; one row per node the parser rejects (empty: all parse)."""
-    rows: list[dict[str, str]] = []
-    for name, path in graphs.items():
-        log = _Log(trt)
-        builder = trt.Builder(log.logger)
-        network = _network(trt, builder)  # the parser fills it: it must outlive the parser (else a segfault)
-        parser = trt.OnnxParser(network, log.logger)
-        if parser.parse_from_file(str(path)):
-            continue
+def _parse(trt: Any, graph: str, path: Path) -> tuple[_Log, Any, Any, list[dict[str, str]]]:
+    """(log, builder, network, rejected-node rows) for one graph; the caller keeps builder and network alive
+    (the parser fills the network: it must outlive the parser, else a segfault)."""
+    log = _Log(trt)
+    builder = trt.Builder(log.logger)
+    network = _network(trt, builder)
+    parser = trt.OnnxParser(network, log.logger)
+    rows = []
+    if not parser.parse_from_file(str(path)):
         for i in range(parser.num_errors):
             err = parser.get_error(i)
             reason = err.desc().split("\n")[-1].strip() or err.desc()
-            rows.append({"graph": name, "node": err.node_name(), "op": err.node_operator(), "reason": reason})
-    return rows
+            rows.append({"graph": graph, "node": err.node_name(), "op": err.node_operator(), "reason": reason})
+    return log, builder, network, rows
+
+
+def preflight(trt: Any, graphs: dict[str, Path]) -> list[dict[str, str]]:
+    """Parse every graph; one row per node the parser rejects (empty: all parse)."""
+    return [row for name, path in graphs.items() for row in _parse(trt, name, path)[3]]
 
 
 @dataclass(frozen=True)
@@ -157,14 +163,9 @@ def _targets(trt: Any, config: Any, targets: list[str]) -> list[str]:
 def build_engine(trt: Any, onnx_path: Path, profiles: list[Profile], targets: list[str],
                  engine_path: Path) -> dict[str, Any]:
     """Build and write one engine; returns what the manifest records about it."""
-    log = _Log(trt)
-    builder = trt.Builder(log.logger)
-    network = _network(trt, builder)
-    parser = trt.OnnxParser(network, log.logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        raise PreflightError([{"graph": onnx_path.stem, "node": parser.get_error(i).node_name(),
-                               "op": parser.get_error(i).node_operator(), "reason": parser.get_error(i).desc()}
-                              for i in range(parser.num_errors)])
+    log, builder, network, rows = _parse(trt, onnx_path.stem, onnx_path)
+    if rows:
+        raise PreflightError(rows)
     config = builder.create_builder_config()
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     built_for = _targets(trt, config, targets)
@@ -297,12 +298,11 @@ def rebuild(folder: Path, backend: str = "auto", targets: list[str] | None = Non
     trt, name = load_backend(backend)
     chosen = list(targets or builder["compute_capabilities"])
     meta = read_meta(folder / "onnx")
-    engine_files = {"decoder": "llm.engine", "vision": "visual/visual.engine"}
-    graphs = {g: folder / "onnx" / meta["graphs"][g] for g in engine_files}
+    graphs = {g: folder / "onnx" / meta["graphs"][g] for g in ENGINE_FILES}
     rows = preflight(trt, graphs)
     if rows:
         raise PreflightError(rows)
-    engines = build_all(trt, graphs, meta["io"], limits, chosen, folder, engine_files)
+    engines = build_all(trt, graphs, meta["io"], limits, chosen, folder, ENGINE_FILES)
     builder.update(backend=name, version=trt.__version__, compute_capabilities=chosen)
     for path in (config_file, folder / "visual" / "config.json"):
         doc = json.loads(path.read_text())

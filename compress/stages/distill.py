@@ -113,7 +113,7 @@ def _losses(student_out, teacher_out, positions: torch.Tensor, labels: torch.Ten
 
 
 @torch.no_grad()
-def _agreement(student, teacher, batches: list[tuple[dict, torch.Tensor]], temp: float = 1.0) -> dict:
+def _agreement(student, teacher, batches: list[tuple[dict, torch.Tensor]]) -> dict:
     kls, hits, n = [], 0, 0
     for inputs, pos in batches:
         s, t = student(**inputs).logits[pos].float(), teacher(**inputs).logits[pos].float()

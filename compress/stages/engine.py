@@ -18,11 +18,11 @@ import torch
 from pydantic import Field, model_validator
 
 from compress.errors import ConfigError
+from compress.export.tensorrt import ENGINE_FILES
 from compress.registry import register_stage
 from compress.stages.base import StageConfig, StageContext, StageResult, Strict
 
 Target = Literal["sm75", "sm80", "sm86", "sm89", "sm120", "sm121"]
-GRAPHS = {"decoder": "llm.engine", "vision": "visual/visual.engine"}
 
 
 class ProfilesConfig(Strict):
@@ -88,14 +88,14 @@ def _source_graphs(export_dir: Path, out: Path, precision: str) -> dict[str, Pat
     graphs: dict[str, Path] = {}
     for name, file in meta["graphs"].items():
         proto = onnx.load(str(export_dir / file))
-        if precision == "fp16" and name in GRAPHS:
+        if precision == "fp16" and name in ENGINE_FILES:
             proto = to_fp16(proto)
         dest = onnx_dir / f"{name}.onnx"
         onnx.save(proto, str(dest), save_as_external_data=proto.ByteSize() > 1_800_000_000)
         graphs[name] = dest
     write_meta(onnx_dir, {**meta, "graphs": {n: p.name for n, p in graphs.items()}, "precision": precision,
                           "fused": False, "sizes": {}})
-    return {name: graphs[name] for name in GRAPHS}
+    return {name: graphs[name] for name in ENGINE_FILES}
 
 
 def to_fp16(proto: Any) -> Any:
@@ -151,7 +151,7 @@ def apply(model: torch.nn.Module, cfg: EngineConfig, ctx: StageContext) -> Stage
     if rows:
         raise T.PreflightError(rows)
     meta = read_meta(ctx.export_dir)
-    engines = T.build_all(trt, graphs, meta["io"], cfg.profiles, cfg.compute_capabilities, out, GRAPHS)
+    engines = T.build_all(trt, graphs, meta["io"], cfg.profiles, cfg.compute_capabilities, out, ENGINE_FILES)
     limits = cfg.profiles.model_dump()
     common = {"builder": {"backend": backend, "version": trt.__version__, "precision": cfg.precision,
                           "compute_capabilities": cfg.compute_capabilities, **limits}}
