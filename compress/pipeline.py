@@ -83,10 +83,12 @@ class _Inputs:
     model_sha256: str
     evaluation: Dataset
     calibration: Dataset | None
+    stage_data: dict[int, Dataset] = field(default_factory=dict)  # a stage's own `data:` set (distill)
 
     def sha256(self) -> str:
         parts = [self.recipe.sha256(), self.model_sha256, self.evaluation.sha256,
-                 self.calibration.sha256 if self.calibration else "-"]
+                 self.calibration.sha256 if self.calibration else "-",
+                 *(f"{i}:{d.sha256}" for i, d in sorted(self.stage_data.items()))]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -131,7 +133,9 @@ def _resolve(recipe: LoadedRecipe) -> _Inputs:
     log(f"model {r.model.source} -> {source}")
     evaluation = load_dataset(r.evaluation, recipe.base_dir)
     calibration = load_dataset(r.calibration, recipe.base_dir) if r.calibration else None
-    return _Inputs(recipe, source, _model_hash(source), evaluation, calibration)
+    stage_data = {i: load_dataset(s.data, recipe.base_dir) for i, s in enumerate(r.stages)
+                  if getattr(s, "data", None) is not None}
+    return _Inputs(recipe, source, _model_hash(source), evaluation, calibration, stage_data)
 
 
 def _out_dir(recipe: LoadedRecipe, out: str | Path | None) -> Path:
@@ -205,7 +209,8 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
             "model": {"source": r.model.source, "resolved": inputs.source, "sha256": inputs.model_sha256,
                       "adapter": adapter.name, "dtype": r.model.dtype},
             "data": {name: {"source": d.source, "sha256": d.sha256, "records": len(d)}
-                     for name, d in (("evaluation", inputs.evaluation), ("calibration", inputs.calibration))
+                     for name, d in (("evaluation", inputs.evaluation), ("calibration", inputs.calibration),
+                                     *((f"stages.{i}.data", d) for i, d in inputs.stage_data.items()))
                      if d is not None},
             "status": "running",
             "stages": [],
@@ -278,7 +283,8 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
         ctx = StageContext(adapter=adapter, processor=processor, workdir=run_dir.path(f".work/{name}"),
                            seed=r.seed, forward_loop=forward_loop, threads=threads,
                            export_dir=run_dir.path(exports[-1]) if exports else None,
-                           calibration=inputs.calibration, baseline_source=inputs.source, dtype=r.model.dtype)
+                           calibration=inputs.stage_data.get(i, inputs.calibration),
+                           baseline_source=inputs.source, dtype=r.model.dtype)
         try:
             model, state_source, status = _run_stage(model, cfg, i, rec, ctx, scoring, state_source)
         except Exception as e:  # recorded, reported, and the run ends here; --resume retries the stage

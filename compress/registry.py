@@ -19,8 +19,8 @@ class StageSpec:
 
 
 _STAGES: dict[str, StageSpec] = {}
-BUILTIN_STAGES = ("compress.stages.prune", "compress.stages.distill", "compress.stages.quantize",
-                  "compress.stages.export", "compress.stages.engine")
+BUILTIN_STAGES = ("compress.stages.prune", "compress.stages.shrink", "compress.stages.distill",
+                  "compress.stages.quantize", "compress.stages.export", "compress.stages.engine")
 
 
 def register_stage(config: type[StageConfig]) -> Callable[[Apply], Apply]:

@@ -56,7 +56,7 @@ def test_distillation_recovers_a_2_4_model_and_keeps_its_zeros(tmp_path):
 
 
 @pytest.mark.parametrize(("stages", "calibration", "needle"), [
-    ([{"type": "quantize", "scheme": "int8", "targets": {"components": ["language"]}, "activations": "none",
+    ([{"type": "quantize", "scheme": "nf4", "targets": {"components": ["language"]},
        "gate": {"min_retention": 0.5}}, DISTILL], True, "'distill' stage cannot run after a 'quantize' stage"),
     ([{"type": "export", "format": "onnx", "gate": {"min_retention": 0.5}}, DISTILL], True,
      "'distill' stage cannot run after a 'export' stage"),
@@ -68,3 +68,39 @@ def test_distill_ordering_and_field_errors(tmp_path, stages, calibration, needle
     with pytest.raises(RecipeError) as e:
         load_recipe(_recipe(tmp_path, stages, calibration))
     assert needle in str(e.value)
+
+
+def test_distill_data_replaces_calibration_and_is_read_before_anything_is_written(tmp_path):
+    from compress.stages.distill import _lr_factor
+
+    data = {"source": str(ROOT / "calibration/shapes-vqa/distill"), "num_samples": 64}
+    assert load_recipe(_recipe(tmp_path, [{**DISTILL, "data": data}], calibration=False))  # no calibration needed
+    out = tmp_path / "run"
+    missing = {**DISTILL, "data": {"source": str(tmp_path / "nowhere")}}
+    assert main(["run", str(_recipe(tmp_path, [missing], calibration=False)), "--out", str(out)]) != 0
+    assert not out.exists()
+    # warm-up, then cosine to zero (or constant)
+    assert _lr_factor(0, 10, 100, "cosine") == pytest.approx(0.1) and _lr_factor(10, 10, 100, "cosine") == 1.0
+    assert _lr_factor(55, 10, 100, "cosine") == pytest.approx(0.5) and _lr_factor(99, 10, 100, "cosine") < 0.01
+    assert _lr_factor(99, 10, 100, "constant") == 1.0
+
+
+def test_distillation_after_int8_moves_codes_not_scales_and_keeps_2_4(tmp_path):
+    """Straight-through training on the frozen grid: same scales, new codes, 2:4 zeros kept, KL down."""
+    int8 = {"type": "quantize", "name": "int8", "scheme": "int8", "targets": {"components": ["language"]},
+            "weights": {"granularity": "per_tensor"}, "activations": {"calibration": "minmax"},
+            "gate": {"min_retention": 0.1, "on_fail": "warn"}}
+    out = tmp_path / "run"
+    assert main(["run", str(_recipe(tmp_path, [PRUNE, int8, DISTILL])), "--out", str(out)]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    _, quantized, distilled = m["stages"]
+    d = distilled["details"]
+    assert d["int8_layers"] == 28 and d["masks_intact"] and 0 < d["int8_codes_changed"] < 0.5
+    assert d["teacher_kl_after"] < d["teacher_kl_before"]
+    before = load_file(str(out / quantized["checkpoint"] / "model.safetensors"))
+    after = load_file(str(out / distilled["checkpoint"] / "model.safetensors"))
+    scales = [k for k in before if k.endswith(("weight_scale", "input_scale"))]
+    assert len(scales) == 56 and all(torch.equal(before[k], after[k]) for k in scales)  # the grid is frozen
+    codes = [k for k in after if "language_model" in k and k.endswith("proj.weight")]
+    assert len(codes) == 28 and all(after[k].dtype == torch.int8 and nm_valid(after[k].float(), 2, 4) for k in codes)
+    assert any(not torch.equal(before[k], after[k]) for k in codes)

@@ -21,7 +21,9 @@ QUANT = {"type": "quantize", "name": "int8", "scheme": "int8",
          "targets": {"components": ["vision", "projector", "language"]},
          "activations": {"calibration": "percentile", "percentile": 99.99}, "gate": {"min_retention": 0.99}}
 EXPORT = {"type": "export", "name": "onnx-trt", "format": "onnx", "target": "tensorrt",
-          "parity": {"atol": {"vision": 0.05, "embed": 1.0e-6, "decoder": 0.01, "end_to_end": 0.05}, "rtol": 1.0e-2},
+          # decoder: one int8 step apart at a rounding boundary moves a random-input logit by up to ~0.09
+          # (measured on an AMX Xeon; see recipes/tensorrt-int8.yaml)
+          "parity": {"atol": {"vision": 0.05, "embed": 1.0e-6, "decoder": 0.1, "end_to_end": 0.05}, "rtol": 1.0e-2},
           "gate": {"min_retention": 0.99}}
 ENGINE = {"type": "engine", "name": "trt", "precision": "fp16", "compute_capabilities": ["sm86", "sm89", "sm120"],
           "profiles": {"max_batch": 4, "max_prompt_tokens": 128, "max_new_tokens": 32}, "gate": {"min_retention": 0.99}}

@@ -2,8 +2,8 @@
 
     python -m compress.data.make_shapes [--out calibration/shapes-vqa]
 
-Writes `eval/` (EVAL_SEEDS) and `calib/` (CALIB_SEEDS) in the folder format: `images/NNNNNN.png`
-plus `metadata.jsonl` (file_name, prompt, answer, qtype, seed). Output is a pure function of the
+Writes `eval/` (EVAL_SEEDS), `calib/` (CALIB_SEEDS) and `distill/` (DISTILL_SEEDS) in the folder format:
+`images/NNNNNN.png` plus `metadata.jsonl` (file_name, prompt, answer, qtype, seed). Output is a pure function of the
 seeds, and PNGs are written with fixed settings and no metadata chunks, so re-running it gives the
 same files (byte-identical with the same zlib; pixel-identical anywhere).
 """
@@ -21,7 +21,8 @@ from compress.zoo import shapes
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO_ROOT / "calibration" / "shapes-vqa"
-SETS: dict[str, tuple[int, int]] = {"eval": shapes.EVAL_SEEDS, "calib": shapes.CALIB_SEEDS}
+SETS: dict[str, tuple[int, int]] = {"eval": shapes.EVAL_SEEDS, "calib": shapes.CALIB_SEEDS,
+                                    "distill": shapes.DISTILL_SEEDS}
 PNG_PARAMS = {"format": "PNG", "optimize": False, "compress_level": 9}
 
 

@@ -90,7 +90,7 @@ class StageContext:
     forward_loop: Callable[[torch.nn.Module], None] | None = None
     threads: int | None = None  # CPU threads for runtimes the stage creates (None: their default)
     export_dir: Path | None = None  # the latest kept export stage's folder (what an engine stage builds from)
-    calibration: Any = None  # the calibration Dataset (records), for stages that train on it
+    calibration: Any = None  # records a stage trains on: its own `data:` set, else the calibration set
     baseline_source: str | None = None  # the source model folder (a distillation teacher)
     dtype: str = "float32"
 

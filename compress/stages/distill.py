@@ -1,18 +1,22 @@
 """`type: distill`: win back accuracy by training the current model to answer like a teacher.
 
-Teacher: the run's source model (`baseline`) or a checkpoint folder. Loss on the answer positions only
-(image, prompt and padding tokens masked): T^2 * KL(teacher || student) of the softened next-token
-distributions, plus optional cross-entropy on the reference answer and hidden-state MSE. Data: the
-calibration set's image + question + answer records (the teacher's own greedy answers where a record
-has none). AdamW; the vision tower, projector and embeddings are frozen by default. Zeros that earlier
-pruning put in the weights stay zero: the masks are re-applied after every step and checked at the end.
+Teacher: the run's source model (`baseline`) or a checkpoint folder. Loss: T^2 * KL(teacher || student)
+of the softened next-token distributions on the answer positions (or, `loss.positions: text`, on every
+prompt and answer token; image and padding tokens are always masked), plus optional cross-entropy on
+the reference answer and hidden-state MSE. Data: the stage's own `data:` set, else the calibration
+set's image + question + answer records (the teacher's own greedy answers where a record has none).
+AdamW with warm-up and cosine decay; the vision tower, projector and embeddings are frozen by default.
+Zeros that earlier pruning put in the weights stay zero: the masks are re-applied after every step and
+checked at the end.
 
-Distillation runs on float or pruned weights; after INT8 or NF4 it is refused when the recipe loads
-(quantize after distilling: the quantize stage calibrates on the distilled weights).
+Distillation runs on float or pruned weights, and after INT8 through a straight-through estimator on
+the quantize stage's frozen scales (the int8 codes move, the grid does not). After NF4 it is refused
+when the recipe loads: distil first, then quantize (NF4 needs no calibration).
 """
 
 from __future__ import annotations
 
+import math
 import random
 import resource
 import time
@@ -23,7 +27,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from tqdm.auto import tqdm
 
+from compress.data.config import DataConfig
 from compress.errors import ConfigError
+from compress.quant import ste
 from compress.registry import register_stage
 from compress.stages.base import StageConfig, StageContext, StageResult, Strict
 
@@ -35,25 +41,35 @@ class LossConfig(Strict):
     ce: float = Field(0.0, ge=0.0, description="weight of cross-entropy on the reference answer tokens")
     hidden_mse: float = Field(0.0, ge=0.0, description="weight of MSE between the last hidden states")
     temperature: float = Field(2.0, gt=0.0, le=20.0, description="softening of both distributions")
+    positions: Literal["answer", "text"] = Field(
+        "answer", description="where the KL term applies: the answer tokens, or every text token of prompt and "
+        "answer (image and padding masked; more signal per record when data is scarce)")
 
 
 class DistillConfig(StageConfig):
     type: Literal["distill"]
     teacher: str = Field("baseline", min_length=1, description="baseline (the run's source model) or a model folder")
     steps: int = Field(200, ge=1, le=100_000, description="optimizer steps")
-    lr: float = Field(1e-4, gt=0.0, le=1.0, description="AdamW learning rate (constant after a 10% warm-up)")
+    lr: float = Field(1e-4, gt=0.0, le=1.0, description="AdamW peak learning rate, reached after a 10% warm-up")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="after the warm-up: cosine decay to 0, "
+                                                    "or constant")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     batch_size: int = Field(16, ge=1, le=1024, description="records per step")
     max_answer_tokens: int = Field(32, ge=1, le=512, description="answer tokens trained on per record")
     freeze: list[Frozen] = Field(default_factory=lambda: ["vision", "projector", "embeddings"],
                                  description="parts that are not trained")
     loss: LossConfig = Field(LossConfig(), description="what the student is trained on")
+    data: DataConfig | None = Field(None, description="image + question (+ answer) records to train on "
+                                    "(default: the calibration set)")
 
-    requirement = "float or pruned weights (distil before quantizing)"
+    # After INT8 it trains through the frozen int8 grid (compress.quant.ste); NF4 is refused: its 4-bit
+    # codes have no straight-through form here, and quantizing after distilling loses nothing.
+    accepts = frozenset({"float", "sparse", "fake_quant"})
+    requirement = "float, pruned or INT8 weights (distil before an NF4 stage)"
 
     @property
     def needs_calibration(self) -> bool:
-        return True
+        return self.data is None
 
     def output_state(self, state: str) -> str:
         return state
@@ -88,6 +104,14 @@ def _masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _text_positions(inputs: dict[str, torch.Tensor], image_id: int) -> torch.Tensor:
+    """Logits that predict a text token: real (unpadded) positions whose next token is not an image token."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+    keep = torch.zeros_like(mask)
+    keep[:, :-1] = mask[:, :-1] & mask[:, 1:] & (ids[:, 1:] != image_id)
+    return keep
+
+
 def _batches(records: list, cfg: DistillConfig, seed: int):
     rng = random.Random(seed)
     order: list = []
@@ -99,14 +123,15 @@ def _batches(records: list, cfg: DistillConfig, seed: int):
         yield batch
 
 
-def _losses(student_out, teacher_out, positions: torch.Tensor, labels: torch.Tensor, cfg: LossConfig) -> dict:
-    s, t = student_out.logits[positions].float(), teacher_out.logits[positions].float()
+def _losses(student_out, teacher_out, kl_positions: torch.Tensor, answer_positions: torch.Tensor,
+            labels: torch.Tensor, cfg: LossConfig) -> dict:
+    s, t = student_out.logits[kl_positions].float(), teacher_out.logits[kl_positions].float()
     temp = cfg.temperature
     kl = F.kl_div(F.log_softmax(s / temp, -1), F.log_softmax(t / temp, -1), log_target=True,
                   reduction="batchmean") * temp**2
     out = {"kl": kl}
     if cfg.ce:
-        out["ce"] = F.cross_entropy(s, labels)
+        out["ce"] = F.cross_entropy(student_out.logits[answer_positions].float(), labels)
     if cfg.hidden_mse:
         out["hidden_mse"] = F.mse_loss(student_out.hidden_states[-1].float(), teacher_out.hidden_states[-1].float())
     return out
@@ -124,12 +149,21 @@ def _agreement(student, teacher, batches: list[tuple[dict, torch.Tensor]]) -> di
     return {"kl": sum(kls) / max(n, 1), "top1_agreement": hits / max(n, 1)}
 
 
+def _lr_factor(step: int, warm: int, steps: int, schedule: str) -> float:
+    """Linear warm-up, then constant or a cosine to 0 (small data sets overfit at a constant rate)."""
+    if step < warm:
+        return (step + 1) / warm
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
 @register_stage(DistillConfig)
 def apply(model: torch.nn.Module, cfg: DistillConfig, ctx: StageContext) -> StageResult:
     from compress.checkpoint import load_checkpoint
 
     if ctx.calibration is None or not len(ctx.calibration):
-        raise ConfigError("distill needs a 'calibration' data section (image + question records)")
+        raise ConfigError("distill needs records to train on: a 'calibration' section or the stage's 'data'")
     source = ctx.baseline_source if cfg.teacher == "baseline" else cfg.teacher
     teacher, _ = load_checkpoint(source, ctx.adapter, ctx.dtype)
     teacher.eval().requires_grad_(False)
@@ -155,13 +189,15 @@ def apply(model: torch.nn.Module, cfg: DistillConfig, ctx: StageContext) -> Stag
     held = [encode(records[i:i + cfg.batch_size])[:2] for i in range(0, min(len(records), 4 * cfg.batch_size),
                                                                        cfg.batch_size)]
     model.eval()
+    int8 = ste.wrap(model)  # INT8 layers train through their frozen grid
     params = _trainable(model, cfg, ctx)
     masks = _masks(model)
     before = _agreement(model, teacher, held)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = max(1, cfg.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warm, cfg.steps, cfg.schedule))
     linears = dict(model.named_modules())
+    image_id = ctx.processor.tokenizer.convert_tokens_to_ids(ctx.adapter.image_token)
     t0, losses = time.time(), []
     bar = tqdm(range(cfg.steps), desc="distill", leave=False)
     stream = _batches(records, cfg, ctx.seed)
@@ -171,7 +207,8 @@ def apply(model: torch.nn.Module, cfg: DistillConfig, ctx: StageContext) -> Stag
             t_out = teacher(**inputs, output_hidden_states=hidden)
         with torch.enable_grad():
             s_out = model(**inputs, output_hidden_states=hidden)
-            parts = _losses(s_out, t_out, pos, labels, cfg.loss)
+            kl_pos = pos if cfg.loss.positions == "answer" else _text_positions(inputs, image_id)
+            parts = _losses(s_out, t_out, kl_pos, pos, labels, cfg.loss)
             loss = sum(getattr(cfg.loss, k) * v for k, v in parts.items())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -180,11 +217,14 @@ def apply(model: torch.nn.Module, cfg: DistillConfig, ctx: StageContext) -> Stag
         with torch.no_grad():
             for name, mask in masks.items():
                 linears[name].weight.masked_fill_(mask, 0.0)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
     wall = time.time() - t0
     model.requires_grad_(False)
-    intact = all(bool((linears[n].weight[m] == 0).all()) for n, m in masks.items())
+    codes_changed = ste.unwrap(model, int8)
+    linears = dict(model.named_modules())
+    intact = all(bool((linears[n].weight[m] == 0).all()) for n, m in masks.items()) and all(
+        bool((linears[n].weight_int8[w.zero] == 0).all()) for n, w in int8.items())
     if not intact:
         raise ConfigError("distill: a pruned weight became non-zero (masks not intact)")
     after = _agreement(model, teacher, held)
@@ -200,6 +240,8 @@ def apply(model: torch.nn.Module, cfg: DistillConfig, ctx: StageContext) -> Stag
         "teacher_top1_before": round(before["top1_agreement"], 6),
         "teacher_top1_after": round(after["top1_agreement"], 6),
         "masks_kept": len(masks),
+        "int8_layers": len(int8),
+        "int8_codes_changed": round(sum(codes_changed.values()) / len(codes_changed), 6) if int8 else None,
         "masks_intact": intact,
         "wall_s": round(wall, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

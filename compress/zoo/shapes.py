@@ -149,3 +149,4 @@ def vocabulary() -> list[str]:
 TRAIN_SEEDS = (1_000_000, 1_000_000_000)
 EVAL_SEEDS = (0, 500)
 CALIB_SEEDS = (10_000, 256)
+DISTILL_SEEDS = (20_000, 2048)
