@@ -66,7 +66,7 @@ def main() -> None:
         name = f"{model}-{importance}"
         result = run(_recipe(args.out, name, source, {"importance": importance, **ratios}, args.samples),
                      out=args.out / name, force=True)
-        runs[importance] = result.root
+        runs[importance] = result.run_dir
         rec, base = result.manifest["stages"][0], result.manifest["baseline"]["metrics"]
         d = rec["details"]
         rows.append({"model": model, "importance": importance, **ratios,

@@ -182,8 +182,9 @@ def run_recipe(run_dir: Path) -> tuple[Any, dict[str, Any]]:
     return parse_recipe((run_dir / "recipe.yaml").read_text(encoding="utf-8"), where), m
 
 
-def eval_inputs(run_dir: Path, batch: int) -> tuple[list, list[str]]:
-    """The first `batch` image + prompt pairs of the run's own evaluation set, read as the run read it."""
+def eval_inputs(run_dir: Path, batch: int, adapter: Any = None) -> tuple[list, list[str]]:
+    """The first `batch` image + prompt pairs of the run's own evaluation set, read as the run read it;
+    `adapter` (when given) also gets the run's `evaluation.prompt`, so prompts are built as the run built them."""
     from compress.data import load_dataset
 
     loaded, _ = run_recipe(run_dir)
@@ -191,6 +192,8 @@ def eval_inputs(run_dir: Path, batch: int) -> tuple[list, list[str]]:
     data = load_dataset(cfg, loaded.base_dir)
     if len(data.records) < batch:
         raise CompressError(f"--batch {batch}: the evaluation set has only {len(data.records)} records")
+    if adapter is not None:
+        adapter.use_prompt(loaded.recipe.evaluation.prompt, "evaluation.prompt")
     return [r.image for r in data.records], [r.prompt for r in data.records]
 
 
@@ -202,7 +205,7 @@ def _child(args: dict[str, Any]) -> None:
 
     run_dir = Path(args["run_dir"])
     adapter = get_adapter(args["model_type"])
-    images, questions = eval_inputs(run_dir, args["batch"])
+    images, questions = eval_inputs(run_dir, args["batch"], adapter)
     import onnxruntime  # noqa: F401  (the reference process imports what every artifact process does)
     import transformers  # noqa: F401
 

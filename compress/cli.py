@@ -70,6 +70,25 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_zoo_tiny(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from compress.arch.tiny import FAMILIES, save_tiny
+    from compress.artifacts import atomic_dir
+    from compress.errors import ConfigError
+
+    out = Path(args.out)
+    if args.family not in FAMILIES:
+        raise ConfigError(f"no tiny model for '{args.family}'; available: {', '.join(FAMILIES)}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} already exists and is not an empty folder; nothing written")
+    with atomic_dir(out) as tmp:
+        save_tiny(args.family, tmp, seed=args.seed)
+    print(f"{out}: a tiny random {args.family} model + processor (untrained, seed {args.seed}); "
+          "load it with from_pretrained or point a recipe's model.source at it")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlm-compress", description="Accuracy-gated VLM compression.")
     p.add_argument("--version", action="version", version=f"vlm-compress {__version__}")
@@ -113,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
                                       "field reference")
     s.add_argument("--markdown", action="store_true", help="the field reference of docs/recipes.md instead")
     s.set_defaults(fn=_cmd_schema)
+    z = sub.add_parser("zoo", help="write models to try recipes on")
+    zs = z.add_subparsers(dest="zoo_command", required=True)
+    t = zs.add_parser("tiny", help="a tiny random model of a supported family (offline, seconds)")
+    t.add_argument("family", help="llava, qwen2_vl, qwen2_5_vl, idefics3, smolvlm, paligemma, gemma3, internvl, mllama")
+    t.add_argument("--out", required=True, help="folder to create (must not exist, or be empty)")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(fn=_cmd_zoo_tiny)
     return p
 
 

@@ -34,7 +34,7 @@ from compress.checkpoint import load_checkpoint, save_checkpoint
 from compress.checks.evaluator import Evaluation, Evaluator, Reference
 from compress.checks.gate import run_checks
 from compress.data import Dataset, load_dataset
-from compress.errors import CompressError, ConfigError
+from compress.errors import CompressError, ConfigError, RecipeError
 from compress.host import cpu_features
 from compress.recipe import LoadedRecipe, load_recipe, stage_name
 from compress.registry import get_stage
@@ -162,6 +162,8 @@ def _prompt_record(adapter: Any, processor: Any, data: Dataset) -> dict[str, str
     source = ("recipe" if adapter.prompt_template is not None
               else "chat template" if getattr(processor, "chat_template", None) else "adapter default")
     example = adapter.format_prompt(processor, data.records[0].prompt) if len(data) else ""
+    if source == "adapter default" and adapter.native_prompt:
+        source = "family format"
     if source == "adapter default":
         log(f"WARNING: the processor has no chat template and the recipe sets no evaluation.prompt; prompts are "
             f"built as {example!r}. Set evaluation.prompt (e.g. \"<image> question: {{question}} answer:\") "
@@ -192,6 +194,11 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
     adapter = adapter_for_source(inputs.source, r.model.trust_remote_code)
     # Calibration, evaluation and exports all prompt alike.
     adapter.use_prompt(r.evaluation.prompt, where=f"{recipe.path}: evaluation.prompt")
+    for i, stage in enumerate(r.stages):  # a family that cannot take a stage says so before any weights load
+        reason = adapter.refuse(stage)
+        if reason:
+            raise RecipeError(f"{recipe.path}: stages[{i}]: a '{stage.type}' stage cannot run on {adapter.name} "
+                              f"({adapter.model_type}) models: {reason}")
     run_dir = RunDir(out_dir)
     resuming = run_dir.open(inputs.sha256(), resume=resume, force=force)
     _seed_everything(r.seed)

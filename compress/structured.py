@@ -281,9 +281,17 @@ def rebuild(model: nn.Module, language_path: str, lay: Layout, p: Plan) -> nn.Mo
                           f"({attn.head_dim} instead of {lay.head_dim} with fewer heads; Qwen2-VL's "
                           "M-RoPE sections fix head_dim), so its heads cannot be pruned; prune mlp or layers")
     new.load_state_dict(sliced_state(model, lay, p), strict=True)
+    new.tie_weights()  # loading copied lm_head and the embeddings into two tensors; tied models share one
+    if _tied(model) and not _tied(new):
+        raise ConfigError("shrink: the rebuilt model lost its tied input/output embeddings")
     new.generation_config = copy.deepcopy(model.generation_config)
     new.eval()
     return new
+
+
+def _tied(model: nn.Module) -> bool:
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    return out is not None and out.weight is inp.weight
 
 
 def _resolve(model: nn.Module, path: str) -> nn.Module:

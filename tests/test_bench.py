@@ -142,3 +142,22 @@ def test_bench_refuses_a_non_run_folder_and_bad_settings(tmp_path, capsys):
 
     with pytest.raises(CompressError, match="at least 1"):
         bench(tmp_path, repeats=0)
+
+
+def test_bench_builds_prompts_with_the_runs_evaluation_prompt(tmp_path):
+    """A run whose recipe sets evaluation.prompt (no chat template fits) is benchmarked with that prompt."""
+    import yaml
+    from test_recipe import VALID
+
+    from compress.arch import get_adapter
+    from compress.bench import eval_inputs
+
+    doc = yaml.safe_load(VALID)
+    doc["evaluation"]["prompt"] = "<image> question: {question} answer:"
+    recipes = Path(__file__).parent.parent / "recipes"
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(doc))
+    (tmp_path / "manifest.json").write_text(json.dumps({"recipe": {"path": str(recipes / "t.yaml")}}))
+    adapter = get_adapter("llava")
+    _, questions = eval_inputs(tmp_path, 2, adapter)
+    assert adapter.prompt_template == "<image> question: {question} answer:"
+    assert adapter.format_prompt(None, questions[0]) == f"<image> question: {questions[0]} answer:"

@@ -337,7 +337,8 @@ def test_make_shapes_is_byte_deterministic(tmp_path: Path) -> None:
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
 
 
-@pytest.mark.parametrize(("name", "seeds"), [("eval", shapes.EVAL_SEEDS), ("calib", shapes.CALIB_SEEDS)])
+@pytest.mark.parametrize(("name", "seeds"), [("eval", shapes.EVAL_SEEDS), ("calib", shapes.CALIB_SEEDS),
+                                           ("distill", shapes.DISTILL_SEEDS)])
 def test_bundled_sets_match_regeneration(name: str, seeds: tuple[int, int]) -> None:
     """The committed files are exactly what compress.zoo.shapes generates, so they cannot drift."""
     start, count = seeds

@@ -14,6 +14,7 @@ import yaml
 from test_checkpoint_formats import LOADER
 from test_prune import _tiny
 
+from compress.arch import get_adapter
 from compress.arch.tiny import FAMILIES
 from compress.checkpoint import save_checkpoint
 from compress.cli import main
@@ -26,6 +27,8 @@ from compress.structured import kept_width
 
 ROOT = Path(__file__).parent.parent
 M_ROPE = ("qwen2_vl", "qwen2_5_vl")  # head_dim = hidden // heads: heads cannot be pruned
+# Mllama's cross-attention layers are refused by its adapter (before any weights load; see test_matrix).
+SHRINKABLE = [f for f in FAMILIES if "shrink" not in get_adapter(f).refused_stages]
 GATE = {"min_retention": 0.01, "on_fail": "warn"}
 
 
@@ -51,7 +54,7 @@ def _kill(model, adapter, family: str) -> None:
         last.mlp.down_proj.weight.zero_()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", SHRINKABLE)
 def test_dead_parts_are_found_and_removed_exactly(family, tmp_path):
     model, adapter, batch, loop = _tiny(family)
     _kill(model, adapter, family)
@@ -71,7 +74,7 @@ def test_dead_parts_are_found_and_removed_exactly(family, tmp_path):
     assert text.num_hidden_layers == 1 and text.intermediate_size == 32
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in M_ROPE])
+@pytest.mark.parametrize("family", [f for f in SHRINKABLE if f not in M_ROPE])
 def test_magnitude_removes_query_heads_within_each_group(family, tmp_path):
     model, adapter, batch, _ = _tiny(family)
     with torch.no_grad():
@@ -96,7 +99,7 @@ def test_m_rope_heads_are_refused_with_the_reason(tmp_path):
 
 def test_every_family_reloads_in_plain_transformers(tmp_path):
     folders = {}
-    for family in FAMILIES:
+    for family in SHRINKABLE:
         model, adapter, batch, loop = _tiny(family)
         heads = {} if family in M_ROPE else {"heads": 0.5}
         r = _shrink(model, adapter, loop, tmp_path / f"{family}.work", mlp=0.5, layers=0.5, **heads)
@@ -119,7 +122,8 @@ def test_every_family_reloads_in_plain_transformers(tmp_path):
         assert r["max_abs_diff"] <= 1e-5, (family, r)
         size = (folder / "model.safetensors").stat().st_size
         assert size < (dense / "model.safetensors").stat().st_size, family
-        assert details["language_parameters"]["removed_fraction"] > 0.4, (family, details)
+        # PaliGemma's 1,412-token vocabulary (loc/seg tokens) is most of a tiny language model
+        assert details["language_parameters"]["removed_fraction"] > (0.2 if family == "paligemma" else 0.4), family
         text = json.loads((folder / "config.json").read_text())["text_config"]
         assert text["num_hidden_layers"] == 1 and text["intermediate_size"] == 32 and text["head_dim"] == 8
 
@@ -187,3 +191,15 @@ def test_shrink_recipe_end_to_end(tmp_path):
     assert retention["distill"] >= 0.97 and retention["int8-w8a8"] >= 0.97 and retention["onnx-int8"] >= 0.97
     assert onnx["backend"].startswith("onnxruntime") and m["status"] == "completed"
     assert m["data"]["stages.1.data"]["records"] == 2048  # distillation trained on its own set
+
+
+def test_tied_embeddings_stay_tied(tmp_path):
+    """SmolLM2-style tie_word_embeddings: one tensor before and after, so nothing doubles on disk."""
+    model, adapter, _, loop = _tiny("llava")
+    model.config.tie_word_embeddings = model.config.text_config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    r = _shrink(model, adapter, loop, tmp_path, mlp=0.5)
+    assert r.model.lm_head.weight is r.model.get_input_embeddings().weight
+    lang = r.details["language_parameters"]["before"] - r.details["language_parameters"]["after"]
+    assert r.details["parameters"]["before"] - r.details["parameters"]["after"] == lang

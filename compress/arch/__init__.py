@@ -10,8 +10,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from compress.arch.base import Adapter, Batch
+from compress.arch.gemma3 import Gemma3Adapter
 from compress.arch.idefics3 import Idefics3Adapter
+from compress.arch.internvl import InternVLAdapter
 from compress.arch.llava import LlavaAdapter
+from compress.arch.mllama import MllamaAdapter
+from compress.arch.paligemma import PaliGemmaAdapter
 from compress.arch.qwen2_vl import Qwen2VLAdapter
 from compress.errors import ConfigError
 
@@ -28,7 +32,8 @@ __all__ = [
     "supported",
 ]
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, Qwen2VLAdapter, Idefics3Adapter)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, Qwen2VLAdapter, Idefics3Adapter, PaliGemmaAdapter,
+                                       Gemma3Adapter, InternVLAdapter, MllamaAdapter)
 _BY_MODEL_TYPE: dict[str, type[Adapter]] = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
 
 

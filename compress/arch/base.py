@@ -62,7 +62,13 @@ class Adapter:
     default_decoder_layers: ClassVar[dict[str, str]]
     # Placeholder the processor expands into image tokens, and the prompt used without a chat template.
     image_token: ClassVar[str] = "<image>"
+    # The token the processor expands the placeholder into, where it differs (Gemma3's soft tokens).
+    image_fill_token: ClassVar[str | None] = None
     default_prompt: ClassVar[str] = "<image>\n{question}"
+    # True where `default_prompt` is the family's documented format (no chat template by design).
+    native_prompt: ClassVar[bool] = False
+    # Stage types this family cannot take yet, with the reason (checked before any weights load).
+    refused_stages: ClassVar[dict[str, str]] = {}
     # How an answer is appended to the generation prompt, and the token that closes the turn
     # (None: the tokenizer's eos_token).
     answer_join: ClassVar[str] = " "
@@ -105,6 +111,13 @@ class Adapter:
         """Record facts that vary with the checkpoint (the decoder layer class). Returns self."""
         self.decoder_layer = self.find_decoder_layer(model)
         return self
+
+    # Positions for one decode step of a family with its own position scheme (None: the model's own).
+    decode_positions: Any = None
+
+    def refuse(self, stage: Any) -> str | None:
+        """Why this family cannot take `stage` (a stage config), or None; asked before any weights load."""
+        return self.refused_stages.get(stage.type)
 
     # ---- text ------------------------------------------------------------------------------------
 
@@ -193,19 +206,26 @@ class Adapter:
         if answers is None:
             return Batch(inputs=prompt_inputs, answer_positions=None, prompt_lengths=prompt_lengths)
 
-        texts = [p + self.forced_answer(processor, p, a, max_answer_tokens)
-                 for p, a in zip(prompts, answers, strict=True)]
-        inputs = self._encode(processor, images, texts)
+        forced = [self.forced_answer(processor, p, a, max_answer_tokens) for p, a in zip(prompts, answers, strict=True)]
+        inputs, tails = self._encode_answers(processor, images, prompts, forced)
         full_lengths = inputs["attention_mask"].sum(-1)
         seq = inputs["input_ids"].shape[1]
         positions = torch.zeros(inputs["input_ids"].shape, dtype=torch.bool)
         for row, (full, prompt) in enumerate(zip(full_lengths.tolist(), prompt_lengths, strict=True)):
-            n_answer = full - prompt  # answer tokens + end token
+            n_answer = full - prompt - tails[row]  # answer tokens + end token
             if n_answer < 1 or n_answer >= full:
                 raise ValueError(f"row {row}: answer {answers[row]!r} encodes to {n_answer} tokens")
             # Left padding: the sequence ends at seq-1; logit t predicts token t+1.
-            positions[row, seq - 1 - n_answer : seq - 1] = True
+            end = seq - 1 - tails[row]
+            positions[row, end - n_answer : end] = True
         return Batch(inputs=inputs, answer_positions=positions, prompt_lengths=prompt_lengths)
+
+    def _encode_answers(self, processor: Any, images: list[Image.Image], prompts: list[str],
+                        forced: list[str]) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """Prompts with their forced answers appended, and per row how many trailing tokens are not answer
+        (0 here; families whose processor appends its own end token to a cut answer say 1)."""
+        texts = [p + a for p, a in zip(prompts, forced, strict=True)]
+        return self._encode(processor, images, texts), [0] * len(prompts)
 
     def forced_answer(self, processor: Any, prompt: str, answer: str, max_tokens: int | None = None) -> str:
         """The text appended to `prompt` to teacher-force `answer`: join + answer (+ end token)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
 from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
 
 from compress.arch.base import Adapter
@@ -33,6 +34,13 @@ IMAGE_ONLY_PROCESSORS: dict[str, type] = {
 }
 
 
+_NO_GRAPH = ("its decoder uses M-RoPE (3-D position ids computed from the image grid inside the model, so the "
+             "runner contract's 1-D cumsum positions do not apply) and its vision tower patches images "
+             "dynamically (pixel_values is a flat [patches, dim] tensor with image_grid_thw and per-image "
+             "cu_seqlens computed in Python; Qwen2.5-VL adds window attention indexed in Python), which the "
+             "exporter would bake in for one image size")
+
+
 class Qwen2VLAdapter(Adapter):
     name = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
@@ -55,6 +63,21 @@ class Qwen2VLAdapter(Adapter):
     # The generation prompt already ends with a newline; the turn closes with <|im_end|>.
     answer_join = ""
     end_of_turn = "<|im_end|>"
+    refused_stages: ClassVar[dict[str, str]] = {"export": _NO_GRAPH, "engine": _NO_GRAPH}
+
+    @staticmethod
+    def decode_positions(model: Any, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """M-RoPE at a decode step: the text position (mask cumsum) plus the prefill's rope delta, on all
+        three axes. transformers 5.24 cannot derive it from a full-length mask when one token is fed."""
+        deltas = model.model.rope_deltas  # [batch, 1], set by the prefill
+        pos = (mask.long().cumsum(-1) - 1)[:, -1:] + deltas.to(mask.device)
+        return {"position_ids": pos[None].expand(3, -1, -1)}
+
+    def refuse(self, stage: Any) -> str | None:
+        if stage.type == "shrink" and getattr(stage, "heads", 0):
+            return ("its attention derives head_dim from hidden_size // num_attention_heads (the M-RoPE sections "
+                    "fix head_dim), so heads cannot be pruned; shrink mlp or layers")
+        return super().refuse(stage)
 
     def load_processor(self, source: str, trust_remote_code: bool = False) -> Any:
         return IMAGE_ONLY_PROCESSORS[self.model_type].from_pretrained(source, trust_remote_code=trust_remote_code)

@@ -24,7 +24,7 @@ HEADS = 4
 KV_HEADS = 2
 PATCH = 8
 
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm")
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma", "gemma3", "internvl", "mllama")
 
 LLAVA_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] | upper }}: "
@@ -282,6 +282,10 @@ def tiny_model(family: str, seed: int = 0) -> tuple[torch.nn.Module, Any]:
         model, processor = _llava()
     elif family in ("qwen2_vl", "qwen2_5_vl"):
         model, processor = _qwen(family)
+    elif family in ("paligemma", "gemma3", "internvl", "mllama"):
+        from compress.arch import tiny_gemma
+
+        model, processor = getattr(tiny_gemma, family)()
     else:
         model, processor = _idefics3(family)
     return model.eval(), processor

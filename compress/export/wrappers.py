@@ -18,32 +18,20 @@ from compress.runtime.cache import cache_kwargs, output_cache
 SUPPORTED = {"llava": "llava", "idefics3": "idefics3", "smolvlm": "idefics3"}
 
 
-# Families an adapter knows but that cannot be exported yet, and why (also in docs/export.md).
-UNSUPPORTED = {
-    "qwen2_vl": (
-        "Qwen2-VL (qwen2_vl) cannot be exported to ONNX yet: its decoder uses M-RoPE (3-D position ids "
-        "computed from the image grid inside the model, so the runner contract's 1-D cumsum positions do not "
-        "apply) and its vision tower patches images dynamically (pixel_values is a flat [patches, dim] tensor "
-        "with image_grid_thw and per-image cu_seqlens computed in Python), which the exporter would bake in "
-        "for one image size"
-    ),
-    "qwen2_5_vl": (
-        "Qwen2.5-VL (qwen2_5_vl) cannot be exported to ONNX yet: like Qwen2-VL it uses M-RoPE 3-D position "
-        "ids and dynamic vision patching, plus window attention whose window index is computed in Python "
-        "from image_grid_thw"
-    ),
-}
-
-
 def model_type_of(model: nn.Module) -> str:
     return str(getattr(getattr(model, "config", None), "model_type", type(model).__name__))
 
 
 def check_exportable(model: nn.Module) -> str:
     """The exporter family of `model`, or a ConfigError naming the architecture and why not."""
+    from compress.arch import get_adapter, supported
+
     model_type = model_type_of(model)
-    if model_type in UNSUPPORTED:
-        raise ConfigError(UNSUPPORTED[model_type])
+    if model_type in supported():  # the adapter says why its family cannot be exported (one source)
+        adapter = get_adapter(model_type)
+        reason = adapter.refused_stages.get("export")
+        if reason:
+            raise ConfigError(f"{adapter.name} ({model_type}) cannot be exported to ONNX yet: {reason}")
     if model_type not in SUPPORTED:
         raise ConfigError(
             f"ONNX export does not support architecture '{model_type}'; supported: {', '.join(sorted(SUPPORTED))}"

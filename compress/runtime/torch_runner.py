@@ -27,8 +27,10 @@ class TorchRunner:
     backend = "torch"
 
     def __init__(self, model: torch.nn.Module, eos_token_id: int | list[int], pad_token_id: int,
-                 explicit_positions: bool = True):
+                 explicit_positions: bool = True, decode_positions: Any = None):
         self.model = model
+        # Families with their own positions (M-RoPE) that the model cannot continue itself at a decode step.
+        self.decode_positions = decode_positions
         self.eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
         self.pad = pad_token_id
         self.explicit_positions = explicit_positions
@@ -39,10 +41,12 @@ class TorchRunner:
     @classmethod
     def for_adapter(cls, model: torch.nn.Module, adapter, processor) -> TorchRunner:
         return cls(model, adapter.eos_token_ids(model, processor), adapter.pad_token_id(processor),
-                   adapter.explicit_positions)
+                   adapter.explicit_positions, adapter.decode_positions)
 
     def _positions(self, mask: torch.Tensor, last: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if not self.explicit_positions:
+            if last is not None and self.decode_positions is not None:
+                return self.decode_positions(self.model, mask)
             return {}
         return {"position_ids": position_ids(mask) if last is None else last}
 

@@ -197,7 +197,7 @@ def apply(model: torch.nn.Module, cfg: DistillConfig, ctx: StageContext) -> Stag
     warm = max(1, cfg.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warm, cfg.steps, cfg.schedule))
     linears = dict(model.named_modules())
-    image_id = ctx.processor.tokenizer.convert_tokens_to_ids(ctx.adapter.image_token)
+    image_id = ctx.processor.tokenizer.convert_tokens_to_ids(ctx.adapter.image_fill_token or ctx.adapter.image_token)
     t0, losses = time.time(), []
     bar = tqdm(range(cfg.steps), desc="distill", leave=False)
     stream = _batches(records, cfg, ctx.seed)

@@ -1,0 +1,38 @@
+"""Gemma 3 (4B and up, image + text): SigLIP vision tower, pooled projector, Gemma3 text model.
+
+What is special: the prompt holds one `<start_of_image>` per image, which the processor expands into
+the pooled image tokens (`<image_soft_token>`, bidirectional among themselves via token_type_ids);
+the text model interleaves sliding-window and full-attention layers (`layer_types`), and a turn
+ends with `<end_of_turn>`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from PIL import Image
+
+from compress.arch.base import Adapter
+
+_NO_GRAPH = "its sliding-window layers and bidirectional image-token attention are not in the exported decoder graph"
+
+
+class Gemma3Adapter(Adapter):
+    name = "gemma3"
+    model_types = ("gemma3",)
+    components: ClassVar[dict[str, str]] = {
+        "vision": "model.vision_tower",
+        "projector": "model.multi_modal_projector",
+        "language": "model.language_model",
+        "lm_head": "lm_head",
+    }
+    default_decoder_layers: ClassVar[dict[str, str]] = {"gemma3": "Gemma3DecoderLayer"}
+    image_token = "<start_of_image>"  # the placeholder a prompt carries
+    image_fill_token = "<image_soft_token>"  # what the processor expands it into
+    default_prompt = "<start_of_turn>user\n<start_of_image>{question}<end_of_turn>\n<start_of_turn>model\n"
+    answer_join = ""  # the generation prompt ends with a newline
+    end_of_turn = "<end_of_turn>"
+    refused_stages: ClassVar[dict[str, str]] = {"export": _NO_GRAPH, "engine": _NO_GRAPH}
+
+    def images_arg(self, images: list[Image.Image]) -> list[Any]:
+        return [[image] for image in images]  # one list per prompt: the processor checks the grouping
