@@ -17,9 +17,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from compress.errors import CompressError
+from compress.errors import CompressError, ConfigError
 
 MANIFEST = "manifest.json"
+LOCK = ".lock"  # one writer per run folder (an OS lock on this file)
 DONE = ("completed", "warned", "rolled_back")
 
 
@@ -97,10 +98,58 @@ class RunDir:
     def __init__(self, root: Path):
         self.root = root.resolve()
         self.manifest: dict[str, Any] = {}
+        self._created = False
+        self._made_lock = False
 
     # ---- opening ------------------------------------------------------------------------------
     def open(self, inputs_sha256: str, resume: bool, force: bool) -> bool:
-        """Prepare the folder; returns True when resuming an earlier run of the same inputs."""
+        """Lock the folder and prepare it; returns True when resuming an earlier run of the same inputs.
+
+        One writer at a time: an OS lock on `.lock` (released when the process ends, however it ends) is
+        taken before anything is read or cleared, so a second `run` / `--resume` / `--force` on the same
+        folder is refused with the holder's pid and host instead of mixing two runs' files.
+        """
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"--out {self.root} is a file, not a folder; choose another --out")
+        existed = self.root.exists()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._created = not existed
+        try:
+            self._lock()
+            return self._prepare(inputs_sha256, resume, force)
+        except BaseException:
+            self.release(remove=self._made_lock)
+            if not existed:
+                shutil.rmtree(self.root, ignore_errors=True)
+            raise
+
+    def _lock(self) -> None:
+        import fcntl
+        import socket
+
+        self._made_lock = not (self.root / LOCK).exists()
+        fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ConfigError(f"run folder {self.root} is in use by {holder}; wait for it to finish or stop it") \
+                from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self._lock_fd = fd
+
+    def release(self, remove: bool = False) -> None:
+        """Drop the lock (the OS drops it too if the process dies); `remove` also deletes the lock file."""
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if fd is None:
+            return
+        if remove:
+            (self.root / LOCK).unlink(missing_ok=True)
+        os.close(fd)
+
+    def _prepare(self, inputs_sha256: str, resume: bool, force: bool) -> bool:
         path = self.root / MANIFEST
         if path.exists():
             old = json.loads(path.read_text())
@@ -111,18 +160,27 @@ class RunDir:
             if not force:
                 why = ("its recipe, model or data differ from this run's" if resume else
                        "pass --resume to continue it or --force to start over")
-                raise CompressError(f"run folder {self.root} already holds a run; {why}"
-                                    + ("; pass --force to start over" if resume else ""))
+                raise ConfigError(f"run folder {self.root} already holds a run; {why}"
+                                  + ("; pass --force to start over" if resume else ""))
             self._clear()
-        elif self.root.exists() and any(self.root.iterdir()):
-            raise CompressError(f"{self.root} exists, is not empty and holds no run ({MANIFEST} missing); "
-                                "choose another --out")
-        self.root.mkdir(parents=True, exist_ok=True)
+        elif any(p.name != LOCK for p in self.root.iterdir()):
+            raise ConfigError(f"{self.root} exists, is not empty and holds no run ({MANIFEST} missing); "
+                              "choose another --out")
         return False
+
+    def discard(self) -> None:
+        """Undo `open` of a fresh run: remove what this run wrote (the folder too, if it made it)."""
+        self.release(remove=True)
+        if self._created:
+            shutil.rmtree(self.root, ignore_errors=True)
+        elif self.root.is_dir():
+            self._clear()
 
     def _clear(self) -> None:
         """Remove an earlier run's contents (only a folder that has a manifest gets here)."""
         for child in self.root.iterdir():
+            if child.name == LOCK:  # held by this process
+                continue
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
             else:

@@ -200,7 +200,17 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
             raise RecipeError(f"{recipe.path}: stages[{i}]: a '{stage.type}' stage cannot run on {adapter.name} "
                               f"({adapter.model_type}) models: {reason}")
     run_dir = RunDir(out_dir)
-    resuming = run_dir.open(inputs.sha256(), resume=resume, force=force)
+    resuming = run_dir.open(inputs.sha256(), resume=resume, force=force)  # locks the folder
+    try:
+        return _execute(recipe, inputs, adapter, run_dir, resuming, threads)
+    finally:
+        run_dir.release()
+
+
+def _execute(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunDir, resuming: bool,
+             threads: int | None) -> RunResult:
+    """Everything after the run folder is open (and locked): baseline, stages, report."""
+    r = recipe.recipe
     _seed_everything(r.seed)
     m = run_dir.manifest
     if not resuming:
@@ -240,7 +250,15 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
     first = inputs.source if not baseline_recorded else state_source
     if first != inputs.source:
         log(f"restoring model state from {first}")
-    model, processor = load_checkpoint(first, adapter, r.model.dtype, r.model.trust_remote_code)
+    try:
+        model, processor = load_checkpoint(first, adapter, r.model.dtype, r.model.trust_remote_code)
+    except CompressError as e:  # corrupt or mismatched weights: leave nothing half-made behind
+        if resuming:
+            m.update(status="error", message=str(e))
+            run_dir.save_manifest()
+        else:
+            run_dir.discard()
+        raise
     if not resuming:
         m["model"].update(model_type=model.config.model_type,
                           parameters=sum(p.numel() for p in model.parameters()))

@@ -95,7 +95,7 @@ def test_quickstart_end_to_end_and_resume(tmp_path, capsys):
     assert (ckpt / "model.safetensors").stat().st_mtime_ns == before
 
     # Without --resume an existing run is refused, and nothing changes.
-    assert main(["run", str(ROOT / "recipes" / "quickstart.yaml"), "--out", str(out)]) == 1
+    assert main(["run", str(ROOT / "recipes" / "quickstart.yaml"), "--out", str(out)]) == 2  # bad input: exit 2
     assert "already holds a run" in capsys.readouterr().err
 
 
@@ -165,7 +165,7 @@ def test_changed_recipe_is_not_resumed(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", str(recipe(tmp_path, [prune(0.1)])), "--out", str(out)]) == 0
     changed = recipe(tmp_path, [prune(0.15)])
-    assert main(["run", str(changed), "--out", str(out), "--resume"]) == 1
+    assert main(["run", str(changed), "--out", str(out), "--resume"]) == 2
     assert "differ" in capsys.readouterr().err
     assert main(["run", str(changed), "--out", str(out), "--force"]) == 0
     assert manifest(out)["stages"][0]["details"]["target_sparsity"] == 0.15
@@ -190,7 +190,7 @@ def test_non_run_folder_is_refused(tmp_path, capsys):
     out = tmp_path / "precious"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    assert main(["run", str(recipe(tmp_path, [prune(0.1)])), "--out", str(out)]) == 1
+    assert main(["run", str(recipe(tmp_path, [prune(0.1)])), "--out", str(out)]) == 2
     assert "holds no run" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "keep me"
 

@@ -246,18 +246,52 @@ class Adapter:
 
     def load(self, source: str, dtype: str = "float32", trust_remote_code: bool = False) -> tuple[Any, Any]:
         """Weights (safetensors only) and processor from a local folder or cached hub id; eval mode."""
+        from safetensors import SafetensorError
         from transformers import AutoModelForImageTextToText
+        from transformers.utils import logging as hf_logging
 
         if dtype not in DTYPES:
             raise ConfigError(f"unsupported dtype '{dtype}'; supported: {', '.join(DTYPES)}")
-        model = AutoModelForImageTextToText.from_pretrained(
-            source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
-        )
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load report would repeat, as a table, what _check_loading says
+        kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code, "use_safetensors": True,
+                  "output_loading_info": True}
+        try:
+            try:
+                model, info = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+            except RuntimeError as exc:
+                if "ignore_mismatched_sizes" not in str(exc):
+                    raise
+                # Load again only to name the mis-shaped tensors (refused just below either way).
+                model, info = AutoModelForImageTextToText.from_pretrained(source, ignore_mismatched_sizes=True,
+                                                                          **kwargs)
+        except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
+            raise ConfigError(f"cannot load the model weights in {source}: {_first_line(exc)}") from exc
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        _check_loading(source, info)
         processor = self.load_processor(source, trust_remote_code=trust_remote_code)
         processor.tokenizer.padding_side = "left"
         model.eval()
         self.bind(model)
         return model, processor
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def _check_loading(source: str, info: dict[str, Any]) -> None:
+    """Weights that do not cover the config would be randomly initialised: refuse, naming the first few."""
+    problems = []
+    for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
+                      ("mismatched_keys", "mis-shaped")):
+        names = sorted(str(n[0] if isinstance(n, tuple) else n) for n in info.get(key) or [])
+        if names:
+            problems.append(f"{len(names)} {what} ({', '.join(names[:3])}{', …' if len(names) > 3 else ''})")
+    if problems:
+        raise ConfigError(f"the weights in {source} do not match its config.json: {'; '.join(problems)}")
 
 
 def _token_id(tokenizer: Any, token: str) -> int | None:

@@ -283,9 +283,9 @@ def tiny_model(family: str, seed: int = 0) -> tuple[torch.nn.Module, Any]:
     elif family in ("qwen2_vl", "qwen2_5_vl"):
         model, processor = _qwen(family)
     elif family in ("paligemma", "gemma3", "internvl", "mllama"):
-        from compress.arch import tiny_gemma
+        from compress.arch import tiny_more
 
-        model, processor = getattr(tiny_gemma, family)()
+        model, processor = getattr(tiny_more, family)()
     else:
         model, processor = _idefics3(family)
     return model.eval(), processor

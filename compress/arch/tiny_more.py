@@ -1,5 +1,5 @@
-"""Tiny PaliGemma, Gemma3 (SigLIP vision + Gemma text) and InternVL models, built offline like
-`compress.arch.tiny`."""
+"""Tiny PaliGemma, Gemma3 (SigLIP vision + Gemma text), InternVL and Mllama models, built offline like
+`compress.arch.tiny` (which dispatches here)."""
 
 from __future__ import annotations
 

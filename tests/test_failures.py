@@ -1,0 +1,122 @@
+"""Bad models and bad output folders: exit 2, one line, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compress.cli import main
+
+ROOT = Path(__file__).parent.parent
+ZOO = ROOT / "compress/zoo/shapes_vqa"
+
+
+def _recipe(tmp: Path, source: str) -> Path:
+    doc = {"name": "fail", "seed": 0, "model": {"source": source},
+           "evaluation": {"source": str(ROOT / "calibration/shapes-vqa/eval"), "num_samples": 8, "batch_size": 8,
+                          "max_new_tokens": 8},
+           "stages": [{"type": "prune", "method": "l1_unstructured", "sparsity": 0.1,
+                       "targets": {"components": ["language"]}, "gate": {"min_retention": 0.5}}]}
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def _error(capsys) -> str:
+    """The one error line (progress bars and [vlm-compress] log lines aside); no traceback anywhere."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def _copy_model(tmp: Path) -> Path:
+    folder = tmp / "model"
+    shutil.copytree(ZOO, folder)
+    return folder
+
+
+def test_truncated_weights(tmp_path, capsys):
+    model = _copy_model(tmp_path)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    out = tmp_path / "run"
+    assert main(["run", str(_recipe(tmp_path, str(model))), "--out", str(out)]) == 2
+    assert "cannot load the model weights in" in _error(capsys)
+    assert not out.exists()
+
+
+def test_weights_that_do_not_match_the_config(tmp_path, capsys):
+    model = _copy_model(tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    config["text_config"]["intermediate_size"] *= 2
+    (model / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "run"
+    assert main(["run", str(_recipe(tmp_path, str(model))), "--out", str(out)]) == 2
+    err = _error(capsys)
+    assert "mlp" in err and ("do not match its config.json" in err or "size mismatch" in err), err
+    assert not out.exists()
+
+
+def test_missing_tensors_are_refused_not_random(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    model = _copy_model(tmp_path)
+    state = load_file(str(model / "model.safetensors"))
+    gone = sorted(k for k in state if k.endswith("mlp.down_proj.weight"))
+    save_file({k: v for k, v in state.items() if k not in gone}, str(model / "model.safetensors"),
+              metadata={"format": "pt"})
+    out = tmp_path / "run"
+    assert main(["run", str(_recipe(tmp_path, str(model))), "--out", str(out)]) == 2
+    err = _error(capsys)
+    assert f"{len(gone)} missing" in err and "down_proj" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["file", "run"])
+def test_unusable_out_folders(tmp_path, capsys, kind):
+    recipe = _recipe(tmp_path, "zoo:shapes-vqa")
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("not a folder")
+        needle = "is a file, not a folder"
+    else:
+        assert main(["run", str(recipe), "--out", str(out)]) == 0
+        capsys.readouterr()
+        needle = "already holds a run; pass --resume"
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert main(["run", str(recipe), "--out", str(out)]) == 2
+    assert needle in _error(capsys)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_one_writer_per_run_folder(tmp_path, capsys):
+    """A second process on a locked run folder is refused with the holder's pid; the lock dies with it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    recipe = _recipe(tmp_path, "zoo:shapes-vqa")
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out)]) == 0
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom compress.artifacts import RunDir\n"
+         "d = RunDir(Path(sys.argv[1]))\nd._lock()\nprint('locked', flush=True)\ntime.sleep(60)\n", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        capsys.readouterr()
+        assert main(["run", str(recipe), "--out", str(out), "--resume"]) == 2
+        assert f"is in use by pid {holder.pid} on" in _error(capsys)
+        assert main(["run", str(recipe), "--out", str(out), "--force"]) == 2  # --force cannot take it either
+        assert (out / "manifest.json").exists()
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # killed, not released: the OS drops the lock
+        holder.wait()
+    assert main(["run", str(recipe), "--out", str(out), "--resume"]) == 0
