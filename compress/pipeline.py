@@ -6,13 +6,10 @@ place that sequences work, decides what a failed gate means, and says when a sta
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import platform
 import random
 import shutil
-import subprocess
 import sys
 import time
 import traceback
@@ -27,15 +24,14 @@ import yaml
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from compress import __version__
+from compress import provenance
 from compress.arch import adapter_for_source
-from compress.artifacts import DONE, RunDir, atomic_dir, sha256_tree
+from compress.artifacts import DONE, RunDir, atomic_dir
 from compress.checkpoint import load_checkpoint, save_checkpoint
 from compress.checks.evaluator import Evaluation, Evaluator, Reference
 from compress.checks.gate import run_checks
 from compress.data import Dataset, load_dataset
 from compress.errors import CompressError, ConfigError, RecipeError
-from compress.host import cpu_features
 from compress.recipe import LoadedRecipe, load_recipe, stage_name
 from compress.registry import get_stage
 from compress.report import summary_rows, table, write_report
@@ -92,35 +88,6 @@ class _Inputs:
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _model_hash(source: str) -> str:
-    path = Path(source)
-    if not path.is_dir():
-        return f"hub:{source}"
-    files = [p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json", ".jinja")]
-    return sha256_tree(files, path)
-
-
-def _git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def _libraries() -> dict[str, str]:
-    import importlib.metadata as md
-
-    names = ["torch", "transformers", "tokenizers", "safetensors", "pydantic", "numpy", "datasets",
-             "onnx", "onnxruntime", "bitsandbytes"]
-    out = {"python": platform.python_version()}
-    for n in names:
-        with contextlib.suppress(md.PackageNotFoundError):
-            out[n] = md.version(n)
-    return out
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -135,7 +102,7 @@ def _resolve(recipe: LoadedRecipe) -> _Inputs:
     calibration = load_dataset(r.calibration, recipe.base_dir) if r.calibration else None
     stage_data = {i: load_dataset(s.data, recipe.base_dir) for i, s in enumerate(r.stages)
                   if getattr(s, "data", None) is not None}
-    return _Inputs(recipe, source, _model_hash(source), evaluation, calibration, stage_data)
+    return _Inputs(recipe, source, provenance.model_hash(source), evaluation, calibration, stage_data)
 
 
 def _out_dir(recipe: LoadedRecipe, out: str | Path | None) -> Path:
@@ -215,11 +182,7 @@ def _execute(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunDi
     m = run_dir.manifest
     if not resuming:
         m.update({
-            "format": 1,
-            "tool": {"name": "vlm-compress", "version": __version__, "git_sha": _git_sha()},
-            "libraries": _libraries(),
-            "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu": cpu_features()},
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            **provenance.header(),
             "recipe": {"name": r.name, "path": str(recipe.path), "sha256": recipe.sha256()},
             "seed": r.seed,
             "inputs_sha256": inputs.sha256(),
