@@ -19,31 +19,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench_recipes import one_stage_recipe  # noqa: E402
 
 from compress.bench import bench  # noqa: E402
 from compress.pipeline import run  # noqa: E402
 
 
 def _recipe(out: Path, name: str, model: str, stage: dict[str, Any], samples: int) -> Path:
-    evaluation = {"source": str(ROOT / "calibration/shapes-vqa/eval"), "batch_size": 100, "max_new_tokens": 24,
-                  "num_samples": samples}
-    calibration = {"source": str(ROOT / "calibration/shapes-vqa/calib"), "num_samples": 128, "batch_size": 64}
-    if not model.startswith("zoo:"):  # the SmolLM2 LLaVA: its own evaluation set and prompt
-        smol = yaml.safe_load((ROOT / "recipes/int8-smollm2.yaml").read_text())
-        evaluation = {**smol["evaluation"], "source": str(Path(model).parent / "eval")}
-        calibration.update(num_samples=64, batch_size=16)
-    doc = {"name": name, "seed": 0, "model": {"source": model}, "calibration": calibration,
-           "evaluation": evaluation,
-           "stages": [{"type": "shrink", "name": "shrink", **stage,
-                       "gate": {"min_retention": 0.99, "on_fail": "warn"}}]}
-    path = out / "recipes" / f"{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
+    return one_stage_recipe(out, name, model, {"type": "shrink", "name": "shrink", **stage}, samples)
 
 
 def main() -> None:

@@ -22,6 +22,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_recipes import write_recipe  # noqa: E402
+
 from compress.pipeline import run  # noqa: E402
 
 STATIC = {"calibration": "percentile"}
@@ -53,10 +55,7 @@ def _recipe(out: Path, model: Path, name: str, quant: dict[str, Any]) -> Path:
     doc["stages"] = [{**stage, **quant, "gate": {"metric": "token_agreement", "min_retention": 0.9,
                                                  "on_fail": "warn"}}]
     doc.pop("output", None)
-    path = out / "recipes" / f"{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
+    return write_recipe(out, name, doc)
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.arch.base import resolve_path, text_config
 from compress.errors import ConfigError
 
 
@@ -51,11 +52,6 @@ class Plan:
     mlp: dict[int, torch.Tensor] = field(default_factory=dict)
     heads: dict[int, torch.Tensor] = field(default_factory=dict)  # query heads
     kv_heads: dict[int, torch.Tensor] = field(default_factory=dict)
-
-
-def text_config(model: nn.Module) -> Any:
-    get = getattr(model.config, "get_text_config", None)
-    return get() if callable(get) else model.config
 
 
 def layout(model: nn.Module, language: nn.Module) -> Layout:
@@ -251,7 +247,7 @@ def sliced_state(model: nn.Module, lay: Layout, p: Plan) -> dict[str, torch.Tens
 
 def shrunk_config(model: nn.Module, lay: Layout, p: Plan) -> Any:
     config = copy.deepcopy(model.config)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = config.get_text_config()
     first = p.layers[0]
     if p.mlp:
         text.intermediate_size = int(p.mlp[first].numel())
@@ -275,7 +271,7 @@ def rebuild(model: nn.Module, language_path: str, lay: Layout, p: Plan) -> nn.Mo
     dtype = next(model.parameters()).dtype
     with init.no_init_weights():
         new = type(model)._from_config(config, dtype=dtype)
-    attn = _resolve(new, language_path).layers[0].self_attn
+    attn = resolve_path(new, language_path).layers[0].self_attn
     if p.heads and getattr(attn, "head_dim", lay.head_dim) != lay.head_dim:
         raise ConfigError(f"shrink: {type(attn).__name__} derives head_dim from hidden_size // num_attention_heads "
                           f"({attn.head_dim} instead of {lay.head_dim} with fewer heads; Qwen2-VL's "
@@ -292,9 +288,3 @@ def rebuild(model: nn.Module, language_path: str, lay: Layout, p: Plan) -> nn.Mo
 def _tied(model: nn.Module) -> bool:
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
     return out is not None and out.weight is inp.weight
-
-
-def _resolve(model: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        model = getattr(model, part)
-    return model

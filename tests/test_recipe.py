@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+import yaml
 
 from compress.cli import main
 from compress.errors import RecipeError
@@ -38,6 +39,19 @@ def write(tmp_path: Path, text: str) -> Path:
     p = tmp_path / "recipe.yaml"
     p.write_text(textwrap.dedent(text))
     return p
+
+
+def recipe_error(tmp_path: Path, stages: list[dict], calibration: bool = True) -> str:
+    """The RecipeError message for VALID with these stages (and the bundled calibration set, if asked)."""
+    doc = yaml.safe_load(VALID)
+    doc["stages"] = stages
+    if calibration:
+        doc["calibration"] = {"source": "../calibration/shapes-vqa/calib"}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    return str(e.value)
 
 
 def test_valid_recipe_loads_with_defaults(tmp_path):

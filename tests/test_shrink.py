@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from test_checkpoint_formats import LOADER
 from test_prune import _tiny
 
@@ -18,8 +17,7 @@ from compress.arch import get_adapter
 from compress.arch.tiny import FAMILIES
 from compress.checkpoint import save_checkpoint
 from compress.cli import main
-from compress.errors import ConfigError, RecipeError
-from compress.recipe import load_recipe
+from compress.errors import ConfigError
 from compress.registry import get_stage
 from compress.stages.base import StageContext
 from compress.stages.shrink import ShrinkConfig
@@ -154,17 +152,9 @@ BASE = {"type": "shrink", "gate": {"min_retention": 0.5}}
      "'shrink' stage cannot run after a 'quantize' stage"),
 ])
 def test_shrink_recipe_errors(tmp_path, stages, calibration, needle):
-    from test_recipe import VALID
+    from test_recipe import recipe_error
 
-    doc = yaml.safe_load(VALID)
-    doc["stages"] = stages
-    if calibration:
-        doc["calibration"] = {"source": "../calibration/shapes-vqa/calib"}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    with pytest.raises(RecipeError) as e:
-        load_recipe(path)
-    assert needle in str(e.value)
+    assert needle in recipe_error(tmp_path, stages, calibration)
 
 
 def test_ratios_that_remove_nothing_fail_the_stage(tmp_path):

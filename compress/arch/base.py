@@ -152,7 +152,7 @@ class Adapter:
         """Every id that ends generation: end-of-turn, tokenizer eos, and the generation config's."""
         tok = processor.tokenizer
         ids: list[int | None] = [_token_id(tok, self.end_token(processor)), tok.eos_token_id]
-        for src in (getattr(model, "generation_config", None), _text_config(model)):
+        for src in (getattr(model, "generation_config", None), text_config(model)):
             eos = getattr(src, "eos_token_id", None)
             ids.extend(eos if isinstance(eos, list | tuple) else [eos])
         out: list[int] = []
@@ -302,7 +302,8 @@ def _token_id(tokenizer: Any, token: str) -> int | None:
     return int(tid)
 
 
-def _text_config(model: torch.nn.Module) -> Any:
+def text_config(model: torch.nn.Module) -> Any:
+    """The language model's config (`get_text_config()` of a VLM config), or None for a config-less module."""
     config = getattr(model, "config", None)
     if config is None:
         return None

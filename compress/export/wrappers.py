@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.arch.base import text_config
 from compress.errors import ConfigError
 from compress.runtime.cache import cache_kwargs, output_cache
 
@@ -37,11 +38,6 @@ def check_exportable(model: nn.Module) -> str:
             f"ONNX export does not support architecture '{model_type}'; supported: {', '.join(sorted(SUPPORTED))}"
         )
     return SUPPORTED[model_type]
-
-
-def text_config(model: nn.Module) -> Any:
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def decoder_facts(model: nn.Module) -> dict[str, int]:

@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from compress.checkpoint import model_bytes
 from compress.registry import register_stage
 from compress.stages.base import StageConfig, StageContext, StageResult
 from compress.structured import activation_importance, layout, magnitude_importance, plan, rebuild
@@ -51,10 +52,6 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _bytes(params) -> int:
-    return sum(p.numel() * p.element_size() for p in params)
-
-
 @register_stage(ShrinkConfig)
 def apply(model: torch.nn.Module, cfg: ShrinkConfig, ctx: StageContext) -> StageResult:
     language = ctx.adapter.component(model, "language")
@@ -67,7 +64,7 @@ def apply(model: torch.nn.Module, cfg: ShrinkConfig, ctx: StageContext) -> Stage
         imp = magnitude_importance(lay)
     p = plan(lay, imp, cfg.mlp, cfg.heads, cfg.heads_from, cfg.layers, cfg.round_to)
     lang_before, total_before = _count(language), _count(model)
-    bytes_before = _bytes(model.parameters())
+    bytes_before = model_bytes(model)
     new = rebuild(model, ctx.adapter.components["language"], lay, p)
     ctx.adapter.bind(new)
     new_language = ctx.adapter.component(new, "language")
@@ -86,7 +83,7 @@ def apply(model: torch.nn.Module, cfg: ShrinkConfig, ctx: StageContext) -> Stage
                                 "removed_fraction": round(1 - lang_after / lang_before, 6)},
         "parameters": {"before": total_before, "after": total_after,
                        "removed_fraction": round(1 - total_after / total_before, 6)},
-        "parameter_bytes": {"before": bytes_before, "after": _bytes(new.parameters())},
+        "model_bytes": {"before": bytes_before, "after": model_bytes(new)},
     }
     if imp.layers is not None:
         details["block_importance"] = [round(float(v), 6) for v in imp.layers]
