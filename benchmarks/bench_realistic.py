@@ -1,6 +1,11 @@
-"""Speed of compressed artifacts on a LLaVA of realistic shape (random weights), against HF eager fp32.
+"""Speed of compressed artifacts on a VLM of realistic shape (random weights), against HF eager fp32.
 
-    python benchmarks/bench_realistic.py [--out benchmarks/results] [--layers 24] [--new-tokens 32]
+    python benchmarks/bench_realistic.py [--family llava|qwen2_vl] [--out benchmarks/results] [--layers 24]
+
+`--family qwen2_vl` builds a Qwen2-VL of the same language size with its own attention layout instead:
+a 448x448 image as 1024 patches of 14x14 through a 12-layer, 768-wide vision tower with 2-D rotary
+positions, merged 2x2 into 256 tokens, and a Qwen2 decoder (hidden 1024, 24 layers, 16 heads / 2 KV
+heads, M-RoPE, MLP 2816, vocab 32000): ~0.42B parameters. Results go to realistic-qwen2_vl.{json,md}.
 
 Why random weights: speed depends on shapes and kernels, not on what the weights say, and a trained
 0.5B VLM cannot be downloaded here. The model is built from config: a ViT-B/16-sized CLIP tower
@@ -50,6 +55,8 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -57,6 +64,7 @@ from compress.arch import get_adapter
 from compress.bench import machine, median_ms
 from compress.export import export_onnx
 from compress.export.files import read_meta
+from compress.export.onnx import image_token_id
 from compress.quant import ActQuant, WeightQuant, quantize_linears
 from compress.runtime.ort_runner import OrtRunner
 
@@ -91,8 +99,52 @@ def build(layers: int, vocab: int = 32000) -> tuple[LlavaForConditionalGeneratio
     return LlavaForConditionalGeneration(config).eval(), processor
 
 
-def random_image(seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (224, 224, 3), dtype=np.uint8))
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>"]
+
+
+def build_qwen2_vl(layers: int, vocab: int = 32000) -> tuple[Any, Any]:
+    """A Qwen2-VL of realistic shape with random weights and a word-level tokenizer built in memory."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from compress.arch.qwen2_vl import ImageOnlyQwen2VLProcessor
+
+    words = [f"w{i}" for i in range(vocab - len(QWEN_SPECIALS) - 1)]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(["<unk>", *QWEN_SPECIALS, *words])},
+                                     unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token="<unk>", padding_side="left")
+    fast.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS})
+    pixels = 448 * 448
+    processor = ImageOnlyQwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
+                                                 size={"shortest_edge": pixels, "longest_edge": pixels}),
+        tokenizer=fast)
+    ids = {t: fast.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    head_dim = 1024 // 16
+    config = Qwen2VLConfig(
+        text_config={"vocab_size": len(fast), "hidden_size": 1024, "intermediate_size": 2816,
+                     "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 2,
+                     "max_position_embeddings": 4096, "pad_token_id": fast.pad_token_id,
+                     "eos_token_id": fast.eos_token_id,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                                         "mrope_section": [head_dim // 4, head_dim * 3 // 16, head_dim * 3 // 16]}},
+        vision_config={"depth": 12, "embed_dim": 768, "hidden_size": 1024, "num_heads": 12, "mlp_ratio": 4,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return Qwen2VLForConditionalGeneration(config).eval(), processor
+
+
+BUILDERS = {"llava": build, "qwen2_vl": build_qwen2_vl}
+IMAGE_SIZE = {"llava": 224, "qwen2_vl": 448}
+
+
+def random_image(seed: int, size: int = 224) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8))
 
 
 def timings(vision, generate, n: int, warmup: int, repeats: int) -> dict[str, float]:
@@ -164,6 +216,7 @@ def ort_profile(path: Path, inputs: dict[str, Any], n: int, workdir: Path) -> di
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", choices=sorted(BUILDERS), default="llava", help="attention layout to build")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for realistic.{json,md}")
     ap.add_argument("--layers", type=int, default=24, help="decoder layers (24: ~0.44B parameters in all)")
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -175,19 +228,20 @@ def main() -> None:
     n, warmup, repeats = args.new_tokens, args.warmup, args.repeats
     log = lambda msg: print(f"[{time.time() - started:6.0f}s] {msg}", flush=True)  # noqa: E731
 
-    model, processor = build(args.layers)
-    adapter = get_adapter("llava")
+    family, size = args.family, IMAGE_SIZE[args.family]
+    model, processor = BUILDERS[family](args.layers)
+    adapter = get_adapter(family).bind(model)
     params = sum(p.numel() for p in model.parameters())
-    question = " ".join(f"w{i}" for i in range(24))  # a 24-word question after the 196 image tokens
-    inputs = adapter.build_inputs(processor, [random_image(0)], [question]).inputs
-    pixels = inputs["pixel_values"]
+    question = " ".join(f"w{i}" for i in range(24))  # a 24-word question after the image tokens
+    inputs = adapter.build_inputs(processor, [random_image(0, size)], [question]).inputs
+    image_args = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw")}
     results: dict[str, dict[str, float]] = {}
     export_s: dict[str, float] = {}
     profiles: dict[str, Any] = {}
 
     def vision_torch() -> None:
         with torch.inference_mode():
-            model.model.get_image_features(pixel_values=pixels)
+            model.model.get_image_features(**image_args)
 
     log(f"model: {params / 1e6:.0f}M parameters, attention {model.config._attn_implementation}; HF eager fp32")
     results["hf_eager_fp32"] = timings(vision_torch, lambda k: hf_generate(model, inputs, k), n, warmup, repeats)
@@ -226,7 +280,7 @@ def main() -> None:
             with torch.inference_mode():
                 for s in range(4):
                     q = " ".join(f"w{(s * 97 + i) % 31000}" for i in range(16 + 4 * s))
-                    m(**adapter.build_inputs(processor, [random_image(s + 1)], [q]).inputs)
+                    m(**adapter.build_inputs(processor, [random_image(s + 1, size)], [q]).inputs)
 
         quantize_linears(model, names, WeightQuant("per_channel"), ActQuant("minmax"), calibration_loop)
         results["torch_int8_w8a8"] = timings(vision_torch, lambda k: hf_generate(model, inputs, k), n, warmup,
@@ -236,7 +290,7 @@ def main() -> None:
         export_and_time("onnx_int8_vnni", "vnni", profile=False)  # S8 weights: fast U8S8 on VNNI hosts only
 
         log("INT8 W8A8 with dynamic per-token activations (same random weights, rebuilt)")
-        model, _ = build(args.layers)
+        model, _ = BUILDERS[family](args.layers)
         quantize_linears(model, names, WeightQuant("per_channel"), ActQuant(dynamic="per_token"))
         export_and_time("onnx_int8_dynamic", profile=False)
 
@@ -244,15 +298,17 @@ def main() -> None:
     ratios = {name: {k: r[k] / base[k] for k in TIMES} for name, r in results.items()}
     targets = {k: {"target": t, "reached": ratios["onnx_int8"][k], "met": ratios["onnx_int8"][k] <= t}
                for k, t in TARGETS.items()}
-    report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "parameters": params, "layers": args.layers,
+    report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "family": family, "parameters": params,
+              "layers": args.layers, "image_tokens": int((inputs["input_ids"] == image_token_id(model)).sum()),
               "attention": model.config._attn_implementation, "new_tokens": n,
               "prompt_tokens": int(inputs["input_ids"].shape[1]), "batch": 1, "warmup": warmup, "repeats": repeats,
               "results": results, "ratios_vs_hf_eager_fp32": ratios, "targets_onnx_int8": targets,
               "export_s": export_s, "profiles": profiles, "wall_s": time.time() - started}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "realistic.json").write_text(json.dumps(report, indent=2) + "\n")
+    stem = "realistic" if family == "llava" else f"realistic-{family}"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     md = markdown(report)
-    (args.out / "realistic.md").write_text(md)
+    (args.out / f"{stem}.md").write_text(md)
     print(md)
     log("done")
 

@@ -3,7 +3,7 @@
 A cell either runs through the real pipeline (apply, gate, save) and the saved artifact is loaded back
 and scored again by `vlm-compress eval`, or the family refuses the stage before anything is written,
 naming both. A family or stage registered without a row here fails `test_matrix_covers_the_registries`.
-The tiny models are random, so the gate (token agreement, on warn) checks nothing about accuracy; the
+The tiny models are random, so the gate (logit KL <= 1000) checks nothing about accuracy; the
 exports' parity checks run as part of their stage.
 """
 
@@ -22,7 +22,7 @@ from compress.pipeline import run
 from compress.registry import stages
 
 ROOT = Path(__file__).parent.parent
-GATE = {"metric": "token_agreement", "min_retention": 0.01, "on_fail": "warn"}
+GATE = {"max_kl": 1000.0, "on_fail": "warn"}  # random models: the gate passes; stage checks (parity) decide
 LANGUAGE = {"components": ["language"]}
 # One representative configuration per stage type (more variants live in each stage's own tests).
 STAGES: dict[str, list[dict]] = {
@@ -38,12 +38,9 @@ STAGES: dict[str, list[dict]] = {
 }
 # What each family refuses (at load time, with the reason); everything else must run.
 REFUSED = {
-    "qwen2_vl": {"export", "engine", "shrink"},
-    "qwen2_5_vl": {"export", "engine", "shrink"},
-    "paligemma": {"export", "engine"},
-    "gemma3": {"export", "engine"},
-    "internvl": {"export", "engine"},
-    "mllama": {"export", "engine", "shrink"},
+    "qwen2_vl": {"shrink"},
+    "qwen2_5_vl": {"shrink"},
+    "mllama": {"engine", "shrink"},
 }
 FAMILIES = [mt for cls in ADAPTERS for mt in cls.model_types]
 
@@ -98,10 +95,10 @@ def test_every_family_takes_every_stage_or_refuses_it_up_front(family, stage, mo
 
 
 def test_a_refused_stage_exits_2_with_one_line(models, tmp_path, capsys):
-    recipe = _recipe(tmp_path, models["paligemma"], STAGES["export"])
+    recipe = _recipe(tmp_path, models["mllama"], STAGES["shrink"])
     assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 2
     err = "\n".join(line for line in capsys.readouterr().err.splitlines() if not line.startswith("[vlm-compress]"))
-    assert len(err.splitlines()) == 1 and "cannot run on paligemma (paligemma) models: its prefix-LM" in err
+    assert len(err.splitlines()) == 1 and "cannot run on mllama (mllama) models: its cross-attention" in err
 
 
 def test_zoo_tiny_writes_a_loadable_folder(tmp_path, capsys):

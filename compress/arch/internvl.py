@@ -17,9 +17,6 @@ from transformers.processing_utils import ProcessorMixin
 
 from compress.arch.base import Adapter
 
-_NO_GRAPH = ("its pixel-shuffle projector and per-image tiling are not in the exported vision graph yet "
-             "(InternViT's tiles vary with the image's aspect ratio)")
-
 
 class ImageOnlyInternVLProcessor(InternVLProcessor):
     """InternVLProcessor without the video processor (so no torchvision is needed); same image path.
@@ -57,7 +54,6 @@ class InternVLAdapter(Adapter):
     default_prompt = "<|im_start|>user\n<IMG_CONTEXT>\n{question}<|im_end|>\n<|im_start|>assistant\n"
     answer_join = ""
     end_of_turn = "<|im_end|>"
-    refused_stages: ClassVar[dict[str, str]] = {"export": _NO_GRAPH, "engine": _NO_GRAPH}
 
     def images_arg(self, images: list) -> list[Any]:
         return [[image] for image in images]

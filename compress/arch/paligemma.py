@@ -16,8 +16,6 @@ from PIL import Image
 
 from compress.arch.base import Adapter
 
-_NO_GRAPH = "its prefix-LM attention (bidirectional over image + prompt tokens) is not in the exported decoder graph"
-
 
 class PaliGemmaAdapter(Adapter):
     name = "paligemma"
@@ -35,7 +33,6 @@ class PaliGemmaAdapter(Adapter):
     native_prompt = True  # that is PaliGemma's documented format, not a guess
     answer_join = ""
     end_of_turn = None  # the tokenizer's eos
-    refused_stages: ClassVar[dict[str, str]] = {"export": _NO_GRAPH, "engine": _NO_GRAPH}
 
     def _encode_answers(self, processor: Any, images: list[Image.Image], prompts: list[str],
                         forced: list[str]) -> tuple[dict[str, torch.Tensor], list[int]]:

@@ -34,13 +34,6 @@ IMAGE_ONLY_PROCESSORS: dict[str, type] = {
 }
 
 
-_NO_GRAPH = ("its decoder uses M-RoPE (3-D position ids computed from the image grid inside the model, so the "
-             "runner contract's 1-D cumsum positions do not apply) and its vision tower patches images "
-             "dynamically (pixel_values is a flat [patches, dim] tensor with image_grid_thw and per-image "
-             "cu_seqlens computed in Python; Qwen2.5-VL adds window attention indexed in Python), which the "
-             "exporter would bake in for one image size")
-
-
 class Qwen2VLAdapter(Adapter):
     name = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
@@ -63,7 +56,6 @@ class Qwen2VLAdapter(Adapter):
     # The generation prompt already ends with a newline; the turn closes with <|im_end|>.
     answer_join = ""
     end_of_turn = "<|im_end|>"
-    refused_stages: ClassVar[dict[str, str]] = {"export": _NO_GRAPH, "engine": _NO_GRAPH}
 
     @staticmethod
     def decode_positions(model: Any, mask: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from compress.arch.tiny import HEADS, IMAGE_SIZE, LAYERS, PATCH, VISION_HIDDEN, _text_kwargs, byte_tokenizer
 
 GEMMA3_TEMPLATE = (
@@ -65,7 +67,11 @@ def gemma3() -> tuple[Any, Any]:
                           boi_token_index=tokenizer.convert_tokens_to_ids("<start_of_image>"),
                           eoi_token_index=tokenizer.convert_tokens_to_ids("<end_of_image>"),
                           pad_token_id=tokenizer.pad_token_id)
-    return Gemma3ForConditionalGeneration(config), processor
+    model = Gemma3ForConditionalGeneration(config)
+    # transformers initialises the projection to zeros (every image would look alike): seeded random instead.
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight,
+                          std=config.text_config.initializer_range)
+    return model, processor
 
 
 INTERNVL_TEMPLATE = (
@@ -118,14 +124,19 @@ def mllama() -> tuple[Any, Any]:
     tokenizer = byte_tokenizer(MLLAMA_SPECIALS, bos="<|begin_of_text|>", eos="<|eot_id|>",
                                pad="<|finetune_right_pad_id|>", extra={"image_token": "<|image|>"})
     processor = MllamaProcessor(
-        image_processor=MllamaImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, max_image_tiles=1,
+        image_processor=MllamaImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, max_image_tiles=4,
                                                 do_convert_rgb=True),
         tokenizer=tokenizer, chat_template=MLLAMA_TEMPLATE)
     vision = {"hidden_size": VISION_HIDDEN, "num_hidden_layers": LAYERS, "num_global_layers": 1,
               "attention_heads": HEADS, "intermediate_size": VISION_HIDDEN * 2, "image_size": IMAGE_SIZE,
-              "patch_size": PATCH, "max_num_tiles": 1, "intermediate_layers_indices": [0],
-              "vision_output_dim": VISION_HIDDEN * 2, "supported_aspect_ratios": [[1, 1]]}
+              "patch_size": PATCH, "max_num_tiles": 4, "intermediate_layers_indices": [0],  # Llama 3.2's tiling
+              "vision_output_dim": VISION_HIDDEN * 2}
     text = {**_text_kwargs(tokenizer), "num_hidden_layers": 3, "cross_attention_layers": [1]}
     config = MllamaConfig(vision_config=vision, text_config=text,
                           image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"))
-    return MllamaForConditionalGeneration(config), processor
+    model = MllamaForConditionalGeneration(config)
+    with torch.no_grad():  # transformers starts the tanh gates closed (images would change nothing): open them
+        for name, param in model.named_parameters():
+            if name.endswith("gate") and not param.any():
+                param.fill_(1.0)
+    return model, processor

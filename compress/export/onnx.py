@@ -42,7 +42,11 @@ from compress.export.files import (
 from compress.export.fuse import fuse_export
 from compress.export.portable import Int8Kernels, portable_export
 from compress.export.wrappers import (
+    BLOCK_FAMILIES,
+    DecoderWithBlocks,
+    DecoderWithCrossAttention,
     DecoderWithPast,
+    QwenVision,
     check_exportable,
     decoder_facts,
     decoder_module,
@@ -51,6 +55,9 @@ from compress.export.wrappers import (
     present_names,
     vision_module,
 )
+from compress.runtime.mrope import VisionSpec
+from compress.runtime.vision_inputs import numpy as _numpy
+from compress.runtime.vision_inputs import vision_feeds_for, vision_pixels
 
 COMPONENTS = ("vision", "decoder")
 ONNX_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
@@ -104,38 +111,6 @@ def image_token_id(model: nn.Module) -> int:
 def dummy_images(n: int, size: int = 64, seed: int = 0) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
-
-
-def vision_pixels(family: str, inputs: dict[str, Any]) -> np.ndarray:
-    """The [images, C, H, W] batch the vision graph takes, from the processor outputs of one batch.
-
-    Idefics3/SmolVLM pad a batch to [batch, max_images, C, H, W] with all-zero images and mark padded
-    pixels in pixel_attention_mask; the padding images are dropped (as upstream does) and partially
-    padded images are refused, because the exported vision graph assumes whole-frame patch positions.
-    """
-    pixels = _numpy(inputs["pixel_values"])
-    if family == "llava":
-        return pixels
-    flat = pixels.reshape(-1, *pixels.shape[2:])
-    real = (flat == 0).sum(axis=(1, 2, 3)) != int(np.prod(flat.shape[1:]))
-    if not real.any():
-        real[0] = True  # upstream keeps one image when all are padding
-    mask = inputs.get("pixel_attention_mask")
-    if mask is not None:
-        mask = _numpy(mask).reshape(-1, *flat.shape[2:])[real]
-        if not mask.all():
-            raise ConfigError(
-                f"{family} ONNX export handles whole images only: this batch has images padded to a larger frame "
-                "(pixel_attention_mask has zeros); resize images to one size (e.g. do_image_splitting=False and "
-                "square images)"
-            )
-    return flat[real]
-
-
-def _numpy(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
 
 
 # ---- the export --------------------------------------------------------------------------------------
@@ -225,28 +200,56 @@ def _export_embed(model: nn.Module, adapter: Any, dtype: torch.dtype, opset: int
     return proto
 
 
-def _export_vision(module: nn.Module, pixels: torch.Tensor, opset: int, table: dict[Any, Any]) -> Any:
-    batch = torch.export.Dim("batch")
-    proto = _torch_export(module, (pixels,), ({0: batch},), ["pixel_values"], ["image_features"], opset, table)
-    tidy_dims(proto, {})
+def _export_vision(module: nn.Module, feeds: dict[str, np.ndarray], dtype: torch.dtype, opset: int,
+                   table: dict[Any, Any]) -> Any:
+    """An image batch (dynamic batch), or a Qwen flat patch batch (dynamic patch count, a multiple of the
+    merge unit) with its position and segment inputs."""
+    args = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values())
+    args = tuple(a.to(dtype) if a.is_floating_point() else a for a in args)
+    if isinstance(module, QwenVision):
+        unit = module.tower.spatial_merge_size ** 2
+        size = unit * torch.export.Dim("merged_tokens")
+    else:
+        size = torch.export.Dim("batch")
+    proto = _torch_export(module, args, tuple({0: size} for _ in args), list(feeds), ["image_features"], opset, table)
+    if isinstance(module, QwenVision):  # readable axis names: patches in, merged tokens out
+        proto.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "image_tokens"
+        tidy_dims(proto, {proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param: "patches"})
+    else:
+        tidy_dims(proto, {})
     return proto
 
 
 def _export_decoder(module: DecoderWithPast, facts: dict[str, int], dtype: torch.dtype, opset: int,
-                    table: dict[Any, Any]) -> Any:
+                    table: dict[Any, Any], mrope: bool = False) -> Any:
     b, s, p = DUMMY_BATCH, DUMMY_SEQ, DUMMY_PAST
-    layers = facts["num_layers"]
+    layers = facts["cache_layers"]
     embeds = torch.randn(b, s, facts["hidden_size"], dtype=dtype)
     mask = torch.ones(b, p + s, dtype=torch.long)
     mask[0, :2] = 0  # a left-padded row, so the traced masking path is the padded one
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -s:]
-    past = tuple(torch.randn(b, facts["num_kv_heads"], p, facts["head_dim"], dtype=dtype) for _ in range(2 * layers))
+    if mrope:  # [3, batch, seq]: three different axes, so no axis is traced as a copy of another
+        positions = torch.stack([positions, positions // 2, positions + 1])
+    kv = (b, facts["num_kv_heads"], p, facts["head_dim"])
+    past = tuple(torch.randn(*kv, dtype=dtype) for _ in range(2 * len(layers)))
     Dim = torch.export.Dim
     batch, seq, past_len = Dim("batch"), Dim("seq"), Dim("past")
-    dynamic = ({0: batch, 1: seq}, {0: batch, 1: Dim.DYNAMIC}, {0: batch, 1: seq},
-               tuple({0: batch, 2: past_len} for _ in past))
-    names = ["inputs_embeds", "attention_mask", "position_ids", *past_names(layers)]
-    proto = _torch_export(module, (embeds, mask, positions, past), dynamic, names,
+    args = [embeds, mask, positions]
+    dynamic = [{0: batch, 1: seq}, {0: batch, 1: Dim.DYNAMIC}, {1: batch, 2: seq} if mrope else {0: batch, 1: seq}]
+    names = ["inputs_embeds", "attention_mask", "position_ids"]
+    if isinstance(module, DecoderWithBlocks):  # a bidirectional block over the first tokens of the padded row
+        blocks = torch.full((b, s), -1, dtype=torch.long)
+        blocks[0, 2:4], blocks[1, :3] = 0, 1
+        args, names = [*args, blocks], [*names, "block_sequence_ids"]
+        dynamic.append({0: batch, 1: seq})
+    if isinstance(module, DecoderWithCrossAttention):  # Mllama: vision states of 2 tiles per row, all attended
+        states = torch.randn(2 * b, module.num_vision_tokens, facts["hidden_size"], dtype=dtype)
+        cross_mask = torch.ones(b, s, 1, 2, dtype=torch.long)
+        cross_mask[0, :2] = 0  # tokens before the image attend to none of it
+        args, names = [*args, states, cross_mask], [*names, "cross_attention_states", "cross_attention_mask"]
+        dynamic += [{0: Dim("vision_states")}, {0: batch, 1: seq, 3: Dim("tiles")}]
+    dynamic.append(tuple({0: batch, 2: past_len} for _ in past))
+    proto = _torch_export(module, (*args, past), tuple(dynamic), [*names, *past_names(layers)],
                           ["logits", *present_names(layers)], opset, table)
     mask_dim = proto.graph.input[1].type.tensor_type.shape.dim[1]
     total = {mask_dim.dim_param: "total"} if mask_dim.HasField("dim_param") else {}
@@ -282,8 +285,6 @@ def export_onnx(
         raise ConfigError(f"export components must be a non-empty subset of {COMPONENTS}, got {list(components)}")
     if opset < 18:
         raise ConfigError(f"ONNX export needs opset >= 18 (dynamo exporter, per-axis QDQ), got {opset}")
-    if not getattr(adapter, "explicit_positions", True):
-        raise ConfigError(f"{adapter.name}: ONNX export needs 1-D position ids (the runner contract)")
     dtype = model_dtype(model)
     facts = decoder_facts(model)
     out = Path(out_dir)
@@ -291,8 +292,10 @@ def export_onnx(
     model.eval()
 
     probe = adapter.build_inputs(processor, dummy_images(DUMMY_BATCH), ["what is this?"] * DUMMY_BATCH).inputs
-    pixels = torch.from_numpy(vision_pixels(family, probe)).to(dtype)
+    mrope = family == "qwen2_vl"  # M-RoPE: [3, batch, seq] positions computed by the runner
     files: dict[str, Path] = {}
+    tokens_per_image, vision_spec = None, None
+    pixels = _numpy(probe["pixel_values"]) if mrope else vision_pixels(family, probe)
 
     def write(name: str, proto: Any) -> None:
         written = save_model(proto, out / GRAPH_FILES[name])
@@ -303,14 +306,17 @@ def export_onnx(
     with qdq.export_modules(model, quantize=quantize) as (quantized, table):
         if "vision" in components:
             vision = vision_module(model, adapter, pixels.shape)
-            proto = _export_vision(vision, pixels, opset, table)
+            vision_spec = vision.spec() if isinstance(vision, QwenVision) else None
+            fed = vision_feeds_for(family, probe, pixels.dtype, VisionSpec(**vision_spec) if vision_spec else None)
+            proto = _export_vision(vision, fed.feeds, dtype, opset, table)
             qdq.unshare_qdq(proto)
             write("vision", proto)
-            with torch.no_grad():
-                tokens_per_image = int(vision(pixels[:1]).shape[1])
+            if family not in ("qwen2_vl", "mllama"):  # Qwen: the image size decides; Mllama: no image tokens
+                with torch.no_grad():
+                    tokens_per_image = int(vision(torch.from_numpy(pixels[:1]).to(dtype)).shape[1])
         if "decoder" in components:
             write("embed", _export_embed(model, adapter, dtype, opset))
-            proto = _export_decoder(decoder_module(model, adapter), facts, dtype, opset, table)
+            proto = _export_decoder(decoder_module(model, adapter), facts, dtype, opset, table, mrope)
             qdq.unshare_qdq(proto)
             write("decoder", proto)
     for name, file in GRAPH_FILES.items():  # a component not exported this time must not linger
@@ -332,11 +338,20 @@ def export_onnx(
         "dtype": ONNX_DTYPES[dtype],
         "graphs": {name: files[name].name for name in GRAPH_FILES if name in files},
         "image_token_id": image_token_id(model),
-        "image_tokens_per_image": tokens_per_image if "vision" in files else None,
+        "image_tokens_per_image": tokens_per_image if "vision" in files and not mrope else None,
         "pixel_shape": list(pixels.shape[1:]),
         "eos_token_ids": adapter.eos_token_ids(model, processor),
         "pad_token_id": adapter.pad_token_id(processor),
+        # "explicit": [batch, seq] positions = cumsum(mask) - 1; "mrope": [3, batch, seq] from the image grid.
+        "positions": "mrope" if mrope else "explicit",
         "explicit_positions": True,
+        "vision_inputs": vision_spec if "vision" in files else None,
+        # Mllama: image features reach the decoder as cross-attention states, not as image-token embeddings.
+        "cross_attention": family == "mllama",
+        "cross_attention_tokens": int(model.model.vision_model.num_patches) if family == "mllama" else None,
+        # Bidirectional attention blocks of a prompt, from the processor's token_type_ids (runtime.blocks).
+        "attention_blocks": {"paligemma": "prefix", "gemma3": "images"}.get(family) if family in BLOCK_FAMILIES
+        else None,
         **facts,
         "vision_num_heads": int(getattr(vision_cfg, "num_attention_heads", 0) or 0),
         "vision_hidden_size": int(getattr(vision_cfg, "hidden_size", 0) or 0),

@@ -89,6 +89,14 @@ def _valid_kv(mask: np.ndarray, like: np.ndarray) -> np.ndarray:
     return np.broadcast_to(mask.astype(bool)[:, None, :, None], like.shape)
 
 
+def _sample_images(varied: bool, seed: int) -> list[Image.Image]:
+    """Three random images: square, or (for graphs that take any image size) three different shapes."""
+    if not varied:
+        return dummy_images(3, seed=seed)
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((64, 64), (32, 64), (72, 40))]
+
+
 def _left_padded_mask(lengths: list[int], total: int) -> np.ndarray:
     mask = np.zeros((len(lengths), total), dtype=np.int64)
     for row, n in enumerate(lengths):
@@ -98,9 +106,30 @@ def _left_padded_mask(lengths: list[int], total: int) -> np.ndarray:
 
 @torch.no_grad()
 def _torch_decoder(module: DecoderWithPast, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
-                   past: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    out = module(torch.from_numpy(embeds), torch.from_numpy(mask), torch.from_numpy(positions), tuple(past))
+                   past: list[torch.Tensor], extra: dict[str, np.ndarray]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The wrapper on the same inputs as the graph (`extra` in the graph's input order)."""
+    args = [torch.from_numpy(a) for a in (embeds, mask, positions, *extra.values())]
+    out = module(*args, tuple(past))
     return out[0], list(out[1:])
+
+
+def _decoder_extras(runner: Any, meta: dict[str, Any], mask: np.ndarray, rng: np.random.Generator,
+                    dtype: Any) -> dict[str, np.ndarray]:
+    """A prefill's extra decoder inputs: PaliGemma/Gemma3 blocks (a prefix block, a block inside the prompt,
+    a causal row); Mllama vision states of two tiles per row, attended by every token after the first two."""
+    extra: dict[str, np.ndarray] = {}
+    batch, total = mask.shape
+    if runner.blocks:
+        blocks = np.full((batch, total), -1, dtype=np.int64)
+        blocks[0, total - 6:total - 2], blocks[1, 2:5] = 0, 3
+        extra["block_sequence_ids"] = blocks
+    if runner.cross:
+        patches = int(meta["cross_attention_tokens"])
+        extra["cross_attention_states"] = rng.standard_normal((2 * batch, patches, meta["hidden_size"])).astype(dtype)
+        cross = np.ones((batch, total, 1, 2), dtype=np.int64)
+        cross[:, :2] = 0
+        extra["cross_attention_mask"] = cross
+    return extra
 
 
 def check_parity(
@@ -135,7 +164,23 @@ def check_parity(
     np_dtype = runner.dtype
     model.eval()
 
-    if "vision" in runner.sessions:
+    if samples is None:
+        samples = list(zip(_sample_images(runner.mrope, seed + 1), QUESTIONS, strict=True))
+    if "vision" in runner.sessions and runner.mrope:
+        # Patches of three image sizes in one batch (none of them the export's), against the model's own tower.
+        batch = adapter.build_inputs(processor, [s[0] for s in samples], [s[1] for s in samples]).inputs
+        with torch.no_grad():
+            out = model.model.get_image_features(batch["pixel_values"].to(model.dtype), batch["image_grid_thw"])
+        ref = torch.cat(list(out.pooler_output)).float().numpy()
+        check.compare("vision", "image_features", runner.image_features(batch)[0], ref)
+    elif "vision" in runner.sessions and runner.cross:  # Mllama: tiles + aspect ratios from the processor
+        batch = adapter.build_inputs(processor, [s[0] for s in samples], [s[1] for s in samples]).inputs
+        vision = vision_module(model, adapter, ())
+        with torch.no_grad():
+            ref = vision(batch["pixel_values"].to(model.dtype), batch["aspect_ratio_ids"],
+                         batch["aspect_ratio_mask"]).float().numpy()
+        check.compare("vision", "image_features", runner.image_features(batch), ref)
+    elif "vision" in runner.sessions:
         pixels = rng.standard_normal((3, *meta["pixel_shape"])).astype(np_dtype)
         vision = vision_module(model, adapter, pixels.shape)
         with torch.no_grad():
@@ -156,30 +201,33 @@ def check_parity(
     with torch.no_grad():
         embeds = embedding(torch.from_numpy(ids)).numpy().astype(np_dtype)
     positions = position_ids(mask)
+    if runner.mrope:  # three different M-RoPE axes, as an image's tokens have
+        positions = np.stack([positions, positions // 2, positions + 1])
+    extra = _decoder_extras(runner, meta, mask, rng, np_dtype)
     empty = runner.empty_past(3)
-    ref_logits, ref_past = _torch_decoder(decoder, embeds, mask, positions, [torch.from_numpy(p) for p in empty])
-    logits, past = runner.decode(embeds, mask, positions, empty)
+    ref_logits, ref_past = _torch_decoder(decoder, embeds, mask, positions, [torch.from_numpy(p) for p in empty],
+                                          extra)
+    logits, past = runner.decode(embeds, mask, positions, empty, extra)
     keep = mask.astype(bool)
     check.compare("decoder", "prefill.logits", logits, ref_logits.float().numpy(), keep)
     for got, ref in zip(past, ref_past, strict=True):
         check.compare("decoder", "prefill.present", got, ref.float().numpy(), _valid_kv(mask, got))
     next_tok = ref_logits[:, -1].argmax(-1).numpy()
-    pos = positions[:, -1:]
+    pos = positions[..., -1:]
     for _ in range(decode_steps):
         mask = np.concatenate([mask, np.ones((3, 1), dtype=np.int64)], axis=-1)
         pos = pos + 1
         with torch.no_grad():
             step = embedding(torch.from_numpy(next_tok[:, None])).numpy().astype(np_dtype)
-        ref_logits, ref_past = _torch_decoder(decoder, step, mask, pos, ref_past)
-        logits, past = runner.decode(step, mask, pos, past)
+        step_extra = runner.step_extras(extra)
+        ref_logits, ref_past = _torch_decoder(decoder, step, mask, pos, ref_past, step_extra)
+        logits, past = runner.decode(step, mask, pos, past, step_extra)
         check.compare("decoder", "decode.logits", logits, ref_logits.float().numpy())
         for got, ref in zip(past, ref_past, strict=True):
             check.compare("decoder", "decode.present", got, ref.float().numpy(), _valid_kv(mask, got))
         next_tok = ref_logits[:, -1].argmax(-1).numpy()
 
     if "vision" in runner.sessions:
-        if samples is None:
-            samples = list(zip(dummy_images(3, seed=seed + 1), QUESTIONS, strict=True))
         images, questions = [s[0] for s in samples], [s[1] for s in samples]
         batch = adapter.build_inputs(processor, images, questions)
         torch_runner = TorchRunner.for_adapter(model, adapter, processor)

@@ -121,11 +121,12 @@ def _dims(shape: list[Any], values: dict[str, int], name: str) -> list[int]:
     return out
 
 
-def profiles_for(graph: str, io: list[dict[str, Any]], limits: Any) -> list[Profile]:
+def profiles_for(graph: str, io: list[dict[str, Any]], limits: Any, patches_per_token: int = 1) -> list[Profile]:
     """Profiles from the recipe's limits and the graph's input shapes (axis names from export.json).
 
     decoder: a prefill profile (past 0, up to max_prompt_tokens new) and a decode profile (one token, past up
-    to max_prompt_tokens + max_new_tokens); vision: up to max_batch * max_images images; embed: prompt ids.
+    to max_prompt_tokens + max_new_tokens); vision: up to max_batch * max_images images (Qwen2-VL: that many
+    images of up to max_image_tokens tokens, as patches); embed: prompt ids.
     """
     b, p, n = limits.max_batch, limits.max_prompt_tokens, limits.max_new_tokens
 
@@ -143,7 +144,11 @@ def profiles_for(graph: str, io: list[dict[str, Any]], limits: Any) -> list[Prof
         return [prefill, decode]
     if graph == "vision":
         images = b * limits.max_images
-        return [build("images", {"batch": 1}, {"batch": max(1, images // 2)}, {"batch": images})]
+        most = images * limits.max_image_tokens * patches_per_token
+        return [build("images", {"batch": 1, "patches": patches_per_token},
+                      {"batch": max(1, images // 2), "patches": max(patches_per_token, most // 2 // patches_per_token
+                                                                   * patches_per_token)},
+                      {"batch": images, "patches": most})]
     total = p + n
     return [build("tokens", {"batch": 1, "seq": 1}, {"batch": max(1, b // 2), "seq": max(1, p // 2)},
                   {"batch": b, "seq": total})]
@@ -251,7 +256,7 @@ def memory(log: str) -> dict[str, int]:
 
 
 def build_all(trt: Any, graphs: dict[str, Path], io: dict[str, Any], limits: Any, targets: list[str], out: Path,
-              engine_files: dict[str, str]) -> dict[str, dict[str, Any]]:
+              engine_files: dict[str, str], patches_per_token: int = 1) -> dict[str, dict[str, Any]]:
     """One engine per graph into `out` (names from `engine_files`), build logs in build/, kernels in layers.json."""
     import json
 
@@ -259,8 +264,8 @@ def build_all(trt: Any, graphs: dict[str, Path], io: dict[str, Any], limits: Any
     layers: dict[str, list[Any]] = {}
     (out / "build").mkdir(exist_ok=True)
     for name, engine_file in engine_files.items():
-        info = build_engine(trt, graphs[name], profiles_for(name, io[name]["inputs"], limits), targets,
-                            out / engine_file)
+        profiles = profiles_for(name, io[name]["inputs"], limits, patches_per_token)
+        info = build_engine(trt, graphs[name], profiles, targets, out / engine_file)
         (out / "build" / f"{name}.log").write_text(info.pop("log"))
         layers[name] = info.pop("layers")
         info["onnx_weight_bytes"] = weight_bytes(graphs[name])
@@ -294,7 +299,8 @@ def rebuild(folder: Path, backend: str = "auto", targets: list[str] | None = Non
     config = json.loads(config_file.read_text())
     builder = config["builder"]
     limits = SimpleNamespace(**{k: builder[k] for k in ("max_batch", "max_prompt_tokens", "max_new_tokens",
-                                                        "max_images")})
+                                                        "max_images")},
+                             max_image_tokens=builder.get("max_image_tokens", 1))
     trt, name = load_backend(backend)
     chosen = list(targets or builder["compute_capabilities"])
     meta = read_meta(folder / "onnx")
@@ -302,7 +308,8 @@ def rebuild(folder: Path, backend: str = "auto", targets: list[str] | None = Non
     rows = preflight(trt, graphs)
     if rows:
         raise PreflightError(rows)
-    engines = build_all(trt, graphs, meta["io"], limits, chosen, folder, ENGINE_FILES)
+    unit = (meta.get("vision_inputs") or {}).get("spatial_merge_size", 1) ** 2
+    engines = build_all(trt, graphs, meta["io"], limits, chosen, folder, ENGINE_FILES, patches_per_token=unit)
     builder.update(backend=name, version=trt.__version__, compute_capabilities=chosen)
     for path in (config_file, folder / "visual" / "config.json"):
         doc = json.loads(path.read_text())

@@ -5,10 +5,12 @@ Each wrapper has plain tensor inputs and outputs, so the traced graph's signatur
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from compress.arch.base import text_config
@@ -16,7 +18,11 @@ from compress.errors import ConfigError
 from compress.runtime.cache import cache_kwargs, output_cache
 
 # Families whose graphs this exporter can build, by config.model_type.
-SUPPORTED = {"llava": "llava", "idefics3": "idefics3", "smolvlm": "idefics3"}
+SUPPORTED = {"llava": "llava", "idefics3": "idefics3", "smolvlm": "idefics3", "qwen2_vl": "qwen2_vl",
+             "qwen2_5_vl": "qwen2_vl", "internvl": "internvl", "paligemma": "paligemma", "gemma3": "gemma3",
+             "mllama": "mllama"}
+# Families whose prompt attends bidirectionally within blocks (the decoder graph takes block_sequence_ids).
+BLOCK_FAMILIES = ("paligemma", "gemma3")
 
 
 def model_type_of(model: nn.Module) -> str:
@@ -45,8 +51,11 @@ def decoder_facts(model: nn.Module) -> dict[str, int]:
     cfg = text_config(model)
     heads = int(cfg.num_attention_heads)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    cross = set(getattr(cfg, "cross_attention_layers", None) or [])
     return {
         "num_layers": int(cfg.num_hidden_layers),
+        # Layers with a self-attention KV cache (Mllama's cross-attention layers have none in the graphs).
+        "cache_layers": [i for i in range(int(cfg.num_hidden_layers)) if i not in cross],
         "num_heads": heads,
         "num_kv_heads": int(getattr(cfg, "num_key_value_heads", None) or heads),
         "head_dim": int(head_dim),
@@ -74,6 +83,38 @@ class LlavaVision(nn.Module):
         if self.strategy == "default":
             feats = [f[:, 1:] for f in feats]
         return self.projector(torch.cat(feats, dim=-1) if len(feats) > 1 else feats[0])
+
+
+class ImageFeatures(nn.Module):
+    """The model's own `get_image_features` where it is batched already: InternVL (InternViT + pixel shuffle +
+    projector over a batch of tiles; every tile gives the same number of tokens, so the runner scatters
+    them in order like whole images), PaliGemma and Gemma3 (SigLIP + projector)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.model
+        config = model.config
+        self.kwargs = {k: getattr(config, k) for k in ("vision_feature_layer", "vision_feature_select_strategy")
+                       if getattr(config, k, None) is not None}
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model.get_image_features(pixel_values, **self.kwargs)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+class MllamaVision(nn.Module):
+    """Mllama's tiled vision model + projector: the cross-attention states [batch * images * tiles, patches,
+    hidden] every cross-attention layer reads (computed once per batch, fed to each decoder call)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.model
+
+    def forward(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
+                aspect_ratio_mask: torch.Tensor) -> torch.Tensor:
+        states = self.model.vision_model(pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids,
+                                         aspect_ratio_mask=aspect_ratio_mask).last_hidden_state
+        return self.model.multi_modal_projector(states).reshape(-1, states.shape[-2], self.model.hidden_size)
 
 
 class Idefics3Vision(nn.Module):
@@ -112,14 +153,60 @@ class Idefics3Vision(nn.Module):
         return self.connector(self.post_layernorm(hidden))
 
 
+class QwenVision(nn.Module):
+    """Qwen2-VL / Qwen2.5-VL vision tower + patch merger over a flat batch of patches from any image sizes.
+
+    Upstream splits attention per image with `cu_seqlens.tolist()` (and Qwen2.5-VL reorders patches into
+    windows in Python); here the runner feeds per-patch rotary positions and segment ids
+    (`compress.runtime.mrope.vision_feeds`, patches already in window order) and attention is one masked
+    softmax over the batch: a patch attends to the patches of its own image (and window, in windowed
+    layers). The same block modules compute everything else, so quantized projections export as usual.
+    """
+
+    def __init__(self, model: nn.Module, adapter: Any):
+        super().__init__()
+        self.tower = adapter.component(model, "vision")
+        full = getattr(self.tower, "fullatt_block_indexes", None)
+        self.windowed = [full is not None and i not in full for i in range(len(self.tower.blocks))]
+        self.rotate = sys.modules[type(self.tower).__module__].apply_rotary_pos_emb_vision
+
+    def _attend(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = self.rotate(q, k, cos, sin)
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
+        return attn.proj(out.squeeze(0).transpose(0, 1).reshape(n, -1))
+
+    def forward(self, pixel_values: torch.Tensor, vision_position_ids: torch.Tensor,
+                attention_segments: torch.Tensor, window_segments: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.tower.patch_embed(pixel_values)
+        cos, sin = self.tower.rotary_pos_emb(hidden, vision_position_ids)
+        full = attention_segments[:, None] == attention_segments[None, :]
+        window = full if window_segments is None else window_segments[:, None] == window_segments[None, :]
+        for block, windowed in zip(self.tower.blocks, self.windowed, strict=True):
+            hidden = hidden + self._attend(block.attn, block.norm1(hidden), cos, sin, window if windowed else full)
+            hidden = hidden + block.mlp(block.norm2(hidden))
+        return self.tower.merger(hidden)
+
+    def spec(self) -> dict[str, int | None]:
+        """export.json's `vision_inputs`: what `mrope.VisionSpec` needs to build this graph's feeds."""
+        windowed = any(self.windowed)
+        return {"spatial_merge_size": int(self.tower.spatial_merge_size),
+                "patch_size": int(self.tower.config.patch_size),
+                "window_size": int(self.tower.config.window_size) if windowed else None}
+
+
 class DecoderWithPast(nn.Module):
     """Language model + lm_head with a flat KV cache: one graph for prefill (past 0) and decode."""
 
-    def __init__(self, language: nn.Module, lm_head: nn.Module, num_layers: int):
+    def __init__(self, language: nn.Module, lm_head: nn.Module, num_layers: int, cache_layers: list[int] | None = None):
         super().__init__()
         self.language = language
         self.lm_head = lm_head
         self.num_layers = num_layers
+        self.cache_layers = list(range(num_layers)) if cache_layers is None else list(cache_layers)
 
     def forward(
         self,
@@ -128,41 +215,133 @@ class DecoderWithPast(nn.Module):
         position_ids: torch.Tensor,
         past: tuple[torch.Tensor, ...],
     ) -> tuple[torch.Tensor, ...]:
+        return self._run(inputs_embeds, attention_mask, position_ids, self._cache(past))
+
+    def _cache(self, past: tuple[torch.Tensor, ...]) -> Any:
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.language.config)
-        for i in range(self.num_layers):
-            cache.update(past[2 * i], past[2 * i + 1], i)
+        # Every layer keeps every position (no config: no sliding-window layers that crop their cache inside
+        # the graph); a sliding layer's mask limits what it attends to, so the outputs are the same.
+        cache = DynamicCache()
+        for j, i in enumerate(self.cache_layers):
+            cache.update(past[2 * j], past[2 * j + 1], i)
+        return cache
+
+    def _run(self, inputs_embeds: torch.Tensor, attention_mask: Any, position_ids: torch.Tensor,
+             cache: Any, **extra: Any) -> tuple[torch.Tensor, ...]:
         out = self.language(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             **cache_kwargs(self.language, cache),
             use_cache=True,
+            **extra,
         )
+        layers = output_cache(out).layers
         presents: list[torch.Tensor] = []
-        for layer in output_cache(out).layers:
-            presents += [layer.keys, layer.values]
+        for i in self.cache_layers:
+            presents += [layers[i].keys, layers[i].values]
         return (self.lm_head(out.last_hidden_state), *presents)
+
+
+class DecoderWithBlocks(DecoderWithPast):
+    """A decoder whose prompt attends bidirectionally within blocks: PaliGemma's prefix (image + prompt),
+    Gemma3's images. `block_sequence_ids` [batch, seq] names each token's block (-1: causal), as the
+    family's model derives it from token_type_ids at a prefill; decode steps pass -1. The masks are
+    built by the family's own functions, so the graph computes what the model computes."""
+
+    def __init__(self, language: nn.Module, lm_head: nn.Module, num_layers: int, family: str):
+        super().__init__(language, lm_head, num_layers)
+        self.family = family
+
+    def forward(  # type: ignore[override]
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        block_sequence_ids: torch.Tensor,
+        past: tuple[torch.Tensor, ...],
+    ) -> tuple[torch.Tensor, ...]:
+        from transformers import masking_utils
+
+        cache = self._cache(past)
+        kwargs = {"config": self.language.config, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
+                  "cache": cache, "position_ids": position_ids}
+        if self.family == "gemma3":
+            from transformers.models.gemma3 import modeling_gemma3
+
+            masks = modeling_gemma3.create_masks_for_vision_model(block_sequence_ids=block_sequence_ids, **kwargs)
+        else:  # PaliGemma: the prefix block over a full-attention (Gemma) or hybrid (Gemma2) text model
+            masks = masking_utils.create_causal_mask(**kwargs, block_sequence_ids=block_sequence_ids)
+            if getattr(self.language.config, "sliding_window", None) is not None:
+                masks = {"full_attention": masks,
+                         "sliding_attention": masking_utils.create_sliding_window_causal_mask(**kwargs)}
+        return self._run(inputs_embeds, masks, position_ids, cache)
+
+
+class DecoderWithCrossAttention(DecoderWithPast):
+    """Mllama: self-attention layers with the flat KV cache, cross-attention layers reading the vision states
+    fed on every call (their keys/values are recomputed from them, so the cache holds self-attention only).
+    `cross_attention_mask` [batch, seq, images, tiles] is the processor's (a decode step: its last row)."""
+
+    def __init__(self, language: nn.Module, lm_head: nn.Module, num_layers: int, cache_layers: list[int],
+                 num_vision_tokens: int):
+        super().__init__(language, lm_head, num_layers, cache_layers)
+        self.num_vision_tokens = num_vision_tokens
+
+    def forward(  # type: ignore[override]
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cross_attention_states: torch.Tensor,
+        cross_attention_mask: torch.Tensor,
+        past: tuple[torch.Tensor, ...],
+    ) -> tuple[torch.Tensor, ...]:
+        # transformers' _prepare_cross_attention_mask for a 0/1 mask, written with ops the ONNX exporter takes.
+        batch, seq = cross_attention_mask.shape[:2]
+        keep = cross_attention_mask.repeat_interleave(self.num_vision_tokens, dim=3).reshape(batch, seq, -1)[:, None]
+        lowest = torch.finfo(inputs_embeds.dtype).min
+        cross_mask = torch.where(keep == 0, lowest, 0.0).to(inputs_embeds.dtype)
+        rows = (cross_mask != lowest).any(dim=-1).to(inputs_embeds.dtype)[..., None]  # rows attending to some tile
+        cross_mask = cross_mask * rows
+        return self._run(inputs_embeds, attention_mask, position_ids, self._cache(past),
+                         cross_attention_states=cross_attention_states, cross_attention_mask=cross_mask,
+                         full_text_row_masked_out_mask=rows)
 
 
 def vision_module(model: nn.Module, adapter: Any, pixel_shape: Sequence[int]) -> nn.Module:
     family = check_exportable(model)
     if family == "llava":
         return LlavaVision(model, adapter).eval()
+    if family == "qwen2_vl":
+        return QwenVision(model, adapter).eval()
+    if family in ("internvl", "paligemma", "gemma3"):
+        return ImageFeatures(model).eval()
+    if family == "mllama":
+        return MllamaVision(model).eval()
     return Idefics3Vision(model, adapter, int(pixel_shape[-2]), int(pixel_shape[-1])).eval()
 
 
 def decoder_module(model: nn.Module, adapter: Any) -> DecoderWithPast:
-    check_exportable(model)
+    family = check_exportable(model)
     facts = decoder_facts(model)
-    language = adapter.component(model, "language")
-    return DecoderWithPast(language, adapter.component(model, "lm_head"), facts["num_layers"]).eval()
+    language, lm_head = adapter.component(model, "language"), adapter.component(model, "lm_head")
+    if family in BLOCK_FAMILIES:
+        return DecoderWithBlocks(language, lm_head, facts["num_layers"], family).eval()
+    if family == "mllama":
+        return DecoderWithCrossAttention(language, lm_head, facts["num_layers"], facts["cache_layers"],
+                                         model.model.vision_model.num_patches).eval()
+    return DecoderWithPast(language, lm_head, facts["num_layers"]).eval()
 
 
-def past_names(num_layers: int) -> list[str]:
-    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+def past_names(layers: int | list[int]) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in _layers(layers) for kv in ("key", "value")]
 
 
-def present_names(num_layers: int) -> list[str]:
-    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+def present_names(layers: int | list[int]) -> list[str]:
+    return [f"present.{i}.{kv}" for i in _layers(layers) for kv in ("key", "value")]
+
+
+def _layers(layers: int | list[int]) -> list[int]:
+    return list(range(layers)) if isinstance(layers, int) else list(layers)

@@ -21,9 +21,10 @@ import torch
 
 from compress.errors import ConfigError
 from compress.export.files import read_meta
-from compress.export.onnx import vision_pixels
 from compress.host import cpu_features
 from compress.runtime.greedy import greedy
+from compress.runtime.mrope import VisionSpec, rope_index
+from compress.runtime.vision_inputs import block_sequence_ids, vision_feeds_for
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 ACCELERATED = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -85,8 +86,16 @@ class OrtRunner:
         self.num_layers = int(meta["num_layers"])
         self.kv_shape = (int(meta["num_kv_heads"]), int(meta["head_dim"]))
         self.dtype = NP_DTYPES[meta["dtype"]]
-        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
-        self.present_names = [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        # Qwen2-VL's M-RoPE: [3, batch, seq] positions from the image grid, and patch-level vision feeds.
+        self.mrope = meta.get("positions") == "mrope"
+        self.vision_spec = VisionSpec.from_meta(meta["vision_inputs"]) if meta.get("vision_inputs") else None
+        # PaliGemma / Gemma3: the decoder graph takes the prompt's bidirectional blocks (-1 at decode steps).
+        self.blocks = meta.get("attention_blocks")
+        # Mllama: the decoder graph takes the vision states and the cross-attention mask on every call.
+        self.cross = bool(meta.get("cross_attention"))
+        layers = meta.get("cache_layers", list(range(self.num_layers)))  # Mllama: self-attention layers only
+        self.past_names = [f"past_key_values.{i}.{kv}" for i in layers for kv in ("key", "value")]
+        self.present_names = [f"present.{i}.{kv}" for i in layers for kv in ("key", "value")]
         # Cache geometry per layer from the graph itself (a pruned model may differ from its config).
         declared = {i.name: i.shape for i in sessions["decoder"].get_inputs()}
         self.past_shapes = {
@@ -127,8 +136,9 @@ class OrtRunner:
         """[images, tokens, hidden] for the real images of the batch."""
         if "vision" not in self.sessions:
             raise ConfigError("this export has no vision graph, but the inputs carry pixel_values")
-        pixels = vision_pixels(self.family, inputs).astype(self.dtype, copy=False)
-        return self.sessions["vision"].run(["image_features"], {"pixel_values": pixels})[0]
+        fed = vision_feeds_for(self.family, inputs, self.dtype, self.vision_spec)
+        feats = self.sessions["vision"].run(["image_features"], fed.feeds)[0]
+        return feats if fed.restore is None else feats[fed.restore][None]  # Qwen: [1, tokens, hidden]
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         return self.sessions["embed"].run(["inputs_embeds"], {"input_ids": input_ids.astype(np.int64)})[0]
@@ -136,9 +146,10 @@ class OrtRunner:
     def prompt_embeds(self, inputs: dict[str, Any]) -> np.ndarray:
         """Token embeddings with the image features written, in order, over the image-token positions."""
         ids = _numpy(inputs["input_ids"]).astype(np.int64)
-        embeds = self.embed(ids)
-        if inputs.get("pixel_values") is None:
-            return embeds
+        if inputs.get("pixel_values") is None or self.cross:  # Mllama's image token is an ordinary token
+            return self.embed(ids)
+        # An image token id past the vocab (as upstream allows) is looked up as 0; its row is overwritten below.
+        embeds = self.embed(np.where(ids == self.image_token_id, 0, ids))
         feats = self.image_features(inputs)
         slots = ids == self.image_token_id
         n_slots, n_feats = int(slots.sum()), feats.shape[0] * feats.shape[1]
@@ -153,13 +164,52 @@ class OrtRunner:
         return [np.zeros((batch, self.past_shapes[n][0], 0, self.past_shapes[n][1]), dtype=self.dtype)
                 for n in self.past_names]
 
-    def decode(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
-               past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One decoder call: (logits [B, S, V], presents)."""
+    def prompt_extras(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """A prefill's decoder inputs beyond embeddings, mask, positions and cache: PaliGemma/Gemma3's
+        bidirectional blocks (from token types), Mllama's cross-attention states and mask."""
+        extra: dict[str, np.ndarray] = {}
+        if self.blocks:
+            types = inputs.get("token_type_ids")
+            ids = _numpy(inputs["input_ids"])
+            # As upstream: without token types the prompt is plain causal.
+            extra["block_sequence_ids"] = (np.full(ids.shape, -1, dtype=np.int64) if types is None
+                                           else block_sequence_ids(self.blocks, _numpy(types)))
+        if self.cross:
+            if inputs.get("cross_attention_mask") is None or inputs.get("pixel_values") is None:
+                raise ConfigError("this Mllama export needs an image per prompt (pixel_values and "
+                                  "cross_attention_mask from the processor)")
+            extra["cross_attention_states"] = self.image_features(inputs)
+            extra["cross_attention_mask"] = _numpy(inputs["cross_attention_mask"]).astype(np.int64)
+        return extra
+
+    @staticmethod
+    def step_extras(extra: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The same inputs at a decode step: causal blocks, the same vision states, the mask's last row."""
+        out = dict(extra)
+        if "block_sequence_ids" in out:
+            out["block_sequence_ids"] = np.full((len(out["block_sequence_ids"]), 1), -1, dtype=np.int64)
+        if "cross_attention_mask" in out:
+            out["cross_attention_mask"] = out["cross_attention_mask"][:, -1:]
+        return out
+
+    def decode(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray],
+               extra: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One decoder call: (logits [B, S, V], presents). `extra`: see `prompt_extras` (blocks default to causal)."""
         feeds = {"inputs_embeds": embeds, "attention_mask": mask.astype(np.int64),
                  "position_ids": positions.astype(np.int64), **dict(zip(self.past_names, past, strict=True))}
+        if self.blocks:
+            feeds["block_sequence_ids"] = np.full(embeds.shape[:2], -1, np.int64)
+        feeds.update(extra or {})
         out = self.sessions["decoder"].run(["logits", *self.present_names], feeds)
         return out[0], out[1:]
+
+    def positions(self, inputs: dict[str, Any], mask: np.ndarray) -> np.ndarray:
+        """Prompt positions: cumsum of the mask - 1 ([batch, seq]), or M-RoPE's [3, batch, seq]."""
+        if not self.mrope:
+            return position_ids(mask)
+        grid = inputs.get("image_grid_thw")
+        return rope_index(_numpy(inputs["input_ids"]), mask, None if grid is None else _numpy(grid),
+                          self.image_token_id, self.vision_spec.spatial_merge_size if self.vision_spec else 1)
 
     # ---- the runner contract ------------------------------------------------------------------------
 
@@ -167,19 +217,25 @@ class OrtRunner:
         """Teacher-forced logits for a full sequence (prompt and answer), float32 [B, T, V]."""
         mask = _numpy(inputs["attention_mask"]).astype(np.int64)
         embeds = self.prompt_embeds(inputs)
-        logits, _ = self.decode(embeds, mask, position_ids(mask), self.empty_past(mask.shape[0]))
+        logits, _ = self.decode(embeds, mask, self.positions(inputs, mask), self.empty_past(mask.shape[0]),
+                                self.prompt_extras(inputs))
         return torch.from_numpy(np.ascontiguousarray(logits)).float()
 
     def generate(self, inputs: dict[str, Any], max_new_tokens: int, ignore_eos: bool = False) -> list[list[int]]:
         t0 = time.perf_counter()
         mask = _numpy(inputs["attention_mask"]).astype(np.int64)
-        logits, past = self.decode(self.prompt_embeds(inputs), mask, position_ids(mask), self.empty_past(len(mask)))
-        state = {"mask": mask, "pos": position_ids(mask)[:, -1:], "past": past, "steps": 0}
+        positions = self.positions(inputs, mask)
+        extra = self.prompt_extras(inputs)
+        logits, past = self.decode(self.prompt_embeds(inputs), mask, positions, self.empty_past(len(mask)), extra)
+        # A decode step continues from the last prompt position + 1 (on every M-RoPE axis).
+        state = {"mask": mask, "pos": positions[..., -1:], "past": past, "steps": 0}
+        extra = self.step_extras(extra)
 
         def step(fed: list[int]) -> list[int]:
             mask = np.concatenate([state["mask"], np.ones((len(fed), 1), dtype=np.int64)], axis=-1)
             pos = state["pos"] + 1
-            logits, past = self.decode(self.embed(np.asarray(fed, dtype=np.int64)[:, None]), mask, pos, state["past"])
+            logits, past = self.decode(self.embed(np.asarray(fed, dtype=np.int64)[:, None]), mask, pos, state["past"],
+                                       extra)
             state.update(mask=mask, pos=pos, past=past, steps=state["steps"] + 1)
             return logits[:, -1].argmax(-1).tolist()
 

@@ -70,11 +70,14 @@ class TorchRunner:
         state = {"mask": inputs["attention_mask"], "pos": position_ids(inputs["attention_mask"])[:, -1:], "steps": 0}
         out = self.model(**inputs, **self._positions(state["mask"]), use_cache=True)
         state["past"] = output_cache(out)
+        # Mllama: a decode step attends to the images its last prompt token attended to (as `generate` does).
+        cross = inputs.get("cross_attention_mask")
+        step_inputs = {} if cross is None else {"cross_attention_mask": cross[:, -1:]}
 
         def step(fed: list[int]) -> list[int]:
             mask = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=-1)
             pos = state["pos"] + 1
-            out = self.model(input_ids=torch.tensor(fed)[:, None], attention_mask=mask,
+            out = self.model(input_ids=torch.tensor(fed)[:, None], attention_mask=mask, **step_inputs,
                              **self._positions(mask, pos), **cache_kwargs(self.model, state["past"]), use_cache=True)
             state.update(mask=mask, pos=pos, past=output_cache(out), steps=state["steps"] + 1)
             return out.logits[:, -1].argmax(-1).tolist()

@@ -32,6 +32,8 @@ class ProfilesConfig(Strict):
     max_prompt_tokens: int = Field(512, ge=2, le=32768, description="prompt length including image tokens")
     max_new_tokens: int = Field(128, ge=1, le=32768, description="generated tokens per answer")
     max_images: int = Field(1, ge=1, le=16, description="images per question")
+    max_image_tokens: int = Field(1024, ge=1, le=65536, description="tokens per image where the image size decides "
+                                  "them (Qwen2-VL / Qwen2.5-VL); other families have a fixed count")
 
 
 class EngineConfig(StageConfig):
@@ -151,7 +153,9 @@ def apply(model: torch.nn.Module, cfg: EngineConfig, ctx: StageContext) -> Stage
     if rows:
         raise T.PreflightError(rows)
     meta = read_meta(ctx.export_dir)
-    engines = T.build_all(trt, graphs, meta["io"], cfg.profiles, cfg.compute_capabilities, out, ENGINE_FILES)
+    unit = (meta.get("vision_inputs") or {}).get("spatial_merge_size", 1) ** 2  # patches per Qwen image token
+    engines = T.build_all(trt, graphs, meta["io"], cfg.profiles, cfg.compute_capabilities, out, ENGINE_FILES,
+                          patches_per_token=unit)
     limits = cfg.profiles.model_dump()
     common = {"builder": {"backend": backend, "version": trt.__version__, "precision": cfg.precision,
                           "compute_capabilities": cfg.compute_capabilities, **limits}}
@@ -164,6 +168,7 @@ def apply(model: torch.nn.Module, cfg: EngineConfig, ctx: StageContext) -> Stage
     (out / "config.json").write_text(json.dumps(llm_config, indent=2, sort_keys=True) + "\n")
     visual = {**common, "engine": "visual.engine", "max_batch_size": cfg.profiles.max_batch * cfg.profiles.max_images,
               "image_tokens_per_image": meta.get("image_tokens_per_image"), "pixel_shape": meta.get("pixel_shape"),
+              "vision_inputs": meta.get("vision_inputs"),
               "io": meta["io"]["vision"]}
     (out / "visual" / "config.json").write_text(json.dumps(visual, indent=2, sort_keys=True) + "\n")
     ctx.processor.save_pretrained(out)
