@@ -114,3 +114,21 @@ def test_parity_with_images_of_other_shapes(exported):
     samples = list(zip(_images([(40, 100), (100, 40)]), QUESTIONS, strict=True))
     errors = check_parity(model, adapter, processor, out, atol=1e-5, samples=samples, record=False)
     assert errors["end_to_end.logits"] < 1e-5 and errors["vision.image_features"] < 1e-4
+
+
+def test_mllama_engine_profiles_cover_one_image_of_tiles_per_prompt(exported):
+    from compress.export import tensorrt as T
+    from compress.stages.engine import ProfilesConfig
+
+    family, model, _, _, out = exported
+    if family != "mllama":
+        pytest.skip("Mllama's decoder alone reads vision states")
+    io = read_meta(out)["io"]
+    tiles = T._tiles(io)
+    assert tiles == model.config.vision_config.max_num_tiles
+    limits = ProfilesConfig(max_batch=4, max_prompt_tokens=64, max_new_tokens=16)
+    prefill, decode = T.profiles_for("decoder", io["decoder"]["inputs"], limits, tiles=tiles)
+    for profile in (prefill, decode):
+        lo, opt, hi = profile.shapes["cross_attention_states"]
+        assert (lo[0], opt[0], hi[0]) == (tiles, 2 * tiles, 4 * tiles)  # batch x tiles, as the vision graph gives
+        assert profile.shapes["cross_attention_mask"][2] == [4, 64 if profile is prefill else 1, 1, tiles]

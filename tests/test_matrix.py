@@ -40,7 +40,7 @@ STAGES: dict[str, list[dict]] = {
 REFUSED = {
     "qwen2_vl": {"shrink"},
     "qwen2_5_vl": {"shrink"},
-    "mllama": {"engine", "shrink"},
+    "mllama": {"shrink"},
 }
 FAMILIES = [mt for cls in ADAPTERS for mt in cls.model_types]
 

@@ -16,9 +16,6 @@ from PIL import Image
 
 from compress.arch.base import Adapter
 
-_NO_ENGINE = ("its decoder graph takes the vision states and the cross-attention mask as inputs, which the "
-              "engine stage's optimization profiles do not cover yet (the ONNX export runs)")
-
 
 class MllamaAdapter(Adapter):
     name = "mllama"
@@ -36,7 +33,6 @@ class MllamaAdapter(Adapter):
     answer_join = ""
     end_of_turn = "<|eot_id|>"
     refused_stages: ClassVar[dict[str, str]] = {
-        "engine": _NO_ENGINE,
         "shrink": "its cross-attention layers share the self-attention head count and sit at fixed layer indices "
                   "(cross_attention_layers); structured pruning does not handle them yet",
     }

@@ -121,16 +121,19 @@ def _dims(shape: list[Any], values: dict[str, int], name: str) -> list[int]:
     return out
 
 
-def profiles_for(graph: str, io: list[dict[str, Any]], limits: Any, patches_per_token: int = 1) -> list[Profile]:
+def profiles_for(graph: str, io: list[dict[str, Any]], limits: Any, patches_per_token: int = 1,
+                 tiles: int = 1) -> list[Profile]:
     """Profiles from the recipe's limits and the graph's input shapes (axis names from export.json).
 
     decoder: a prefill profile (past 0, up to max_prompt_tokens new) and a decode profile (one token, past up
-    to max_prompt_tokens + max_new_tokens); vision: up to max_batch * max_images images (Qwen2-VL: that many
+    to max_prompt_tokens + max_new_tokens); Mllama's decoder also takes one image's `tiles` vision states per
+    prompt (`vision_states` = batch * tiles); vision: up to max_batch * max_images images (Qwen2-VL: that many
     images of up to max_image_tokens tokens, as patches); embed: prompt ids.
     """
     b, p, n = limits.max_batch, limits.max_prompt_tokens, limits.max_new_tokens
 
     def build(name: str, lo: dict[str, int], opt: dict[str, int], hi: dict[str, int]) -> Profile:
+        lo, opt, hi = ({**d, "tiles": tiles, "vision_states": d.get("batch", 1) * tiles} for d in (lo, opt, hi))
         return Profile(name, {i["name"]: (_dims(i["shape"], lo, i["name"]), _dims(i["shape"], opt, i["name"]),
                                           _dims(i["shape"], hi, i["name"])) for i in io})
 
@@ -263,8 +266,9 @@ def build_all(trt: Any, graphs: dict[str, Path], io: dict[str, Any], limits: Any
     engines: dict[str, dict[str, Any]] = {}
     layers: dict[str, list[Any]] = {}
     (out / "build").mkdir(exist_ok=True)
+    tiles = _tiles(io)
     for name, engine_file in engine_files.items():
-        profiles = profiles_for(name, io[name]["inputs"], limits, patches_per_token)
+        profiles = profiles_for(name, io[name]["inputs"], limits, patches_per_token, tiles)
         info = build_engine(trt, graphs[name], profiles, targets, out / engine_file)
         (out / "build" / f"{name}.log").write_text(info.pop("log"))
         layers[name] = info.pop("layers")
@@ -272,6 +276,16 @@ def build_all(trt: Any, graphs: dict[str, Path], io: dict[str, Any], limits: Any
         engines[name] = info
     (out / "layers.json").write_text(json.dumps(layers, indent=1) + "\n")
     return engines
+
+
+def _tiles(io: dict[str, Any]) -> int:
+    """Vision states per image for a decoder that reads them (Mllama: the vision graph's fixed tile count)."""
+    if not any("tiles" in i["shape"] for i in io["decoder"]["inputs"]):
+        return 1
+    pixels = io["vision"]["inputs"][0]["shape"]  # [batch, images, tiles, 3, H, W]
+    if len(pixels) != 6 or not isinstance(pixels[2], int):
+        raise ConfigError(f"the decoder reads tiled vision states but the vision input has shape {pixels}")
+    return pixels[2]
 
 
 def weight_bytes(path: Path) -> int:
