@@ -129,7 +129,7 @@ def build_qwen2_vl(layers: int, vocab: int = 32000) -> tuple[Any, Any]:
                      "max_position_embeddings": 4096, "pad_token_id": fast.pad_token_id,
                      "eos_token_id": fast.eos_token_id,
                      "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
-                                         "mrope_section": [head_dim // 4, head_dim * 3 // 16, head_dim * 3 // 16]}},
+                                         "mrope_section": [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]}},
         vision_config={"depth": 12, "embed_dim": 768, "hidden_size": 1024, "num_heads": 12, "mlp_ratio": 4,
                        "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3},
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],

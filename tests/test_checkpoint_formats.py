@@ -23,7 +23,7 @@ from compress.arch.tiny import save_tiny
 from compress.checkpoint import load_checkpoint, save_checkpoint
 from compress.registry import get_stage
 from compress.stages.base import StageContext
-from compress.stages.quantize import ActivationsConfig, QuantizeConfig, WeightsConfig
+from compress.stages.quantize import ActivationsConfig, Int4Config, QuantizeConfig, WeightsConfig
 
 ALL = {"components": ["vision", "projector", "language"]}
 STATIC = {"calibration": "percentile", "percentile": 99.9}
@@ -42,6 +42,10 @@ CASES: dict[str, tuple[str, dict]] = {
     "int8/static/idefics3": ("idefics3", {"activations": STATIC, "smoothquant": {"alpha": 0.5}}),
     # After 2:4 pruning: the checkpoint also carries compressed-tensors' sparsity_config (dense format).
     "int8/static/2:4": ("llava", {"activations": STATIC, "_prune": "2:4"}),
+    # INT4 weight-only, pack-quantized group strategy: symmetric, with zero points, and each rounding.
+    "int4/symmetric/rtn": ("llava", {"int4": {"group_size": 32}}),
+    "int4/zero_point/gptq": ("llava", {"int4": {"group_size": 32, "symmetric": False, "rounding": "gptq"}}),
+    "int4/symmetric/awq": ("qwen2_vl", {"int4": {"group_size": 32, "rounding": "awq"}}),
     # bitsandbytes' own CPU kernel needs out_features % 32 == 0 (the tiny k/v projections have 16).
     "nf4": ("llava", {"nf4": {"blocksize": 32},
                       "targets": {"components": ["language"], "exclude": ["*k_proj", "*v_proj"]}}),
@@ -87,6 +91,10 @@ def test_every_registered_scheme_is_covered():
     int8 = [key.split("/") for key in CASES if key.startswith("int8/")]
     assert modes <= {k[1] for k in int8}, f"int8 activation modes not covered: {modes - {k[1] for k in int8}}"
     assert granularities <= {k[2] for k in int8}, "int8 weight granularities not covered"
+    int4 = [key.split("/") for key in CASES if key.startswith("int4/")]
+    assert {k[1] for k in int4} == {"symmetric", "zero_point"}, "int4 with and without zero points"
+    roundings = set(typing.get_args(Int4Config.model_fields["rounding"].annotation))
+    assert roundings <= {k[2] for k in int4}, f"int4 roundings not covered: {roundings - {k[2] for k in int4}}"
 
 
 def _images(n: int, seed: int) -> list[Image.Image]:

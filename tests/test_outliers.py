@@ -17,7 +17,7 @@ from compress.quant import ActQuant, Int8Linear, KeepFloat, WeightQuant, quantiz
 from compress.quant.gptq import Hessian, gptq_quantize
 from compress.quant.int8 import dynamic_scale, fake_quant, quantize_weight
 from compress.quant.smooth_rules import Mapping
-from compress.quant.smoothquant import _Factors, search_alpha
+from compress.quant.smoothquant import _Factors, int8_output, search_alpha
 from compress.zoo import MODELS
 from compress.zoo.outliers import build
 
@@ -106,7 +106,8 @@ def test_smoothquant_alpha_search_scores_each_candidate_and_picks_the_best():
     layer, x = _layer_with_outliers()
     act = ActQuant(dynamic="per_token")
     mapping = Mapping("norm", ("layer",), "norm", slice(None))
-    best, errors = search_alpha(_Factors(mapping, x.abs().amax(0), [layer.weight]), [layer.weight], x, act, 127)
+    best, errors = search_alpha(_Factors(mapping, x.abs().amax(0), [layer.weight]), [layer.weight], x,
+                                int8_output(act, 127))
     assert errors[best] == min(errors.values()) and errors[best] < 0.5 * errors[0.0]
 
 

@@ -41,18 +41,14 @@ from compress.export.files import (
 )
 from compress.export.fuse import fuse_export
 from compress.export.portable import Int8Kernels, portable_export
+from compress.export.trace import DUMMY_BATCH, export_decoder, export_embed, export_vision
 from compress.export.wrappers import (
     BLOCK_FAMILIES,
-    DecoderWithBlocks,
-    DecoderWithCrossAttention,
-    DecoderWithPast,
     QwenVision,
     check_exportable,
     decoder_facts,
     decoder_module,
     model_type_of,
-    past_names,
-    present_names,
     vision_module,
 )
 from compress.runtime.mrope import VisionSpec
@@ -61,9 +57,6 @@ from compress.runtime.vision_inputs import vision_feeds_for, vision_pixels
 
 COMPONENTS = ("vision", "decoder")
 ONNX_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
-# Dummy shapes for tracing: deliberately unlike the shapes parity checks use, and never 0 or 1 (torch.export
-# specializes dimensions of size 0/1 to constants).
-DUMMY_BATCH, DUMMY_SEQ, DUMMY_PAST = 2, 5, 3
 
 
 @dataclass
@@ -116,147 +109,6 @@ def dummy_images(n: int, size: int = 64, seed: int = 0) -> list[Image.Image]:
 # ---- the export --------------------------------------------------------------------------------------
 
 
-def _torch_export(
-    module: nn.Module,
-    args: tuple[Any, ...],
-    dynamic_shapes: tuple[Any, ...],
-    input_names: list[str],
-    output_names: list[str],
-    opset: int,
-    custom_table: dict[Any, Any] | None,
-) -> Any:
-    """torch.onnx dynamo export to an in-memory onnx.ModelProto (weights included)."""
-    try:
-        import onnxscript  # noqa: F401  (the dynamo exporter's translation library)
-    except ImportError as exc:
-        raise ConfigError("ONNX export needs onnxscript: pip install onnxscript") from exc
-    with torch.no_grad():
-        program = torch.onnx.export(
-            module,
-            args,
-            f=None,
-            input_names=input_names,
-            output_names=output_names,
-            opset_version=opset,
-            dynamo=True,
-            dynamic_shapes=dynamic_shapes,
-            custom_translation_table=custom_table or None,
-            optimize=True,
-            verbose=False,
-        )
-    proto = program.model_proto
-    # Per-node provenance (FX node text, class hierarchy, stack traces) is most of a small model's bytes.
-    for node in proto.graph.node:
-        del node.metadata_props[:]
-        node.doc_string = ""
-    return proto
-
-
-def tidy_dims(proto: Any, rename: dict[str, str]) -> None:
-    """Readable, consistent symbolic dims: `seq + past` and `past + seq` are the same size to a fusion pass."""
-
-    def fix(name: str) -> str:
-        terms = sorted(rename.get(t.strip(), t.strip()) for t in name.split("+"))
-        joined = " + ".join(terms)
-        return rename.get(joined, joined)
-
-    graph = proto.graph
-    for value in [*graph.input, *graph.output, *graph.value_info]:
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.HasField("dim_param"):
-                dim.dim_param = fix(dim.dim_param)
-
-
-def _embed_graph(embedding: nn.Embedding, dtype: torch.dtype, opset: int) -> Any:
-    """input_ids -> table[input_ids] as a single Gather (exact, and trivially portable)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    table = embedding.weight.detach().to(dtype).cpu().numpy()
-    elem = TensorProto.FLOAT if dtype == torch.float32 else TensorProto.FLOAT16
-    graph = helper.make_graph(
-        [helper.make_node("Gather", ["embed_tokens.weight", "input_ids"], ["inputs_embeds"], axis=0)],
-        "embed",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
-        [helper.make_tensor_value_info("inputs_embeds", elem, ["batch", "seq", table.shape[1]])],
-        [numpy_helper.from_array(table, "embed_tokens.weight")],
-    )
-    # IR 10 (what the dynamo exporter writes): newer onnx packages default to IRs older runtimes refuse.
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="compress",
-                              ir_version=10)
-    onnx.checker.check_model(model)
-    return model
-
-
-def _export_embed(model: nn.Module, adapter: Any, dtype: torch.dtype, opset: int) -> Any:
-    embedding = adapter.component(model, "language").get_input_embeddings()
-    if type(embedding) is nn.Embedding:
-        return _embed_graph(embedding, dtype, opset)
-    # A subclass (e.g. a scaled embedding) may compute more than a lookup: trace it instead.
-    ids = torch.zeros(DUMMY_BATCH, DUMMY_SEQ, dtype=torch.long)
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    proto = _torch_export(embedding, (ids,), ({0: batch, 1: seq},), ["input_ids"], ["inputs_embeds"], opset, None)
-    tidy_dims(proto, {})
-    return proto
-
-
-def _export_vision(module: nn.Module, feeds: dict[str, np.ndarray], dtype: torch.dtype, opset: int,
-                   table: dict[Any, Any]) -> Any:
-    """An image batch (dynamic batch), or a Qwen flat patch batch (dynamic patch count, a multiple of the
-    merge unit) with its position and segment inputs."""
-    args = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values())
-    args = tuple(a.to(dtype) if a.is_floating_point() else a for a in args)
-    if isinstance(module, QwenVision):
-        unit = module.tower.spatial_merge_size ** 2
-        size = unit * torch.export.Dim("merged_tokens")
-    else:
-        size = torch.export.Dim("batch")
-    proto = _torch_export(module, args, tuple({0: size} for _ in args), list(feeds), ["image_features"], opset, table)
-    if isinstance(module, QwenVision):  # readable axis names: patches in, merged tokens out
-        proto.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "image_tokens"
-        tidy_dims(proto, {proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param: "patches"})
-    else:
-        tidy_dims(proto, {})
-    return proto
-
-
-def _export_decoder(module: DecoderWithPast, facts: dict[str, int], dtype: torch.dtype, opset: int,
-                    table: dict[Any, Any], mrope: bool = False) -> Any:
-    b, s, p = DUMMY_BATCH, DUMMY_SEQ, DUMMY_PAST
-    layers = facts["cache_layers"]
-    embeds = torch.randn(b, s, facts["hidden_size"], dtype=dtype)
-    mask = torch.ones(b, p + s, dtype=torch.long)
-    mask[0, :2] = 0  # a left-padded row, so the traced masking path is the padded one
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -s:]
-    if mrope:  # [3, batch, seq]: three different axes, so no axis is traced as a copy of another
-        positions = torch.stack([positions, positions // 2, positions + 1])
-    kv = (b, facts["num_kv_heads"], p, facts["head_dim"])
-    past = tuple(torch.randn(*kv, dtype=dtype) for _ in range(2 * len(layers)))
-    Dim = torch.export.Dim
-    batch, seq, past_len = Dim("batch"), Dim("seq"), Dim("past")
-    args = [embeds, mask, positions]
-    dynamic = [{0: batch, 1: seq}, {0: batch, 1: Dim.DYNAMIC}, {1: batch, 2: seq} if mrope else {0: batch, 1: seq}]
-    names = ["inputs_embeds", "attention_mask", "position_ids"]
-    if isinstance(module, DecoderWithBlocks):  # a bidirectional block over the first tokens of the padded row
-        blocks = torch.full((b, s), -1, dtype=torch.long)
-        blocks[0, 2:4], blocks[1, :3] = 0, 1
-        args, names = [*args, blocks], [*names, "block_sequence_ids"]
-        dynamic.append({0: batch, 1: seq})
-    if isinstance(module, DecoderWithCrossAttention):  # Mllama: vision states of 2 tiles per row, all attended
-        states = torch.randn(2 * b, module.num_vision_tokens, facts["hidden_size"], dtype=dtype)
-        cross_mask = torch.ones(b, s, 1, 2, dtype=torch.long)
-        cross_mask[0, :2] = 0  # tokens before the image attend to none of it
-        args, names = [*args, states, cross_mask], [*names, "cross_attention_states", "cross_attention_mask"]
-        dynamic += [{0: Dim("vision_states")}, {0: batch, 1: seq, 3: Dim("tiles")}]
-    dynamic.append(tuple({0: batch, 2: past_len} for _ in past))
-    proto = _torch_export(module, (*args, past), tuple(dynamic), [*names, *past_names(layers)],
-                          ["logits", *present_names(layers)], opset, table)
-    mask_dim = proto.graph.input[1].type.tensor_type.shape.dim[1]
-    total = {mask_dim.dim_param: "total"} if mask_dim.HasField("dim_param") else {}
-    tidy_dims(proto, {**total, "past + seq": "total"})
-    return proto
-
-
 def export_onnx(
     model: nn.Module,
     adapter: Any,
@@ -267,6 +119,7 @@ def export_onnx(
     fusion: bool = True,
     quantize: bool = True,
     int8_kernels: Int8Kernels = "portable",
+    int4_accuracy_level: int = 0,
 ) -> ExportResult:
     """Write the vision / embed / decoder graphs and `export.json` to `out_dir` (replacing earlier graphs).
 
@@ -303,20 +156,20 @@ def export_onnx(
         if len(written) > 1:
             files[f"{name}.data"] = written[1]
 
-    with qdq.export_modules(model, quantize=quantize) as (quantized, table):
+    with qdq.export_modules(model, quantize, int4_accuracy_level) as (quantized, table):
         if "vision" in components:
             vision = vision_module(model, adapter, pixels.shape)
             vision_spec = vision.spec() if isinstance(vision, QwenVision) else None
             fed = vision_feeds_for(family, probe, pixels.dtype, VisionSpec(**vision_spec) if vision_spec else None)
-            proto = _export_vision(vision, fed.feeds, dtype, opset, table)
+            proto = export_vision(vision, fed.feeds, dtype, opset, table)
             qdq.unshare_qdq(proto)
             write("vision", proto)
             if family not in ("qwen2_vl", "mllama"):  # Qwen: the image size decides; Mllama: no image tokens
                 with torch.no_grad():
                     tokens_per_image = int(vision(torch.from_numpy(pixels[:1]).to(dtype)).shape[1])
         if "decoder" in components:
-            write("embed", _export_embed(model, adapter, dtype, opset))
-            proto = _export_decoder(decoder_module(model, adapter), facts, dtype, opset, table, mrope)
+            write("embed", export_embed(model, adapter, dtype, opset))
+            proto = export_decoder(decoder_module(model, adapter), facts, dtype, opset, table, mrope)
             qdq.unshare_qdq(proto)
             write("decoder", proto)
     for name, file in GRAPH_FILES.items():  # a component not exported this time must not linger
@@ -353,8 +206,11 @@ def export_onnx(
         "attention_blocks": {"paligemma": "prefix", "gemma3": "images"}.get(family) if family in BLOCK_FAMILIES
         else None,
         **facts,
-        "vision_num_heads": int(getattr(vision_cfg, "num_attention_heads", 0) or 0),
-        "vision_hidden_size": int(getattr(vision_cfg, "hidden_size", 0) or 0),
+        # The tower's own width and heads (Qwen2-VL names them embed_dim / num_heads; its hidden_size is the
+        # merger's output), which the attention fusion needs.
+        "vision_num_heads": int(getattr(vision_cfg, "num_attention_heads", None) or getattr(vision_cfg, "num_heads", 0)
+                                or 0),
+        "vision_hidden_size": int(getattr(vision_cfg, "embed_dim", None) or getattr(vision_cfg, "hidden_size", 0) or 0),
         # Session settings the runner applies: keep per-projection Q/DQ pairs so ORT picks int8 kernels, and
         # compute weight-only int8 (fused to MatMulNBits) in float, as the quantize stage measured it.
         "session": {"disabled_optimizers": list(qdq.QDQ_SESSION_DISABLED_OPTIMIZERS) if has_qdq else [],

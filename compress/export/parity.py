@@ -132,6 +132,25 @@ def _decoder_extras(runner: Any, meta: dict[str, Any], mask: np.ndarray, rng: np
     return extra
 
 
+def _vision_pair(model: torch.nn.Module, adapter: Any, processor: Any, runner: Any, samples: list[tuple[Any, str]],
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(graph output, PyTorch reference) for the vision graph: Qwen2-VL patches of three unseen image sizes
+    and Mllama tiles come through the processor; image-batch graphs take random pixels at the export size."""
+    if runner.mrope or runner.cross:
+        batch = adapter.build_inputs(processor, [s[0] for s in samples], [s[1] for s in samples]).inputs
+        with torch.no_grad():
+            if runner.mrope:
+                out = model.model.get_image_features(batch["pixel_values"].to(model.dtype), batch["image_grid_thw"])
+                return runner.image_features(batch)[0], torch.cat(list(out.pooler_output)).float().numpy()
+            ref = vision_module(model, adapter, ())(batch["pixel_values"].to(model.dtype), batch["aspect_ratio_ids"],
+                                                     batch["aspect_ratio_mask"])
+        return runner.image_features(batch), ref.float().numpy()
+    pixels = rng.standard_normal((3, *runner.meta["pixel_shape"])).astype(runner.dtype)
+    with torch.no_grad():
+        ref = vision_module(model, adapter, pixels.shape)(torch.from_numpy(pixels)).float().numpy()
+    return runner.sessions["vision"].run(["image_features"], {"pixel_values": pixels})[0], ref
+
+
 def check_parity(
     model: torch.nn.Module,
     adapter: Any,
@@ -166,27 +185,8 @@ def check_parity(
 
     if samples is None:
         samples = list(zip(_sample_images(runner.mrope, seed + 1), QUESTIONS, strict=True))
-    if "vision" in runner.sessions and runner.mrope:
-        # Patches of three image sizes in one batch (none of them the export's), against the model's own tower.
-        batch = adapter.build_inputs(processor, [s[0] for s in samples], [s[1] for s in samples]).inputs
-        with torch.no_grad():
-            out = model.model.get_image_features(batch["pixel_values"].to(model.dtype), batch["image_grid_thw"])
-        ref = torch.cat(list(out.pooler_output)).float().numpy()
-        check.compare("vision", "image_features", runner.image_features(batch)[0], ref)
-    elif "vision" in runner.sessions and runner.cross:  # Mllama: tiles + aspect ratios from the processor
-        batch = adapter.build_inputs(processor, [s[0] for s in samples], [s[1] for s in samples]).inputs
-        vision = vision_module(model, adapter, ())
-        with torch.no_grad():
-            ref = vision(batch["pixel_values"].to(model.dtype), batch["aspect_ratio_ids"],
-                         batch["aspect_ratio_mask"]).float().numpy()
-        check.compare("vision", "image_features", runner.image_features(batch), ref)
-    elif "vision" in runner.sessions:
-        pixels = rng.standard_normal((3, *meta["pixel_shape"])).astype(np_dtype)
-        vision = vision_module(model, adapter, pixels.shape)
-        with torch.no_grad():
-            ref = vision(torch.from_numpy(pixels)).float().numpy()
-        got = runner.sessions["vision"].run(["image_features"], {"pixel_values": pixels})[0]
-        check.compare("vision", "image_features", got, ref)
+    if "vision" in runner.sessions:
+        check.compare("vision", "image_features", *_vision_pair(model, adapter, processor, runner, samples, rng))
 
     embedding = adapter.component(model, "language").get_input_embeddings()
     ids = rng.integers(0, meta["vocab_size"], (3, 7))

@@ -237,16 +237,23 @@ def _is_bnb4(m: nn.Module) -> bool:
 
 
 def custom_translations() -> dict[Any, Any]:
+    from compress.export.nbits import TRANSLATIONS
+
     return {torch.ops.compress.matmul_bnb4.default: _matmul_bnb4_onnx,
-            torch.ops.compress.matmul_integer.default: _matmul_integer_onnx}
+            torch.ops.compress.matmul_integer.default: _matmul_integer_onnx, **TRANSLATIONS}
 
 
 @contextlib.contextmanager
-def export_modules(model: nn.Module, quantize: bool = True) -> Iterator[tuple[dict[str, Any], dict[Any, Any]]]:
+def export_modules(model: nn.Module, quantize: bool = True,
+                   int4_accuracy_level: int = 0) -> Iterator[tuple[dict[str, Any], dict[Any, Any]]]:
     """Swap quantized modules for exportable stand-ins for the duration of an export; always restores.
 
     Yields (summary for the manifest, custom translation table for torch.onnx.export).
+    `int4_accuracy_level` is MatMulNBits' accuracy_level for INT4 layers (0: float32 compute, 4: int8 A).
     """
+    from compress.export.nbits import NBitsLinear
+    from compress.quant.int4 import Int4Linear
+
     swaps: dict[str, tuple[nn.Module, nn.Module]] = {}
     modules: dict[str, dict[str, Any]] = {}
     for name, m in model.named_modules():
@@ -256,6 +263,11 @@ def export_modules(model: nn.Module, quantize: bool = True) -> Iterator[tuple[di
                          else "MatMulInteger (dynamic scales)" if m.act_dynamic else "DequantizeLinear")
             modules[name] = {"scheme": m.scheme, "activations": m.activations, "granularity": m.granularity,
                              "onnx": onnx_form if quantize else "float fake-quant ops"}
+        elif isinstance(m, Int4Linear):
+            new = NBitsLinear(m, int4_accuracy_level) if quantize else m
+            modules[name] = {"scheme": "w4a16", "group_size": m.group_size, "symmetric": m.symmetric,
+                             "onnx": f"com.microsoft.MatMulNBits (accuracy_level {int4_accuracy_level})"
+                             if quantize else "float fake-quant ops"}
         elif _is_bnb4(m):
             new = Bnb4Linear(m) if quantize else dequantized_linear(m)
             state = m.weight.quant_state

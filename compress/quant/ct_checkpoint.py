@@ -1,8 +1,10 @@
-"""INT8 layers as a compressed-tensors checkpoint: the format transformers, vLLM and SGLang load.
+"""INT8 and INT4 layers as a compressed-tensors checkpoint: the format transformers, vLLM and SGLang load.
 
 W8A8 (static per-tensor or dynamic per-token/per-tensor activations) is `int-quantized`: `weight` int8,
 `weight_scale` [out, 1] or [1], `input_scale` [1] when static. Weight-only (W8A16) is `pack-quantized`:
-`weight_packed` int32, `weight_scale`, `weight_shape`. Each distinct scheme is one config group whose
+`weight_packed` int32, `weight_scale`, `weight_shape`. INT4 (W4A16) is `pack-quantized` with `strategy:
+group`: eight codes per int32, `weight_scale` [out, groups], `weight_zero_point` packed along the output
+axis when asymmetric. Each distinct scheme is one config group whose
 targets are anchored module-name regexes that also match transformers' legacy checkpoint names
 (`language_model.model.layers…` for `model.language_model.layers…`). Layers kept in float are simply
 not targeted. Our Int8Linear grid is compressed-tensors' own (see int8.py), so plain `from_pretrained`
@@ -18,17 +20,32 @@ import torch
 from torch import nn
 
 from compress.errors import ConfigError
+from compress.quant.int4 import Int4Linear, int4_modules
 from compress.quant.int8 import Int8Linear, int8_modules
 
+QuantLinear = Int8Linear | Int4Linear
+
 INT_QUANTIZED, PACK_QUANTIZED = "int-quantized", "pack-quantized"
+# INT4 with zero points is written `int-quantized` (one int8 per code, zero points unpacked): compressed-tensors
+# 0.20's loader sizes a pack-quantized `weight_zero_point` unpacked while its compressor stores it packed, so
+# transformers refuses such a checkpoint (size mismatch; llm-compressor#1618). Symmetric INT4 is packed.
 
 
 def _args(strategy: str, dynamic: bool = False) -> dict[str, Any]:
     return {"num_bits": 8, "type": "int", "symmetric": True, "strategy": strategy, "dynamic": dynamic}
 
 
-def scheme_of(m: Int8Linear) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
+def quant_modules(model: nn.Module) -> dict[str, Int8Linear | Int4Linear]:
+    """Every INT8 and INT4 layer, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, Int8Linear | Int4Linear)}
+
+
+def scheme_of(m: Int8Linear | Int4Linear) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
     """(format, weight args, input-activation args) of one layer."""
+    if isinstance(m, Int4Linear):  # zero points: see ASYMMETRIC_INT4
+        return PACK_QUANTIZED if m.symmetric else INT_QUANTIZED, {
+            "num_bits": 4, "type": "int", "symmetric": m.symmetric, "strategy": "group", "group_size": m.group_size,
+            "dynamic": False}, None
     weights = _args("channel" if m.granularity == "per_channel" else "tensor")
     if m.act_dynamic is not None:
         return INT_QUANTIZED, weights, _args("token" if m.act_dynamic == "per_token" else "tensor", dynamic=True)
@@ -69,10 +86,10 @@ def quantization_config(model: nn.Module) -> dict[str, Any] | None:
     from compressed_tensors import __version__
     from compressed_tensors.quantization import QuantizationConfig
 
-    modules = int8_modules(model)
+    modules = quant_modules(model)
     if not modules:
         return None
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | Int8Linear)]
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | Int8Linear | Int4Linear)]
     groups: dict[str, list[str]] = {}
     schemes: dict[str, tuple] = {}
     for name, m in modules.items():
@@ -95,7 +112,7 @@ def quantization_config(model: nn.Module) -> dict[str, Any] | None:
         "version": __version__,
     }
     QuantizationConfig.model_validate(config)  # fail here, not in a user's loader
-    sparsity = sparsity_config(modules, linears)
+    sparsity = sparsity_config(int8_modules(model), linears) if not int4_modules(model) else None
     if sparsity is not None:
         config["sparsity_config"] = sparsity
     return config
@@ -121,13 +138,24 @@ def sparsity_config(modules: dict[str, Int8Linear], linears: list[str]) -> dict[
 
 
 def compressed_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state` with each Int8Linear's buffers replaced by its compressed-tensors tensors."""
+    """`state` with each INT8 / INT4 layer's buffers replaced by its compressed-tensors tensors."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     out = dict(state)
-    for name, m in int8_modules(model).items():
+    for name, m in quant_modules(model).items():
         for key in [k for k in out if k.startswith(f"{name}.")]:
             del out[key]
+        if isinstance(m, Int4Linear):
+            out[f"{name}.weight_scale"] = m.weight_scale.detach().float().contiguous()
+            if m.symmetric:
+                out[f"{name}.weight_packed"] = pack_to_int32(m.weight_int4.detach().cpu(), 4).contiguous()
+                out[f"{name}.weight_shape"] = torch.tensor(list(m.weight_int4.shape))
+            else:
+                out[f"{name}.weight"] = m.weight_int4.detach().contiguous()
+                out[f"{name}.weight_zero_point"] = m.weight_zero_point.detach().contiguous()
+            if m.bias is not None:
+                out[f"{name}.bias"] = m.bias.detach()
+            continue
         fmt, _, _ = scheme_of(m)
         scale = m.weight_scale.detach().float()
         out[f"{name}.weight_scale"] = scale.reshape(-1, 1).contiguous() if m.granularity == "per_channel" else scale
@@ -155,8 +183,43 @@ def _int_weight(m: nn.Module, scale: torch.Tensor) -> torch.Tensor:
     return torch.round(w.float() / scale.reshape(-1, 1)).clamp(-128, 127).to(torch.int8)  # decompressed already
 
 
+def _int4_from(m: nn.Module, group_size: int, symmetric: bool) -> Int4Linear:
+    """An Int4Linear from a loaded pack-quantized group layer (compressed or already decompressed)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    from compress.quant.int4 import quantize_int4
+
+    scale = m.weight_scale.data.float()
+    shape = torch.Size(m.weight_shape.tolist()) if getattr(m, "weight_packed", None) is not None else m.weight.shape
+    zero = getattr(m, "weight_zero_point", None)
+    if zero is not None and not symmetric:
+        zero = zero.data
+        if zero.shape != scale.shape:  # still packed along the output axis
+            zero = unpack_from_int32(zero, 4, scale.shape, packed_dim=0)
+        zero = zero.to(torch.int8)
+    else:
+        zero = None
+    if getattr(m, "weight_packed", None) is not None:
+        q = unpack_from_int32(m.weight_packed.data, 4, shape).to(torch.int8)
+    elif m.weight.dtype == torch.int8:
+        q = m.weight.data
+    else:
+        q = quantize_int4(m.weight.data, scale, zero, group_size)  # decompressed already: exact on the grid
+    bias = getattr(m, "bias", None)
+    new = Int4Linear(shape[1], shape[0], bias=bias is not None, group_size=group_size, symmetric=symmetric,
+                     device=q.device, dtype=bias.dtype if bias is not None else torch.float32)
+    new.weight_int4.copy_(q)
+    new.weight_scale.copy_(scale)
+    if zero is not None:
+        new.weight_zero_point.copy_(zero)
+    if bias is not None:
+        new.bias.data.copy_(bias.data)
+    return new
+
+
 def from_loaded(model: nn.Module) -> int:
-    """Turn the layers transformers' compressed-tensors loader built into Int8Linears; returns how many.
+    """Turn the layers transformers' compressed-tensors loader built into Int8Linear / Int4Linear; returns how
+    many.
 
     Afterwards the model no longer refers to the quantizer: it is this toolkit's in-memory form again.
     """
@@ -166,6 +229,10 @@ def from_loaded(model: nn.Module) -> int:
         if scheme is None:
             continue
         w, a = scheme.weights, scheme.input_activations
+        if w is not None and w.num_bits == 4 and a is None and str(w.strategy).rsplit(".", 1)[-1].lower() == "group":
+            model.set_submodule(name, _int4_from(m, int(w.group_size), bool(w.symmetric)).train(m.training))
+            count += 1
+            continue
         if w is None or w.num_bits != 8 or str(w.type) not in ("int", "QuantizationType.INT") or not w.symmetric \
                 or str(w.strategy).rsplit(".", 1)[-1].lower() not in ("channel", "tensor"):
             raise ConfigError(f"'{name}': compressed-tensors scheme {scheme.model_dump(exclude_none=True)} is not "

@@ -1,10 +1,12 @@
-"""GPTQ rounding for int8 weights: each rounding error is compensated by the columns not yet rounded.
+"""GPTQ rounding (int8 per channel/tensor, int4 per group): each rounding error is compensated by the
+columns not yet rounded.
 
 Frantar et al. 2022 (IST-DASLab/gptq): with H = 2 X^T X over the layer's calibration inputs, round
 the weight column by column; the error of column i, divided by the Cholesky factor of H^-1, is spread
 over columns i+1.. in proportion to how the inputs correlate. Blocks of `block_size` columns are
-updated lazily. Scales stay the round-to-nearest ones (max |w| / qmax per row), so the grid and the
-exported graph are unchanged; only which grid point each weight takes differs.
+updated lazily. Scales (and zero points) stay the round-to-nearest ones of the original weight
+("static groups"), so the grid and the exported graph are unchanged; only which grid point each
+weight takes differs.
 """
 
 from __future__ import annotations
@@ -33,11 +35,18 @@ class Hessian:
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, qmax: int,
-                  block_size: int = 128, damp: float = 0.01) -> torch.Tensor:
-    """int8 weight [out, in] on the grid of `scale` ((out,) or (1,)), rounded with error compensation."""
+                  block_size: int = 128, damp: float = 0.01, qmin: int | None = None,
+                  zero: torch.Tensor | None = None, group_size: int | None = None) -> torch.Tensor:
+    """int8 codes [out, in] on the grid of `scale`, rounded with error compensation.
+
+    `scale` is (out,) / (1,) for one scale per row / tensor, or [out, groups] with `group_size` columns per
+    group (int4); `zero` ([out, groups], optional) shifts codes as compressed-tensors does: w = (q - z) * s.
+    Codes are clamped to [qmin, qmax] (qmin defaults to -qmax).
+    """
     w = weight.detach().float().clone()
     h = hessian.clone()
-    cols = w.shape[1]
+    rows, cols = w.shape
+    qmin = -qmax if qmin is None else qmin
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -46,7 +55,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tens
         hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     except torch.linalg.LinAlgError as exc:
         raise ConfigError(f"GPTQ: the calibration Hessian is not positive definite (raise gptq.damp): {exc}") from exc
-    s = scale.float().reshape(-1, 1).expand(w.shape[0], 1)
+    s = scale.float().reshape(rows if scale.numel() > 1 else 1, -1).expand(rows, -1)
+    z = torch.zeros_like(s) if zero is None else zero.float().reshape(rows, -1)
+    group = group_size or cols
     q = torch.zeros_like(w)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -54,10 +65,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tens
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
+            g = (i1 + i) // group
+            sc, zc = s[:, g : g + 1], z[:, g : g + 1]
             col = w1[:, i : i + 1]
-            qcol = torch.round(col / s).clamp(-qmax, qmax)
+            qcol = torch.round(col / sc + zc).clamp(qmin, qmax)
             q[:, i1 + i : i1 + i + 1] = qcol
-            err = (col - qcol * s) / hinv1[i, i]
+            err = (col - (qcol - zc) * sc) / hinv1[i, i]
             w1[:, i:] -= err @ hinv1[i : i + 1, i:]
             err1[:, i : i + 1] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]

@@ -1,5 +1,6 @@
-"""Swap float Linears for `Int8Linear`s: one calibration pass (static scales, GPTQ Hessians, input
-samples), weight rounding, per-layer sensitivity and `keep_float`, and the manifest's per-module details.
+"""Swap float Linears for `Int8Linear`s / `Int4Linear`s: one calibration pass (static scales, GPTQ
+Hessians, input samples), weight rounding, per-layer sensitivity and `keep_float`, and the manifest's
+per-module details.
 
 Kept apart from `int8.py` (the module and its grid) so that file stays the one place the numbers of an
 INT8 layer are defined.
@@ -15,6 +16,7 @@ from torch import nn
 
 from compress.errors import ConfigError
 from compress.quant.gptq import Hessian, gptq_quantize
+from compress.quant.int4 import Int4Linear, Int4Quant, int4_params, quantize_int4
 from compress.quant.int8 import ActQuant, Int8Linear, WeightQuant, quantize_weight
 from compress.quant.observers import make_observer
 from compress.quant.sensitivity import KeepFloat, RowSampler, layer_error
@@ -126,6 +128,53 @@ def quantize_linears(
         }
         if name not in kept:
             model.set_submodule(name, q)
+    return details
+
+
+def quantize_int4_linears(
+    model: nn.Module,
+    modules: dict[str, nn.Module] | list[str],
+    quant: Int4Quant,
+    forward_loop: Callable[[nn.Module], None] | None = None,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Replace the named Linears by Int4Linear in place (weight-only); returns per-module details.
+
+    GPTQ collects each layer's Hessian in one calibration pass and rounds onto the round-to-nearest grid of
+    the original weight; the output error on sampled calibration inputs is recorded either way it ran.
+    """
+    mods = selected_linears(model, modules, "INT4 quantization")
+    bad = [f"{n} ({m.in_features})" for n, m in mods.items() if m.in_features % quant.group_size]
+    if bad:
+        raise ConfigError(f"int4 group_size {quant.group_size} must divide in_features; not: {', '.join(bad[:5])}"
+                          f"{f' (+{len(bad) - 5} more)' if len(bad) > 5 else ''}; pick a smaller group_size or "
+                          "exclude them from targets")
+    gptq = quant.rounding == "gptq"
+    if gptq and forward_loop is None:
+        raise ConfigError("int4 rounding: gptq needs a 'calibration' data section")
+    stats = (calibrate(model, mods, None, forward_loop, WeightQuant(rounding="gptq") if gptq else WeightQuant(),
+                       SENSITIVITY_SAMPLES, seed) if forward_loop is not None else {})
+    details: dict[str, dict[str, Any]] = {}
+    for name, m in mods.items():
+        scale, zero = int4_params(m.weight, quant.group_size, quant.symmetric)
+        st = stats.get(name)
+        if gptq:
+            q = gptq_quantize(m.weight, st.hessian.value(), scale, 7, quant.block_size, quant.damp, qmin=-8,
+                              zero=zero, group_size=quant.group_size)
+        else:
+            q = quantize_int4(m.weight, scale, zero, quant.group_size)
+        new = Int4Linear.from_linear(m, quant.group_size, quant.symmetric, quantized=(q, scale, zero))
+        w = m.weight.detach().float()
+        err = float((new.dequantized_weight() - w).norm() / w.norm().clamp_min(1e-30))
+        details[name] = {
+            "scheme": "w4a16", "bits": 4, "granularity": f"group {quant.group_size}",
+            "symmetric": quant.symmetric, "activations": "none", "rounding": quant.rounding,
+            "weight_rel_error": round(err, 6),
+            "output_rel_error": round(layer_error(m, new, st.samples.rows()), 6) if st else None,
+            "shape": [new.out_features, new.in_features],
+            "quantized_bytes": new.packed_bytes(), "fp32_bytes": w.numel() * 4,
+        }
+        model.set_submodule(name, new)
     return details
 
 

@@ -8,6 +8,10 @@ transformers model with changed numbers, so every checkpoint format and exporter
 llm-compressor folds the same way. Linears whose input has no such producer (fc2 after a GELU, a
 projector fed by a residual stream) are not smoothed and are listed as such.
 
+AWQ (activation-aware weight quantization, for INT4) is the same fold with another rule: s_j =
+mean|X_j|^alpha (normalized), alpha searched per mapping for the least output error of the INT4 group
+weights on sampled calibration inputs; the round-to-nearest INT4 grid is then taken on the scaled weights.
+
 Mappings come from `smooth_rules.RULES` (module-name patterns of the supported families); the fold is checked:
 the model's outputs on the first calibration batch must not move, or nothing is kept.
 """
@@ -86,10 +90,20 @@ def smoothing_factors(act_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float
     return torch.where(dead, torch.ones_like(s), s).clamp(S_MIN, S_MAX)
 
 
-class _Factors:
-    """s for one mapping as a function of alpha; under attention one s per kv-head channel, repeated."""
+def awq_factors(act_mean: torch.Tensor, w_amax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """AWQ (Lin et al. 2023): s_j = mean|X_j|^alpha, normalized so sqrt(max * min) = 1; weights do not enter."""
+    s = act_mean.float().clamp_min(1e-4).pow(alpha)
+    return (s / (s.max() * s.min()).sqrt()).clamp(S_MIN, S_MAX)
 
-    def __init__(self, mapping: Mapping, act_amax: torch.Tensor, weights: list[torch.Tensor]):
+
+class _Factors:
+    """s for one mapping as a function of alpha; under attention one s per kv-head channel, repeated.
+
+    `act_amax` is the activation statistic the rule reads: max |x| (SmoothQuant) or mean |x| (AWQ)."""
+
+    def __init__(self, mapping: Mapping, act_amax: torch.Tensor, weights: list[torch.Tensor],
+                 rule: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = smoothing_factors):
+        self.rule = rule
         w_amax = torch.cat([w.detach().abs().float() for w in weights]).amax(dim=0)
         self.groups = mapping.groups
         if self.groups is not None:
@@ -100,7 +114,7 @@ class _Factors:
 
     def source(self, alpha: float) -> torch.Tensor:
         """What the source's output channels are divided by."""
-        return smoothing_factors(self.act_amax, self.w_amax, alpha)
+        return self.rule(self.act_amax, self.w_amax, alpha)
 
     def target(self, alpha: float) -> torch.Tensor:
         """What the targets' input columns are multiplied by."""
@@ -144,23 +158,18 @@ def observe_inputs(
 
 
 ALPHA_GRID = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+AWQ_GRID = tuple(i / 20 for i in range(20))  # AutoAWQ's n_grid = 20
+
+# (smoothed inputs, smoothed float weight) -> the quantized layer's output
+Quantized = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def search_alpha(factors: _Factors, weights: list[torch.Tensor], rows: torch.Tensor, act: Any, qmax: int,
-                 grid: tuple[float, ...] = ALPHA_GRID) -> tuple[float, dict[float, float]]:
-    """The alpha whose smoothed, INT8-quantized targets reproduce the float ones best on `rows`.
-
-    Error: relative squared output error per token (so a few huge-norm tokens do not outvote the rest),
-    summed over the targets, with the stage's own activation scheme and round-to-nearest weights.
-    """
+def int8_output(act: Any, qmax: int) -> Quantized:
+    """The output with the stage's INT8 activation scheme and round-to-nearest per-channel int8 weights."""
     from compress.quant.int8 import quantize_weight
     from compress.quant.observers import make_observer
 
-    x = rows.float()
-    errors: dict[float, float] = {}
-    for alpha in grid:
-        s = factors.target(alpha)
-        xs = x / s
+    def out(xs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if act is None:
             xq = xs
         elif act.dynamic is not None:
@@ -169,12 +178,41 @@ def search_alpha(factors: _Factors, weights: list[torch.Tensor], rows: torch.Ten
             obs = make_observer(act.observer, **act.params)
             obs.update(xs)
             xq = act.fake_quant(xs, obs.scale())
+        q, scale = quantize_weight(w, "per_channel", qmax)
+        return xq @ (q.float() * scale[:, None]).T
+
+    return out
+
+
+def int4_output(quant: Any) -> Quantized:
+    """The output with float activations and round-to-nearest INT4 group weights (AWQ's objective)."""
+    from compress.quant.int4 import dequantize_int4, int4_params, quantize_int4
+
+    def out(xs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        scale, zero = int4_params(w, quant.group_size, quant.symmetric)
+        return xs @ dequantize_int4(quantize_int4(w, scale, zero, quant.group_size), scale, zero,
+                                    quant.group_size).T
+
+    return out
+
+
+def search_alpha(factors: _Factors, weights: list[torch.Tensor], rows: torch.Tensor, quantized: Quantized,
+                 grid: tuple[float, ...] = ALPHA_GRID) -> tuple[float, dict[float, float]]:
+    """The alpha whose smoothed, quantized targets reproduce the float ones best on `rows`.
+
+    Error: relative squared output error per token (so a few huge-norm tokens do not outvote the rest),
+    summed over the targets.
+    """
+    x = rows.float()
+    errors: dict[float, float] = {}
+    for alpha in grid:
+        s = factors.target(alpha)
+        xs = x / s
         total = 0.0
         for weight in weights:
             w = weight.detach().float()
             ref = x @ w.T
-            q, scale = quantize_weight(w * s, "per_channel", qmax)
-            out = xq @ (q.float() * scale[:, None]).T
+            out = quantized(xs, w * s)
             total += float((((out - ref) ** 2).sum(-1) / (ref**2).sum(-1).clamp_min(1e-30)).mean())
         errors[alpha] = total
     best = min(errors, key=lambda a: (errors[a], abs(a - 0.5)))
@@ -225,22 +263,26 @@ def smooth(
     weight_qmax: int = 127,
     samples: int = 512,
     seed: int = 0,
+    int4: Any = None,
 ) -> dict[str, Any]:
-    """Apply folded SmoothQuant to the named Linears in place. Returns {"modules": per target, "not_smoothed"}.
+    """Apply folded SmoothQuant (or AWQ when `int4` is given) to the named Linears in place.
+    Returns {"modules": per target, "not_smoothed"}.
 
     `alpha="auto"` searches `ALPHA_GRID` per mapping on sampled calibration inputs, scoring with the
     stage's activation scheme `act` (an `ActQuant`) and int8 weights in [-weight_qmax, weight_qmax].
-    Calibration runs `forward_loop(model)` once; nothing changes unless every mapping saw data and the
-    folded model answers like the original.
+    AWQ (`int4`: an `Int4Quant`) always searches: s = mean|x|^alpha over `AWQ_GRID`, scored with float
+    activations and the INT4 group weights. Calibration runs `forward_loop(model)` once; nothing changes
+    unless every mapping saw data and the folded model answers like the original.
     """
     from compress.quant.sensitivity import RowSampler
 
-    auto = alpha == "auto"
+    method = "AWQ" if int4 is not None else "SmoothQuant"
+    auto = alpha == "auto" or int4 is not None
     if not auto and not (isinstance(alpha, int | float) and 0.0 <= alpha <= 1.0):
         raise ConfigError(f"SmoothQuant alpha must be in [0, 1] or 'auto', got {alpha!r}")
-    mods = selected_linears(model, modules, "SmoothQuant")
+    mods = selected_linears(model, modules, method)
     if forward_loop is None:
-        raise ConfigError("SmoothQuant needs calibration data (a forward_loop), but none was given")
+        raise ConfigError(f"{method} needs calibration data (a forward_loop), but none was given")
     mappings = find_mappings(model, set(mods))
     covered = {t for m in mappings for t in m.targets}
     not_smoothed = sorted(set(mods) - covered)
@@ -249,12 +291,19 @@ def smooth(
     check_unshared(model, resolve(model, [t for m in mappings for t in m.targets] + [m.source for m in mappings]))
 
     first = {m.targets[0]: m for m in mappings}
-    amax: dict[str, torch.Tensor] = {}
+    stat: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
     samplers = {name: RowSampler(samples if auto else 0, seed) for name in first}
 
     def observe(name: str, x: torch.Tensor) -> None:
-        cur = x.abs().float().reshape(-1, x.shape[-1]).amax(dim=0)
-        amax[name] = cur if name not in amax else torch.maximum(amax[name], cur)
+        flat = x.abs().float().reshape(-1, x.shape[-1])
+        if int4 is not None:  # running sum of |x| per channel (mean at the end)
+            cur = flat.sum(dim=0)
+            stat[name] = cur if name not in stat else stat[name] + cur
+            rows[name] = rows.get(name, 0) + flat.shape[0]
+        else:
+            cur = flat.amax(dim=0)
+            stat[name] = cur if name not in stat else torch.maximum(stat[name], cur)
         samplers[name].update(x)
 
     call = _FirstCall(model)
@@ -262,26 +311,31 @@ def smooth(
         observe_inputs(model, resolve(model, list(first)), forward_loop, observe)
     finally:
         call.handle.remove()
+    if int4 is not None:
+        stat = {name: v / rows[name] for name, v in stat.items()}
+    rule, grid = (awq_factors, AWQ_GRID) if int4 is not None else (smoothing_factors, ALPHA_GRID)
+    quantized = int4_output(int4) if int4 is not None else int8_output(act, weight_qmax)
 
     details: dict[str, dict[str, Any]] = {}
     plan = []
     for name, m in first.items():
         weights = [model.get_submodule(t).weight for t in m.targets]
-        factors = _Factors(m, amax[name], weights)
+        factors = _Factors(m, stat[name], weights, rule)
         searched: dict[float, float] = {}
         chosen = float(alpha) if not auto else 0.0
         if auto:
-            chosen, searched = search_alpha(factors, weights, samplers[name].rows(), act, weight_qmax)
+            chosen, searched = search_alpha(factors, weights, samplers[name].rows(), quantized, grid)
         plan.append((m, factors, chosen))
-        before = amax[name].cpu()
+        before = stat[name].cpu()
         s = factors.target(chosen).cpu()
+        kind = "mean" if int4 is not None else "amax"
         info = {
             "alpha": chosen,
             "folded_into": f"{m.source} ({m.kind})",
             "outlier_ratio_before": _finite(outlier_ratio(before)),
             "outlier_ratio_after": _finite(outlier_ratio(before / s)),
-            "act_amax_before": float(before.max()),
-            "act_amax_after": float((before / s).max()),
+            f"act_{kind}_before": float(before.max()),
+            f"act_{kind}_after": float((before / s).max()),
             "smooth_min": float(s.min()),
             "smooth_max": float(s.max()),
         }
@@ -293,12 +347,13 @@ def smooth(
                  if k.rsplit(".", 1)[0] in {m.source for m in mappings} | covered}
     for m, factors, chosen in plan:
         _fold(model, m, factors, chosen)
-    _check_fold(model, call, originals)
+    _check_fold(model, call, originals, method)
     return {"modules": details, "not_smoothed": not_smoothed}
 
 
 @torch.no_grad()
-def _check_fold(model: nn.Module, call: _FirstCall, originals: dict[str, torch.Tensor]) -> None:
+def _check_fold(model: nn.Module, call: _FirstCall, originals: dict[str, torch.Tensor],
+                method: str = "SmoothQuant") -> None:
     """The folded model must answer like the original on the first calibration batch, or it is restored."""
     if call.args is None:
         return
@@ -307,5 +362,5 @@ def _check_fold(model: nn.Module, call: _FirstCall, originals: dict[str, torch.T
     err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
     if err > FOLD_RTOL.get(call.ref.dtype, 5e-2) or not torch.isfinite(got).all():
         model.load_state_dict(originals, strict=False)
-        raise CompressError(f"SmoothQuant folding changed the model's outputs (max relative error {err:.3g}); "
+        raise CompressError(f"{method} folding changed the model's outputs (max relative error {err:.3g}); "
                             "a smoothing rule does not fit this architecture, nothing was changed")

@@ -25,6 +25,7 @@ from compress.host import cpu_features
 from compress.runtime.greedy import greedy
 from compress.runtime.mrope import VisionSpec, rope_index
 from compress.runtime.vision_inputs import block_sequence_ids, vision_feeds_for
+from compress.runtime.vision_inputs import numpy as _numpy
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 ACCELERATED = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -248,9 +249,3 @@ class OrtRunner:
 
 def position_ids(mask: np.ndarray) -> np.ndarray:
     return np.clip(mask.astype(np.int64).cumsum(-1) - 1, 0, None)
-
-
-def _numpy(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)

@@ -57,6 +57,10 @@ class ExportConfig(StageConfig):
     int8_kernels: Literal["portable", "vnni"] = Field(
         "portable", description="portable: same numbers on every CPU; vnni: faster on AVX-512 VNNI / AVX-VNNI / "
         "AMX hosts, recorded as needing one")
+    int4_accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        0, description="INT4 layers (com.microsoft MatMulNBits): 0/1 compute in float32 from the int4 weights "
+        "(the quantize stage's numbers); 4 quantizes activations to int8 per block on CPU (faster, not exact; "
+        "the gate measures it)")
     dynamic: DynamicConfig = Field(DynamicConfig(), description="dynamic axes (always on)")
     parity: ParityConfig = Field(ParityConfig(), description="tolerances of the parity check vs PyTorch")
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"], min_length=1,
@@ -79,6 +83,9 @@ class ExportConfig(StageConfig):
                 return (f"TensorRT (target / provider) cannot run the dynamic INT8 activations of "
                         f"stage '{stage.name or stage.type}' (MatMulInteger with run-time scales; TensorRT "
                         "accepts static QuantizeLinear/DequantizeLinear only): use activations.calibration")
+            if getattr(stage, "scheme", None) == "int4" and self.target == "tensorrt":
+                return (f"the tensorrt target has no INT4 form yet for stage '{stage.name or stage.type}' "
+                        "(com.microsoft MatMulNBits is an ONNX Runtime op): export it with target: onnxruntime")
             if getattr(stage, "scheme", None) == "nf4":
                 return (f"TensorRT (target / provider) cannot run the NF4 layers of stage "
                         f"'{stage.name or stage.type}' (bitsandbytes NF4 has no TensorRT form; com.microsoft "
@@ -105,7 +112,8 @@ def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> Stage
     # TensorRT parses standard ops and signed, zero-point-0 Q/DQ: no ORT fusion, no uint8 portable rewrite.
     result = export_onnx(model, ctx.adapter, ctx.processor, out, opset=cfg.opset, components=cfg.components,
                          fusion=cfg.optimize.fusion and not tensorrt, quantize=cfg.quantize == "from_stage",
-                         int8_kernels="vnni" if tensorrt else cfg.int8_kernels)
+                         int8_kernels="vnni" if tensorrt else cfg.int8_kernels,
+                         int4_accuracy_level=cfg.int4_accuracy_level)
     if tensorrt:
         from compress.export.files import read_meta, write_meta
 

@@ -1,4 +1,5 @@
-"""`type: quantize`: INT8 (weights + calibrated activations, optional SmoothQuant) or NF4 (bitsandbytes).
+"""`type: quantize`: INT8 (weights + calibrated activations, optional SmoothQuant), INT4 weight-only
+(group-wise, RTN / GPTQ / AWQ) or NF4 (bitsandbytes).
 
 INT8 runs in PyTorch on the exact integer grid it ships with (fake-quant with stored int8 weights
 and static scales), so the gate measures what an export will carry. NF4 goes through transformers'
@@ -90,10 +91,27 @@ class NF4Config(Strict):
     compute_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="matmul dtype")
 
 
+class Int4Config(Strict):
+    group_size: Literal[32, 64, 128] = Field(128, description="input columns per scale (and zero point); every "
+                                                             "target needs in_features % group_size == 0")
+    symmetric: bool = Field(True, description="true: codes in [-8, 7] around 0; false: a zero point per group")
+    rounding: Literal["rtn", "gptq", "awq"] = Field("rtn", description="round to nearest; GPTQ error "
+                                                    "compensation; or AWQ activation-aware scales folded into the "
+                                                    "producers, then round to nearest (both calibrated)")
+    gptq: GptqConfig | None = Field(None, description="GPTQ settings (rounding: gptq)")
+
+    @model_validator(mode="after")
+    def _gptq_section(self) -> Int4Config:
+        if self.gptq is not None and self.rounding != "gptq":
+            raise ValueError("'gptq' settings need rounding: gptq")
+        return self
+
+
 class QuantizeConfig(StageConfig):
     type: Literal["quantize"]
-    scheme: Literal["int8", "nf4"] = Field(description="int8: compressed-tensors checkpoint (W8A8 or W8A16); "
-                                                       "nf4: bitsandbytes 4-bit (see quantization.md)")
+    scheme: Literal["int8", "int4", "nf4"] = Field(description="int8: compressed-tensors checkpoint (W8A8 or "
+                                                               "W8A16); int4: weight-only, group-wise, compressed-"
+                                                               "tensors; nf4: bitsandbytes 4-bit (quantization.md)")
     targets: Targets = Field(description="nn.Linear modules to quantize")
     weights: WeightsConfig = Field(WeightsConfig(), description="int8 only: how weights are quantized")
     activations: ActivationsConfig | Literal["none"] | None = Field(
@@ -104,9 +122,12 @@ class QuantizeConfig(StageConfig):
     keep_float: KeepFloatConfig | None = Field(
         None, description="int8 only: keep the layers INT8 hurts most in float, within a parameter budget")
     nf4: NF4Config | None = Field(None, description="nf4 only")
+    int4: Int4Config | None = Field(None, description="int4 only (defaults: group 128, symmetric, rtn)")
 
     @model_validator(mode="after")
     def _scheme_sections(self) -> QuantizeConfig:
+        if self.int4 is not None and self.scheme != "int4":
+            raise ValueError("'int4' settings only apply to scheme int4")
         if self.scheme == "int8":
             if self.activations is None:
                 raise ValueError("int8 needs 'activations': {calibration: minmax|percentile|entropy|mse} "
@@ -118,14 +139,19 @@ class QuantizeConfig(StageConfig):
         else:
             if (self.activations not in (None, "none") or self.smoothquant is not None
                     or self.keep_float is not None):
-                raise ValueError("nf4 is weight-only: drop 'activations', 'smoothquant' and 'keep_float'")
+                raise ValueError(f"{self.scheme} is weight-only: drop 'activations', 'smoothquant' and 'keep_float'")
             if self.weights != WeightsConfig():
-                raise ValueError("'weights' settings only apply to scheme int8 (nf4 uses 'nf4')")
+                raise ValueError(f"'weights' settings only apply to scheme int8 ({self.scheme} uses "
+                                 f"'{self.scheme}')")
+            if self.nf4 is not None and self.scheme != "nf4":
+                raise ValueError("'nf4' settings only apply to scheme nf4")
         return self
 
     @property
     def needs_calibration(self) -> bool:
         static = isinstance(self.activations, ActivationsConfig) and self.activations.calibration is not None
+        if self.scheme == "int4":
+            return (self.int4 or Int4Config()).rounding != "rtn"
         return self.scheme == "int8" and (static or self.smoothquant is not None or self.keep_float is not None
                                           or self.weights.rounding == "gptq")
 
@@ -187,6 +213,25 @@ def _int8(model: torch.nn.Module, names: list[str], cfg: QuantizeConfig, ctx: St
     return details
 
 
+def _int4(model: torch.nn.Module, names: list[str], cfg: QuantizeConfig, ctx: StageContext) -> dict:
+    from compress.quant.int4 import Int4Quant
+    from compress.quant.linears import quantize_int4_linears
+
+    c = cfg.int4 or Int4Config()
+    gptq = c.gptq or GptqConfig()
+    quant = Int4Quant(c.group_size, c.symmetric, c.rounding, gptq.block_size, gptq.damp)
+    if cfg.needs_calibration and ctx.forward_loop is None:
+        raise ConfigError(f"int4 rounding: {c.rounding} needs a 'calibration' data section")
+    details: dict = {}
+    if c.rounding == "awq":
+        from compress.quant import smooth
+
+        found = smooth(model, names, ctx.forward_loop, int4=quant, seed=ctx.seed)
+        details["awq"], details["not_scaled"] = found["modules"], found["not_smoothed"]
+    details["modules"] = quantize_int4_linears(model, names, quant, ctx.forward_loop, ctx.seed)
+    return details
+
+
 @register_stage(QuantizeConfig)
 def apply(model: torch.nn.Module, cfg: QuantizeConfig, ctx: StageContext) -> StageResult:
     from compress.quant import check_nf4, nf4_details, quantize_nf4, size_summary
@@ -195,13 +240,15 @@ def apply(model: torch.nn.Module, cfg: QuantizeConfig, ctx: StageContext) -> Sta
     names = list(select_modules(model, ctx.adapter, cfg.targets, kinds=(torch.nn.Linear,)))
     if cfg.scheme == "nf4":
         nf4 = cfg.nf4 or NF4Config()
-        if any(type(m).__name__ in ("Int8Linear",) for m in model.modules()):
+        if any(type(m).__name__ in ("Int8Linear", "Int4Linear") for m in model.modules()):
             raise ConfigError("an nf4 stage must come before int8 stages (it reloads the model through "
                               "bitsandbytes, which cannot carry INT8 layers)")
         check_nf4(model, names, nf4.blocksize)  # shapes checked before anything changes
         model = quantize_nf4(model, names, nf4.blocksize, nf4.double_quant, nf4.compute_dtype, ctx.workdir)
         ctx.adapter.bind(model)
         details = {"modules": nf4_details(model, names)}
+    elif cfg.scheme == "int4":
+        details = _int4(model, names, cfg, ctx)
     else:
         details = _int8(model, names, cfg, ctx)
     after = model_bytes(model)
@@ -210,7 +257,7 @@ def apply(model: torch.nn.Module, cfg: QuantizeConfig, ctx: StageContext) -> Sta
     acts = (f"dynamic {a.dynamic}" if a.dynamic else f"static {a.calibration}") if isinstance(
         a, ActivationsConfig) else None
     return StageResult(model, {
-        "scheme": cfg.scheme if cfg.scheme == "nf4" else ("int8 w8a8" if acts else "int8 w8a16"),
+        "scheme": cfg.scheme if cfg.scheme != "int8" else ("int8 w8a8" if acts else "int8 w8a16"),
         "activations": acts,
         "observer": observer,
         "quantized_weights": size_summary(details["modules"]),

@@ -1,0 +1,168 @@
+"""Trace one torch module into an in-memory ONNX graph: the dynamo exporter call, dynamic axes with readable
+names, and the example inputs each graph (vision, embed, KV-cache decoder) is traced with.
+
+Kept apart from `onnx.py`, which decides what goes into an export folder and describes it in export.json.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress.errors import ConfigError
+from compress.export.wrappers import (
+    DecoderWithBlocks,
+    DecoderWithCrossAttention,
+    DecoderWithPast,
+    QwenVision,
+    past_names,
+    present_names,
+)
+
+# Dummy shapes for tracing: deliberately unlike the shapes parity checks use, and never 0 or 1 (torch.export
+# specializes dimensions of size 0/1 to constants).
+DUMMY_BATCH, DUMMY_SEQ, DUMMY_PAST = 2, 5, 3
+
+
+def _torch_export(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    dynamic_shapes: tuple[Any, ...],
+    input_names: list[str],
+    output_names: list[str],
+    opset: int,
+    custom_table: dict[Any, Any] | None,
+) -> Any:
+    """torch.onnx dynamo export to an in-memory onnx.ModelProto (weights included)."""
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter's translation library)
+    except ImportError as exc:
+        raise ConfigError("ONNX export needs onnxscript: pip install onnxscript") from exc
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module,
+            args,
+            f=None,
+            input_names=input_names,
+            output_names=output_names,
+            opset_version=opset,
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            custom_translation_table=custom_table or None,
+            optimize=True,
+            verbose=False,
+        )
+    proto = program.model_proto
+    # Per-node provenance (FX node text, class hierarchy, stack traces) is most of a small model's bytes.
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    return proto
+
+
+def tidy_dims(proto: Any, rename: dict[str, str]) -> None:
+    """Readable, consistent symbolic dims: `seq + past` and `past + seq` are the same size to a fusion pass."""
+
+    def fix(name: str) -> str:
+        terms = sorted(rename.get(t.strip(), t.strip()) for t in name.split("+"))
+        joined = " + ".join(terms)
+        return rename.get(joined, joined)
+
+    graph = proto.graph
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param"):
+                dim.dim_param = fix(dim.dim_param)
+
+
+def _embed_graph(embedding: nn.Embedding, dtype: torch.dtype, opset: int) -> Any:
+    """input_ids -> table[input_ids] as a single Gather (exact, and trivially portable)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = embedding.weight.detach().to(dtype).cpu().numpy()
+    elem = TensorProto.FLOAT if dtype == torch.float32 else TensorProto.FLOAT16
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["embed_tokens.weight", "input_ids"], ["inputs_embeds"], axis=0)],
+        "embed",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("inputs_embeds", elem, ["batch", "seq", table.shape[1]])],
+        [numpy_helper.from_array(table, "embed_tokens.weight")],
+    )
+    # IR 10 (what the dynamo exporter writes): newer onnx packages default to IRs older runtimes refuse.
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="compress",
+                              ir_version=10)
+    onnx.checker.check_model(model)
+    return model
+
+
+def export_embed(model: nn.Module, adapter: Any, dtype: torch.dtype, opset: int) -> Any:
+    embedding = adapter.component(model, "language").get_input_embeddings()
+    if type(embedding) is nn.Embedding:
+        return _embed_graph(embedding, dtype, opset)
+    # A subclass (e.g. a scaled embedding) may compute more than a lookup: trace it instead.
+    ids = torch.zeros(DUMMY_BATCH, DUMMY_SEQ, dtype=torch.long)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    proto = _torch_export(embedding, (ids,), ({0: batch, 1: seq},), ["input_ids"], ["inputs_embeds"], opset, None)
+    tidy_dims(proto, {})
+    return proto
+
+
+def export_vision(module: nn.Module, feeds: dict[str, np.ndarray], dtype: torch.dtype, opset: int,
+                   table: dict[Any, Any]) -> Any:
+    """An image batch (dynamic batch), or a Qwen flat patch batch (dynamic patch count, a multiple of the
+    merge unit) with its position and segment inputs."""
+    args = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values())
+    args = tuple(a.to(dtype) if a.is_floating_point() else a for a in args)
+    if isinstance(module, QwenVision):
+        unit = module.tower.spatial_merge_size ** 2
+        size = unit * torch.export.Dim("merged_tokens")
+    else:
+        size = torch.export.Dim("batch")
+    proto = _torch_export(module, args, tuple({0: size} for _ in args), list(feeds), ["image_features"], opset, table)
+    if isinstance(module, QwenVision):  # readable axis names: patches in, merged tokens out
+        proto.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "image_tokens"
+        tidy_dims(proto, {proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param: "patches"})
+    else:
+        tidy_dims(proto, {})
+    return proto
+
+
+def export_decoder(module: DecoderWithPast, facts: dict[str, int], dtype: torch.dtype, opset: int,
+                    table: dict[Any, Any], mrope: bool = False) -> Any:
+    b, s, p = DUMMY_BATCH, DUMMY_SEQ, DUMMY_PAST
+    layers = facts["cache_layers"]
+    embeds = torch.randn(b, s, facts["hidden_size"], dtype=dtype)
+    mask = torch.ones(b, p + s, dtype=torch.long)
+    mask[0, :2] = 0  # a left-padded row, so the traced masking path is the padded one
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -s:]
+    if mrope:  # [3, batch, seq]: three different axes, so no axis is traced as a copy of another
+        positions = torch.stack([positions, positions // 2, positions + 1])
+    kv = (b, facts["num_kv_heads"], p, facts["head_dim"])
+    past = tuple(torch.randn(*kv, dtype=dtype) for _ in range(2 * len(layers)))
+    Dim = torch.export.Dim
+    batch, seq, past_len = Dim("batch"), Dim("seq"), Dim("past")
+    args = [embeds, mask, positions]
+    dynamic = [{0: batch, 1: seq}, {0: batch, 1: Dim.DYNAMIC}, {1: batch, 2: seq} if mrope else {0: batch, 1: seq}]
+    names = ["inputs_embeds", "attention_mask", "position_ids"]
+    if isinstance(module, DecoderWithBlocks):  # a bidirectional block over the first tokens of the padded row
+        blocks = torch.full((b, s), -1, dtype=torch.long)
+        blocks[0, 2:4], blocks[1, :3] = 0, 1
+        args, names = [*args, blocks], [*names, "block_sequence_ids"]
+        dynamic.append({0: batch, 1: seq})
+    if isinstance(module, DecoderWithCrossAttention):  # Mllama: vision states of 2 tiles per row, all attended
+        states = torch.randn(2 * b, module.num_vision_tokens, facts["hidden_size"], dtype=dtype)
+        cross_mask = torch.ones(b, s, 1, 2, dtype=torch.long)
+        cross_mask[0, :2] = 0  # tokens before the image attend to none of it
+        args, names = [*args, states, cross_mask], [*names, "cross_attention_states", "cross_attention_mask"]
+        dynamic += [{0: Dim("vision_states")}, {0: batch, 1: seq, 3: Dim("tiles")}]
+    dynamic.append(tuple({0: batch, 2: past_len} for _ in past))
+    proto = _torch_export(module, (*args, past), tuple(dynamic), [*names, *past_names(layers)],
+                          ["logits", *present_names(layers)], opset, table)
+    mask_dim = proto.graph.input[1].type.tensor_type.shape.dim[1]
+    total = {mask_dim.dim_param: "total"} if mask_dim.HasField("dim_param") else {}
+    tidy_dims(proto, {**total, "past + seq": "total"})
+    return proto

@@ -1,0 +1,185 @@
+"""INT4 weight-only: the grid is compressed-tensors' own, MatMulNBits computes the same weight, GPTQ and AWQ
+beat round-to-nearest on a model with real-LLM activation outliers, and the bundled model keeps its answers
+through ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+from torch import nn
+
+from compress.export.nbits import matmulnbits_weights
+from compress.quant.int4 import Int4Linear, dequantize_int4, int4_params, quantize_int4
+
+
+def _outlier_weight(out: int = 48, cols: int = 256, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, cols, generator=g) * 0.02
+    w[:, 7] *= 30.0  # a column with LLM-like outliers
+    w[3] += 0.05  # a row shifted off zero (zero points matter)
+    return w
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_grid_is_compressed_tensors_own(symmetric, group):
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    w = _outlier_weight()
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=group)
+    grouped = w.reshape(w.shape[0], -1, group)
+    ref_scale, ref_zero = calculate_qparams(grouped.amin(-1), grouped.amax(-1), args)
+    scale, zero = int4_params(w, group, symmetric)
+    assert torch.equal(scale, ref_scale)
+    assert zero is None if symmetric else torch.equal(zero, ref_zero.to(torch.int8))
+    ours = dequantize_int4(quantize_int4(w, scale, zero, group), scale, zero, group)
+    theirs = fake_quantize(w, ref_scale, ref_zero, args)
+    assert torch.equal(ours, theirs)
+    rel = float((ours - w).norm() / w.norm())
+    assert 0.0 < rel < 0.3  # 4 bits with a 30x outlier column in every group: lossy, never garbage
+
+
+def _matmulnbits_session(m: Int4Linear, level: int) -> ort.InferenceSession:
+    b, scales, zp = matmulnbits_weights(m)
+    inits = [helper.make_tensor("B", TensorProto.UINT8, list(b.shape), b.numpy().tobytes(), raw=True),
+             helper.make_tensor("scales", TensorProto.FLOAT, list(scales.shape), scales.numpy().ravel().tolist())]
+    inputs = ["A", "B", "scales"]
+    if zp is not None:
+        inits.append(helper.make_tensor("zp", TensorProto.UINT8, list(zp.shape), zp.numpy().tobytes(), raw=True))
+        inputs.append("zp")
+    node = helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=m.in_features,
+                            N=m.out_features, bits=4, block_size=m.group_size, accuracy_level=level)
+    graph = helper.make_graph([node], "nbits", [helper.make_tensor_value_info("A", TensorProto.FLOAT,
+                                                                                ["m", m.in_features])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["m", m.out_features])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group", [32, 128])
+def test_matmulnbits_computes_the_int4_layer(symmetric, group):
+    linear = nn.Linear(256, 48, bias=False)
+    linear.weight.data.copy_(_outlier_weight())
+    m = Int4Linear.from_linear(linear, group, symmetric)
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(1))
+    x[:, 11] *= 20.0
+    ref = m(x).numpy()
+    scale = np.abs(ref).max()
+    exact = _matmulnbits_session(m, 0).run(None, {"A": x.numpy()})[0]
+    assert np.abs(exact - ref).max() <= 1e-5 * scale  # the same weight, float32 accumulation
+    fast = _matmulnbits_session(m, 4).run(None, {"A": x.numpy()})[0]
+    err = np.abs(fast - ref).max() / scale
+    assert 0 < err < 0.05  # int8 activations per block: close, not exact
+
+
+def test_int4_config_errors_name_the_field(tmp_path):
+    from tests.test_recipe import recipe_error
+
+    def stage(scheme: str, **fields) -> list[dict]:
+        return [{"type": "quantize", "scheme": scheme, "targets": {"components": ["language"]},
+                 "gate": {"min_retention": 0.9}, **fields}]
+
+    msg = recipe_error(tmp_path, stage("int4", int4={"group_size": 48}))
+    assert "stages[0].int4.group_size" in msg and "32, 64 or 128" in msg.replace("'", "")
+    msg = recipe_error(tmp_path, stage("int4", activations={"dynamic": "per_token"}))
+    assert "weight-only" in msg
+    msg = recipe_error(tmp_path, stage("int8", activations="none", int4={"group_size": 32}))
+    assert "only apply to scheme int4" in msg
+    msg = recipe_error(tmp_path, stage("int4", int4={"rounding": "awq"}), calibration=False)
+    assert "calibration" in msg
+
+
+def _outlier_model_batches(n_batches: int, size: int, start: int = 0):
+    """The outlier model (real-LLM activation statistics) and image + question batches from the bundled data."""
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    from compress.arch import get_adapter
+    from compress.checkpoint import load_checkpoint
+    from compress.zoo import MODELS
+
+    root = Path(__file__).resolve().parents[1] / "calibration" / "shapes-vqa" / "calib"
+    rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
+    model, processor = load_checkpoint(MODELS["shapes-vqa-outliers"], get_adapter("llava"))
+    adapter = get_adapter("llava").bind(model)
+    batches = []
+    for b in range(n_batches):
+        chunk = rows[start + b * size:start + (b + 1) * size]
+        images = [Image.open(root / r["file_name"]).convert("RGB") for r in chunk]
+        batches.append(adapter.build_inputs(processor, images, [r["prompt"] for r in chunk]).inputs)
+    return model.eval(), processor, adapter, batches
+
+
+def test_gptq_and_awq_beat_round_to_nearest_on_real_outliers(tmp_path):
+    """Language model to INT4 (group 32) on the outlier model; logit KL on held-out batches, each rounding
+    from the same float weights and calibration batches."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from compress.arch import get_adapter
+    from compress.registry import get_stage
+    from compress.stages.base import StageContext
+
+    model, processor, _, batches = _outlier_model_batches(6, 16)
+    calib, held_out = batches[:4], batches[4:]
+    with torch.no_grad():
+        ref = [model(**b).logits.float() for b in held_out]
+
+    def loop(m: nn.Module) -> None:
+        with torch.no_grad():
+            for b in calib:
+                m(**b)
+
+    spec = get_stage("quantize")
+    errors = {}
+    for rounding in ("rtn", "gptq", "awq"):
+        m = copy.deepcopy(model)
+        cfg = spec.config.model_validate({"type": "quantize", "scheme": "int4", "targets": {"components": ["language"]},
+                                          "int4": {"group_size": 32, "rounding": rounding},
+                                          "gate": {"min_retention": 0.5}})
+        ctx = StageContext(adapter=get_adapter("llava").bind(m), processor=processor, workdir=tmp_path / rounding,
+                           seed=0, forward_loop=loop)
+        q = spec.apply(m, cfg, ctx).model
+        with torch.no_grad():
+            kl = [F.kl_div(q(**b).logits.float().log_softmax(-1), r.log_softmax(-1), log_target=True,
+                           reduction="batchmean") for b, r in zip(held_out, ref, strict=True)]
+        errors[rounding] = float(sum(kl) / len(kl))
+    print("int4 held-out KL by rounding:", errors)
+    assert errors["gptq"] < errors["rtn"] and errors["awq"] < errors["rtn"], errors
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_the_toolkit_reads_its_int4_checkpoints_back_exactly(symmetric, tmp_path):
+    """Symmetric INT4 is written pack-quantized, with zero points int-quantized (see ct_checkpoint); both come
+    back through transformers' loader as the same Int4Linear codes, scales and zero points."""
+    from compress.arch import get_adapter, select_modules
+    from compress.arch.tiny import save_tiny
+    from compress.checkpoint import load_checkpoint, save_checkpoint
+    from compress.quant.int4 import Int4Quant
+    from compress.quant.linears import quantize_int4_linears
+    from compress.stages.base import Targets
+
+    adapter = get_adapter("llava")
+    model, processor = load_checkpoint(save_tiny("llava", tmp_path / "src"), adapter)
+    names = list(select_modules(model, adapter.bind(model), Targets(components=["language"])))
+    quantize_int4_linears(model, names, Int4Quant(group_size=32, symmetric=symmetric))
+    save_checkpoint(model, processor, tmp_path / "q")
+    fmt = "pack-quantized" if symmetric else "int-quantized"
+    assert fmt in (tmp_path / "q" / "config.json").read_text()
+    again, _ = load_checkpoint(tmp_path / "q", adapter)
+    for name in names:
+        a, b = model.get_submodule(name), again.get_submodule(name)
+        assert isinstance(b, Int4Linear) and b.symmetric == symmetric
+        assert torch.equal(a.weight_int4, b.weight_int4) and torch.equal(a.weight_scale, b.weight_scale)
+        assert symmetric or torch.equal(a.weight_zero_point, b.weight_zero_point)
