@@ -20,7 +20,10 @@ What each metric is:
 - `decode_tokens_per_s`: rows x decode steps / decode seconds, i.e. tokens per second after the
   first one (per-step time is `decode_ms_per_step`).
 - `e2e_ms`: image -> answer text: processor (image preprocessing, tokenization) + `generate` +
-  detokenization, for the whole batch.
+  detokenization, for the whole batch; `preprocess_ms` is the processor's share, on its own.
+- `decode_floor_ms` / `decode_x_floor`: what one decode step must read (decoder weights once, the KV cache
+  of every row at the middle of the answer) over the memory bandwidth measured in this invocation
+  (compress.floor), and the measured step as a multiple of it.
 """
 
 from __future__ import annotations
@@ -217,8 +220,28 @@ def _child(args: dict[str, Any]) -> None:
         result.update(measure_one(runner, processor, adapter, images, questions, args["new_tokens"], args["warmup"],
                                   args["repeats"]))
         result["providers"] = list(getattr(runner, "providers", ["torch-cpu"]))
+        result.update(_decode_bytes(runner, args["path"], adapter, processor, images, questions, args["new_tokens"]))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
     print(json.dumps(result))
+
+
+def _decode_bytes(runner: Any, path: str, adapter: Any, processor: Any, images: list, questions: list[str],
+                  new_tokens: int) -> dict[str, int]:
+    """Bytes one decode step reads: decoder weights, and the KV cache of the batch at mid-answer."""
+    from compress.floor import kv_bytes, onnx_weight_bytes, torch_decoder_bytes
+
+    enc = adapter.build_inputs(processor, images, questions).inputs
+    tokens = int(enc["input_ids"].shape[1]) + new_tokens // 2
+    if hasattr(runner, "meta"):
+        meta = runner.meta
+        weights = onnx_weight_bytes(Path(path) / meta["graphs"]["decoder"])
+        facts, width = meta, 2 if meta.get("dtype") == "float16" else 4
+    else:
+        from compress.export.wrappers import decoder_facts
+
+        weights, facts = torch_decoder_bytes(runner.model, adapter), decoder_facts(runner.model)
+        width = runner.model.dtype.itemsize
+    return {"decode_weight_bytes": weights, "decode_kv_bytes": kv_bytes(facts, tokens, len(images), width)}
 
 
 def _spawn(args: dict[str, Any]) -> dict[str, Any]:
@@ -253,6 +276,10 @@ def bench(run_dir: str | Path, batch: int = 1, new_tokens: int = 16, warmup: int
         reference = _spawn({**common, "kind": "reference", "path": ""})
     except CompressError as e:
         raise CompressError(f"bench: the reference process failed ({e})") from None
+    from compress.floor import floor_ms, memory_bandwidth
+
+    bandwidth = memory_bandwidth()
+    log(f"memory bandwidth: {bandwidth['copy_gb_s']} GB/s (STREAM-style copy)")
     rows: list[dict[str, Any]] = []
     for art in arts:
         log(f"{art.name} ({art.kind})")
@@ -264,6 +291,8 @@ def bench(run_dir: str | Path, batch: int = 1, new_tokens: int = 16, warmup: int
             rows.append({**asdict(art), "error": str(e)})
             continue
         metrics["net_rss_mb"] = metrics["peak_rss_mb"] - reference["peak_rss_mb"]
+        metrics["decode_floor_ms"] = floor_ms(metrics["decode_weight_bytes"] + metrics["decode_kv_bytes"], bandwidth)
+        metrics["decode_x_floor"] = metrics["decode_ms_per_step"] / metrics["decode_floor_ms"]
         rows.append({**asdict(art), **metrics})
     base = rows[0]
     for row in rows:
@@ -273,7 +302,7 @@ def bench(run_dir: str | Path, batch: int = 1, new_tokens: int = 16, warmup: int
               "settings": {"batch": batch, "new_tokens": new_tokens, "warmup": warmup, "repeats": repeats,
                            "providers": providers or ["CPUExecutionProvider"], "ignore_eos": True,
                            "statistic": "median"},
-              "machine": machine(), "reference_rss_mb": reference["peak_rss_mb"],
+              "machine": machine(), "memory_bandwidth": bandwidth, "reference_rss_mb": reference["peak_rss_mb"],
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "artifacts": rows}
     out = run_dir / "bench"
     atomic_write(out / "bench.json", json.dumps(result, indent=2) + "\n")
@@ -296,18 +325,21 @@ def markdown(result: dict[str, Any]) -> str:
              f"{s['new_tokens']} new tokens per row (EOS ignored), median of {s['repeats']} after "
              f"{s['warmup']} warm-up call(s). Ratios vs the source model in brackets (decode: >1 is faster, "
              f"others: <1 is better). Net RSS = peak RSS - {result['reference_rss_mb']:.0f} MB of a process "
-             f"that imports the same libraries and loads the inputs but no model.", "",
-             "| artifact | kind | size MB | vision ms/img | TTFT ms | decode tok/s | e2e ms | peak RSS MB "
-             "| net RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"that imports the same libraries and loads the inputs but no model. Decode floor: bytes a step "
+             f"reads / {result['memory_bandwidth']['copy_gb_s']} GB/s (STREAM-style copy on this machine); "
+             "preprocessing (processor) is part of e2e and shown apart.", "",
+             "| artifact | kind | size MB | vision ms/img | TTFT ms | decode tok/s | decode × floor | preprocess ms "
+             "| e2e ms | peak RSS MB | net RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["artifacts"]:
         if "error" in r:
             err = r["error"].replace("\n", " ").replace("|", "/")[:160]
-            lines.append(f"| {r['name']} | {r['kind']} | {r['bytes'] / 1e6:.2f} | failed: {err} |" + " |" * 5)
+            lines.append(f"| {r['name']} | {r['kind']} | {r['bytes'] / 1e6:.2f} | failed: {err} |" + " |" * 7)
             continue
         lines.append(f"| {r['name']} | {r['kind']} | {_cell(r, 'bytes', '.2f', 1e-6)} | "
                      f"{_cell(r, 'vision_ms_per_image', '.2f')} | {_cell(r, 'ttft_ms', '.2f')} | "
-                     f"{_cell(r, 'decode_tokens_per_s', '.1f')} | {_cell(r, 'e2e_ms', '.2f')} | "
+                     f"{_cell(r, 'decode_tokens_per_s', '.1f')} | {r['decode_x_floor']:.2f} | "
+                     f"{r['preprocess_ms']:.2f} | {_cell(r, 'e2e_ms', '.2f')} | "
                      f"{_cell(r, 'peak_rss_mb', '.0f')} | {_cell(r, 'net_rss_mb', '.0f')} |")
     return "\n".join(lines) + "\n"
 

@@ -72,6 +72,15 @@ def test_bench_measures_every_artifact(run_dir, capsys):
         for key in (*METRICS, "bytes"):
             assert a["ratios"][key] == pytest.approx(a[key] / base[key])
         assert a["net_rss_mb"] == pytest.approx(a["peak_rss_mb"] - result["reference_rss_mb"])
+        read = a["decode_weight_bytes"] + a["decode_kv_bytes"]
+        assert a["decode_floor_ms"] == pytest.approx(read / (result["memory_bandwidth"]["copy_gb_s"] * 1e9) * 1000)
+        assert a["decode_x_floor"] == pytest.approx(a["decode_ms_per_step"] / a["decode_floor_ms"])
+    # The fp32 export reads what its model reads (embedding table excluded both ways), and so does the pruned
+    # checkpoint (zeros are stored); the KV cache is the same size for all three.
+    assert rows[2]["decode_weight_bytes"] == pytest.approx(base["decode_weight_bytes"], rel=0.02)
+    assert rows[1]["decode_weight_bytes"] == base["decode_weight_bytes"]
+    assert len({a["decode_kv_bytes"] for a in rows}) == 1 and base["decode_kv_bytes"] > 0
+    assert result["memory_bandwidth"]["copy_gb_s"] > 0.1
     assert set(base["ratios"].values()) == {1.0}
     assert rows[2]["providers"] == ["CPUExecutionProvider"]
     assert result["settings"] == {"batch": 2, "new_tokens": 3, "warmup": 1, "repeats": 2,
@@ -112,8 +121,9 @@ def test_artifacts_skip_failed_stages_and_markdown_reports_errors(tmp_path):
     assert arts[0] == Artifact("source", "torch", str(MODELS["shapes-vqa"]), arts[0].bytes)
 
     row = {"vision_ms_per_image": 2.0, "ttft_ms": 4.0, "decode_tokens_per_s": 100.0, "decode_ms_per_step": 10.0,
-           "e2e_ms": 40.0, "peak_rss_mb": 400.0, "net_rss_mb": 40.0, "bytes": 8_000_000}
-    result = {"run": str(tmp_path), "reference_rss_mb": 360.0,
+           "e2e_ms": 40.0, "peak_rss_mb": 400.0, "net_rss_mb": 40.0, "bytes": 8_000_000, "decode_x_floor": 2.5,
+           "preprocess_ms": 1.5}
+    result = {"run": str(tmp_path), "reference_rss_mb": 360.0, "memory_bandwidth": {"copy_gb_s": 20.0},
               "settings": {"batch": 1, "new_tokens": 4, "warmup": 2, "repeats": 5, "providers": ["CPU"]},
               "machine": {"cpu": "X", "cores": 2, "torch": "t", "torch_threads": 2, "onnxruntime": "o"},
               "artifacts": [{"name": "source", "kind": "torch", **row, "ratios": dict.fromkeys(row, 1.0)},
@@ -121,7 +131,7 @@ def test_artifacts_skip_failed_stages_and_markdown_reports_errors(tmp_path):
                              "ratios": {**dict.fromkeys(row, 1.0), "e2e_ms": 0.25}},
                             {"name": "b", "kind": "onnx", "path": "p", "bytes": 5, "error": "exit 1: boom | x"}]}
     md = markdown(result)
-    assert "| a | onnx | 8.00 (1.00×) |" in md and "10.00 (0.25×)" in md
+    assert "| a | onnx | 8.00 (1.00×) |" in md and "10.00 (0.25×)" in md and "| 2.50 | 1.50 |" in md
     assert "| b | onnx | 0.00 | failed: exit 1: boom / x" in md
     assert chart(result)[:4] == b"\x89PNG"
 

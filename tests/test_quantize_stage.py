@@ -218,6 +218,25 @@ def test_nf4_recipe_reloads_with_from_pretrained(tmp_path):
     assert _reevaluate(out, stage, m) == pytest.approx(stage["metrics"], abs=1e-6)
 
 
+def test_int4_recipe_keeps_its_answers_through_onnxruntime(tmp_path):
+    """recipes/int4.yaml: GPTQ INT4 language model, then ONNX with MatMulNBits; both gated >= 0.98."""
+    out = tmp_path / "int4"
+    m = _run(ROOT / "recipes/int4.yaml", out)
+    quant, export = m["stages"]
+    assert quant["status"] == export["status"] == "completed"
+    for stage in (quant, export):
+        assert stage["checks"][0]["retention"] >= 0.98, stage["checks"]
+    mods = quant["details"]["modules"]
+    assert all(d["scheme"] == "w4a16" and d["rounding"] == "gptq" for d in mods.values())
+    assert quant["details"]["quantized_weights"]["ratio"] <= 0.16
+    assert export["details"]["fused_ops"]["decoder"]["after"]["MatMulNBits"] == len(mods)
+    assert max(export["details"]["parity_max_abs_error"].values()) < 1e-3  # accuracy_level 0: float32 compute
+    config = json.loads((out / quant["checkpoint"] / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    _plain_transformers_scores(out / quant["checkpoint"], quant)
+    assert _reevaluate(out, quant, m) == pytest.approx(quant["metrics"], abs=1e-6)
+
+
 def test_mixed_recipe_gives_each_component_its_scheme(tmp_path):
     out = tmp_path / "mixed"
     m = _run(ROOT / "recipes/mixed.yaml", out)
