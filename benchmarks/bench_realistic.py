@@ -284,7 +284,7 @@ def markdown(report: dict[str, Any]) -> str:
               "| target | bound | reached | met |", "|---|---|---|---|"]
     for t in report["targets"]:
         lines.append(f"| {t['what']} | ≤ {t['target']:.2f} | {t['reached']:.2f} | {'yes' if t['met'] else 'no'} |")
-    for name in ("onnx_fp32", "onnx_int8"):
+    for name in ("onnx_fp32", "onnx_int8", "onnx_int4"):
         p = report["profiles"].get(name)
         if not p:
             continue

@@ -158,3 +158,28 @@ def test_rebuild_retargets_an_engine_folder_in_place(run, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "compress.export.tensorrt", str(tmp_path)], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "not an engine stage folder" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_int4_language_model_becomes_int4_weight_only_gemms(tmp_path):
+    """Symmetric INT4 -> tensorrt export (MatMulNBits rewritten as blocked int4 DequantizeLinear, opset 21,
+    still scored through ONNX Runtime) -> engines whose language-model GEMMs take Int4 weights."""
+    int4 = {"type": "quantize", "name": "int4", "scheme": "int4", "targets": {"components": ["language"]},
+            "int4": {"group_size": 32}, "gate": {"min_retention": 0.98}}
+    export = {**EXPORT, "parity": {"atol": 1e-3, "rtol": 1e-3}, "gate": {"min_retention": 0.98}}
+    engine = {**ENGINE, "compute_capabilities": ["sm86"], "gate": {"min_retention": 0.98}}
+    out = tmp_path / "run"
+    assert main(["run", str(_recipe(tmp_path, [int4, export, engine], samples=24)), "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    quant, exp, eng = manifest["stages"]
+    assert [s["status"] for s in manifest["stages"]] == ["completed"] * 3
+    modules = len(quant["details"]["modules"])
+    folder = out / exp["artifacts"]
+    meta = json.loads((folder / "export.json").read_text())
+    assert meta["opset"] == 21 and meta["int4_dequantize_linear"] == {"decoder": modules}
+    decoder = onnx.load(str(folder / "decoder.onnx"))
+    dq = [n for n in decoder.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == modules and not [n for n in decoder.graph.node if n.op_type == "MatMulNBits"]
+    inits = {t.name: t for t in decoder.graph.initializer}
+    assert all(inits[n.input[0]].data_type == TensorProto.INT4 for n in dq)
+    # one fused weight-only kernel reading Int4 per projection, in each of the prefill and decode profiles
+    assert eng["details"]["engines"]["decoder"]["fusion"]["int4_gemm"] == 2 * modules

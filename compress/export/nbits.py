@@ -116,3 +116,89 @@ class NBitsLinear(nn.Module):
 
 
 TRANSLATIONS = {torch.ops.compress.matmul_nbits.default: _matmul_nbits_onnx}
+
+
+# ---- TensorRT: the same codes as blocked DequantizeLinear (opset 21) -------------------------------------
+
+QDQ_OPSET = 21  # DequantizeLinear with block_size and int4 inputs
+
+
+def _unpack_b(b: Any, n: int, k: int) -> Any:
+    """Signed int4 codes [N, K] (int8 numpy) from MatMulNBits' B."""
+    import numpy as np
+
+    low, high = (b & 0x0F).astype(np.int8), (b >> 4).astype(np.int8)
+    return np.stack([low, high], axis=-1).reshape(n, -1)[:, :k] - OFFSET
+
+
+def _int4_tensor(name: str, codes: Any) -> Any:
+    """An ONNX INT4 initializer (two codes per byte, the first in the low nibble) from signed int8 codes."""
+    import numpy as np
+    from onnx import TensorProto
+
+    flat = codes.reshape(-1).astype(np.uint8) & 0x0F
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    t = TensorProto(name=name, data_type=TensorProto.INT4, dims=list(codes.shape))
+    t.raw_data = (flat[0::2] | (flat[1::2] << 4)).tobytes()
+    return t
+
+
+def nbits_to_dequantize(proto: Any) -> int:
+    """Rewrite every symmetric MatMulNBits node as DequantizeLinear(int4 [K, N], scales [K/block, N], axis 0,
+    block_size) -> MatMul: the standard form TensorRT fuses into an INT4 weight-only GEMM (and ONNX Runtime
+    turns back into MatMulNBits). Same codes and scales; the opset becomes 21. Returns the nodes rewritten."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    nodes, count = [], 0
+    for node in graph.node:
+        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if len(node.input) > 3 and node.input[3]:
+            raise ValueError(f"{node.name}: INT4 with zero points has no TensorRT form (DequantizeLinear with a "
+                             "non-zero zero point); quantize with int4.symmetric: true")
+        n, k, block = attrs["N"], attrs["K"], attrs["block_size"]
+        codes = _unpack_b(numpy_helper.to_array(inits[node.input[1]]), n, k)
+        scales = numpy_helper.to_array(inits[node.input[2]])
+        w_name, s_name = f"{node.name}_w_int4", f"{node.name}_w_scale"
+        graph.initializer.append(_int4_tensor(w_name, np.ascontiguousarray(codes.T)))
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(scales.T), s_name))
+        dq = helper.make_node("DequantizeLinear", [w_name, s_name], [f"{node.name}_w"], name=f"{node.name}_dq",
+                              axis=0, block_size=block)
+        nodes += [dq, helper.make_node("MatMul", [node.input[0], dq.output[0]], list(node.output), name=node.name)]
+        count += 1
+    if count:
+        used = {i for nd in nodes for i in nd.input}
+        keep = [t for t in graph.initializer if t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        del graph.node[:]
+        graph.node.extend(nodes)
+        for opset in proto.opset_import:
+            if opset.domain in ("", "ai.onnx"):
+                opset.version = max(opset.version, QDQ_OPSET)
+    return count
+
+
+def export_to_dequantize(folder: Any) -> dict[str, int]:
+    """`nbits_to_dequantize` on every graph of an export folder, in place; MatMulNBits nodes rewritten per graph."""
+    from pathlib import Path
+
+    import onnx
+
+    from compress.export.files import read_meta, save_model
+
+    folder = Path(folder)
+    done: dict[str, int] = {}
+    for name, file in read_meta(folder)["graphs"].items():
+        proto = onnx.load(str(folder / file), load_external_data=True)
+        count = nbits_to_dequantize(proto)
+        if count:
+            save_model(proto, folder / file)
+            done[name] = count
+    return done

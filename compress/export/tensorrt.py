@@ -239,6 +239,10 @@ def fusion_summary(layers: list[dict[str, Any]]) -> dict[str, Any]:
     """What TensorRT fused: attention kernels (and the Softmax they absorbed), int8 / int4 GEMMs."""
     attention = [lay for lay in layers if any(k in (lay["tactic"] + lay["name"]).lower() for k in ("mha", "attention"))]
     gemms = [lay for lay in layers if lay["type"].lower() == "gemm"]
+    # TensorRT-RTX runs DequantizeLinear(int4) -> MatMul as a fused weight-only kernel (a `runtime_fusion`
+    # such as ReplCastMulCastFc, not a `gemm` layer): count every kernel that reads Int4 weights for a MatMul.
+    int4 = [lay for lay in layers if "Int4" in lay["input_dtypes"]
+            and any("matmul" in n.lower() or "linear" in n.lower() for n in lay["onnx_nodes"])]
     return {
         "kernels": len(layers),
         "attention_kernels": len(attention),
@@ -246,7 +250,7 @@ def fusion_summary(layers: list[dict[str, Any]]) -> dict[str, Any]:
         "softmax_absorbed": sum(any("Softmax" in n for n in lay["onnx_nodes"]) for lay in attention),
         "gemm": len(gemms),
         "int8_gemm": sum("Int8" in lay["input_dtypes"] for lay in gemms),
-        "int4_gemm": sum("Int4" in lay["input_dtypes"] for lay in gemms),
+        "int4_gemm": len(int4),
         "onnx_nodes_absorbed": sum(len(lay["onnx_nodes"]) for lay in layers),
     }
 

@@ -83,9 +83,10 @@ class ExportConfig(StageConfig):
                 return (f"TensorRT (target / provider) cannot run the dynamic INT8 activations of "
                         f"stage '{stage.name or stage.type}' (MatMulInteger with run-time scales; TensorRT "
                         "accepts static QuantizeLinear/DequantizeLinear only): use activations.calibration")
-            if getattr(stage, "scheme", None) == "int4" and self.target == "tensorrt":
-                return (f"the tensorrt target has no INT4 form yet for stage '{stage.name or stage.type}' "
-                        "(com.microsoft MatMulNBits is an ONNX Runtime op): export it with target: onnxruntime")
+            int4 = getattr(stage, "int4", None)
+            if getattr(stage, "scheme", None) == "int4" and int4 is not None and not int4.symmetric:
+                return (f"TensorRT takes INT4 weights as DequantizeLinear without zero points; stage "
+                        f"'{stage.name or stage.type}' has them (int4.symmetric: false): use symmetric: true")
             if getattr(stage, "scheme", None) == "nf4":
                 return (f"TensorRT (target / provider) cannot run the NF4 layers of stage "
                         f"'{stage.name or stage.type}' (bitsandbytes NF4 has no TensorRT form; com.microsoft "
@@ -116,8 +117,14 @@ def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> Stage
                          int4_accuracy_level=cfg.int4_accuracy_level)
     if tensorrt:
         from compress.export.files import read_meta, write_meta
+        from compress.export.nbits import QDQ_OPSET, export_to_dequantize
 
-        write_meta(out, {**read_meta(out), "target": "tensorrt"})
+        int4 = export_to_dequantize(out)  # MatMulNBits -> blocked int4 DequantizeLinear + MatMul (opset 21)
+        meta = {**read_meta(out), "target": "tensorrt"}
+        if int4:  # ORT fuses DQ -> MatMul back into MatMulNBits; it computes at the stage's accuracy level
+            meta.update(opset=max(meta["opset"], QDQ_OPSET), int4_dequantize_linear=int4)
+            meta["session"]["config"]["session.qdq_matmulnbits_accuracy_level"] = str(cfg.int4_accuracy_level)
+        write_meta(out, meta)
     ctx.processor.save_pretrained(out)  # the folder answers questions on its own: graphs + processor
     try:
         parity = check_parity(model, ctx.adapter, ctx.processor, out, atol=cfg.parity.atol, rtol=cfg.parity.rtol,
