@@ -2,9 +2,9 @@
 
 W8A8 (static per-tensor or dynamic per-token/per-tensor activations) is `int-quantized`: `weight` int8,
 `weight_scale` [out, 1] or [1], `input_scale` [1] when static. Weight-only (W8A16) is `pack-quantized`:
-`weight_packed` int32, `weight_scale`, `weight_shape`. INT4 (W4A16) is `pack-quantized` with `strategy:
-group`: eight codes per int32, `weight_scale` [out, groups], `weight_zero_point` packed along the output
-axis when asymmetric. Each distinct scheme is one config group whose
+`weight_packed` int32, `weight_scale`, `weight_shape`. Symmetric INT4 (W4A16) is `pack-quantized` with
+`strategy: group`: eight codes per int32, `weight_scale` [out, groups]; INT4 with zero points is
+`int-quantized` (see the note at INT_QUANTIZED). Each distinct scheme is one config group whose
 targets are anchored module-name regexes that also match transformers' legacy checkpoint names
 (`language_model.model.layers…` for `model.language_model.layers…`). Layers kept in float are simply
 not targeted. Our Int8Linear grid is compressed-tensors' own (see int8.py), so plain `from_pretrained`
@@ -23,8 +23,6 @@ from compress.errors import ConfigError
 from compress.quant.int4 import Int4Linear, int4_modules
 from compress.quant.int8 import Int8Linear, int8_modules
 
-QuantLinear = Int8Linear | Int4Linear
-
 INT_QUANTIZED, PACK_QUANTIZED = "int-quantized", "pack-quantized"
 # INT4 with zero points is written `int-quantized` (one int8 per code, zero points unpacked): compressed-tensors
 # 0.20's loader sizes a pack-quantized `weight_zero_point` unpacked while its compressor stores it packed, so
@@ -42,7 +40,7 @@ def quant_modules(model: nn.Module) -> dict[str, Int8Linear | Int4Linear]:
 
 def scheme_of(m: Int8Linear | Int4Linear) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
     """(format, weight args, input-activation args) of one layer."""
-    if isinstance(m, Int4Linear):  # zero points: see ASYMMETRIC_INT4
+    if isinstance(m, Int4Linear):  # zero points: int-quantized, see the note at INT_QUANTIZED
         return PACK_QUANTIZED if m.symmetric else INT_QUANTIZED, {
             "num_bits": 4, "type": "int", "symmetric": m.symmetric, "strategy": "group", "group_size": m.group_size,
             "dynamic": False}, None

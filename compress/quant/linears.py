@@ -141,7 +141,8 @@ def quantize_int4_linears(
     """Replace the named Linears by Int4Linear in place (weight-only); returns per-module details.
 
     GPTQ collects each layer's Hessian in one calibration pass and rounds onto the round-to-nearest grid of
-    the original weight; the output error on sampled calibration inputs is recorded either way it ran.
+    the original weight (and records each layer's output error on sampled inputs); `rtn` and `awq` round to
+    nearest here (AWQ's scales are folded into the weights by `smooth(..., int4=...)` before).
     """
     mods = selected_linears(model, modules, "INT4 quantization")
     bad = [f"{n} ({m.in_features})" for n, m in mods.items() if m.in_features % quant.group_size]
@@ -152,8 +153,10 @@ def quantize_int4_linears(
     gptq = quant.rounding == "gptq"
     if gptq and forward_loop is None:
         raise ConfigError("int4 rounding: gptq needs a 'calibration' data section")
-    stats = (calibrate(model, mods, None, forward_loop, WeightQuant(rounding="gptq") if gptq else WeightQuant(),
-                       SENSITIVITY_SAMPLES, seed) if forward_loop is not None else {})
+    # Only GPTQ needs a calibration pass here (AWQ ran its own before); its input samples also give each
+    # layer's output error, as INT8 measures sensitivity only when calibration runs anyway.
+    stats = calibrate(model, mods, None, forward_loop, WeightQuant(rounding="gptq"), SENSITIVITY_SAMPLES,
+                      seed) if gptq else {}
     details: dict[str, dict[str, Any]] = {}
     for name, m in mods.items():
         scale, zero = int4_params(m.weight, quant.group_size, quant.symmetric)
