@@ -131,6 +131,8 @@ def test_preflight_lists_every_node_tensorrt_cannot_parse(tmp_path):
     ([EXPORT, {**ENGINE, "compute_capabilities": ["sm90"]}], "stages[1].compute_capabilities[0]"),
     ([EXPORT, {**ENGINE, "profiles": {"max_batch": 0}}], "stages[1].profiles.max_batch"),
     ([{**QUANT, "scheme": "nf4", "activations": None}, EXPORT, ENGINE], "NF4"),
+    ([{**QUANT, "scheme": "int4", "activations": None, "int4": {"group_size": 32, "symmetric": False}}, EXPORT,
+      ENGINE], "TensorRT takes INT4 weights as DequantizeLinear without zero points"),
 ])
 def test_impossible_engine_requests_are_recipe_errors(tmp_path, stages, needle):
     stages = [{k: v for k, v in s.items() if v is not None} for s in stages]
