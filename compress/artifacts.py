@@ -171,6 +171,7 @@ class RunDir:
     def discard(self) -> None:
         """Undo `open` of a fresh run: remove what this run wrote (the folder too, if it made it)."""
         self.release(remove=True)
+        self.manifest = {}
         if self._created:
             shutil.rmtree(self.root, ignore_errors=True)
         elif self.root.is_dir():

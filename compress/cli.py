@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 from compress import __version__
-from compress.errors import CompressError
+from compress.errors import CompressError, InternalError
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -29,8 +30,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if result.status == "error":
         failed = next(s for s in result.manifest["stages"] if s["status"] == "error")
         where = f" (partial files: {result.run_dir / failed['partial']})" if failed.get("partial") else ""
-        print(f"error: stage '{failed['name']}' failed: {failed['message']}{where}; fix it and re-run with --resume",
-              file=sys.stderr)
+        advice = "" if "--resume" in failed["message"] else "; fix it and re-run with --resume"
+        print(f"error: stage '{failed['name']}' failed: {failed['message']}{where}{advice}", file=sys.stderr)
         return int(failed["exit_code"])
     if not result.ok:
         stopped = next(s for s in result.manifest["stages"] if s["status"] == "failed")
@@ -47,6 +48,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(markdown(result))
     print(f"written: {result['run']}/bench/bench.json, bench.md, bench.png")
     return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from compress.verify import summary, verify
+
+    result = verify(args.run_dir, load=not args.hash_only)
+    print(summary(result))
+    return 0 if result.ok else 1
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -92,6 +101,7 @@ def _cmd_zoo_tiny(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlm-compress", description="Accuracy-gated VLM compression.")
     p.add_argument("--version", action="version", version=f"vlm-compress {__version__}")
+    p.add_argument("--debug", action="store_true", help="print the traceback of any error")
     sub = p.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="check a recipe (schema + ordering) without loading a model")
     v.add_argument("recipe")
@@ -111,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers (default: CPU)")
     b.set_defaults(fn=_cmd_bench)
+    vf = sub.add_parser("verify", help="before deploying: re-hash a run folder's files against its manifest, load "
+                                       "each checkpoint, check each ONNX graph; exit 1 listing anything wrong")
+    vf.add_argument("run_dir")
+    vf.add_argument("--hash-only", action="store_true", help="skip loading checkpoints (hashes and graphs only)")
+    vf.set_defaults(fn=_cmd_verify)
     e = sub.add_parser("eval", help="score any artifact (transformers folder or ONNX export) with the "
                                     "pipeline's evaluator; writes nothing")
     e.add_argument("path", help="a model folder (plain, compressed-tensors, bitsandbytes) or an ONNX export folder")
@@ -148,11 +163,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except CompressError as e:
+        if args.debug:
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted; completed stages are kept (re-run with --resume)", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, not bad input: one line unless --debug (a run keeps it in logs/)
+        if args.debug:
+            traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0]
+        hint = "" if args.debug else " (run with --debug for the traceback)"
+        print(f"error: internal error: {type(e).__name__}: {first}{hint}", file=sys.stderr)
+        return InternalError.exit_code
 
 
 if __name__ == "__main__":

@@ -25,3 +25,16 @@ class GateFailed(CompressError):
     """A stage's accuracy gate failed with `on_fail: stop`."""
 
     exit_code = 3
+
+
+class WriteError(CompressError):
+    """A file could not be written (disk full, file too large, I/O error). Nothing partial is kept as an
+    artifact; `--resume` after freeing space finishes the run."""
+
+    exit_code = 4
+
+
+class InternalError(CompressError):
+    """Something unexpected failed; the message names the traceback file kept in the run folder."""
+
+    exit_code = 5

@@ -6,13 +6,13 @@ place that sequences work, decides what a failed gate means, and says when a sta
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
 import shutil
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +32,7 @@ from compress.checks.evaluator import Evaluation, Evaluator, Reference
 from compress.checks.gate import run_checks
 from compress.data import Dataset, load_dataset
 from compress.errors import CompressError, ConfigError, RecipeError
+from compress.failures import fault, record_run_error, record_stage_error
 from compress.recipe import LoadedRecipe, load_recipe, stage_name
 from compress.registry import get_stage
 from compress.report import summary_rows, table, write_report
@@ -40,23 +41,10 @@ from compress.stages.base import StageContext
 from compress.zoo import resolve_source
 
 REFERENCE = "baseline/reference.safetensors"
-STAGE_ERROR = 4  # a stage raised an expected error (bad option for this model, parity, data): see the manifest
-INTERNAL_ERROR = 5  # a stage raised something unexpected: traceback in logs/<stage>.traceback.txt
 
 
 def log(msg: str) -> None:
     print(f"[vlm-compress] {msg}", file=sys.stderr, flush=True)
-
-
-def _fault(point: str) -> None:
-    """Test hook: `COMPRESS_FAULT=<point>` kills the process there, like a crash or SIGKILL;
-    `COMPRESS_FAULT=raise:<point>` raises an unexpected exception there instead."""
-    fault = os.environ.get("COMPRESS_FAULT")
-    if fault == point:
-        log(f"fault injected at {point}")
-        os._exit(137)
-    if fault == f"raise:{point}":
-        raise RuntimeError(f"fault injected at {point}")
 
 
 @dataclass
@@ -170,6 +158,19 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
     resuming = run_dir.open(inputs.sha256(), resume=resume, force=force)  # locks the folder
     try:
         return _execute(recipe, inputs, adapter, run_dir, resuming, threads)
+    except CompressError as e:  # named failures outside a stage: the manifest says so (unless nothing is kept)
+        if run_dir.manifest:
+            run_dir.manifest.update(status="error", message=str(e), exit_code=e.exit_code)
+            with contextlib.suppress(OSError):
+                run_dir.save_manifest()
+        raise
+    except KeyboardInterrupt:
+        if run_dir.manifest:
+            run_dir.manifest["status"] = "interrupted"
+            run_dir.save_manifest()
+        raise
+    except Exception as e:
+        raise record_run_error(run_dir, e) from e
     finally:
         run_dir.release()
 
@@ -201,6 +202,8 @@ def _execute(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunDi
     else:
         log(f"resuming {run_dir.root}")
         m["status"] = "running"
+        for key in ("message", "exit_code", "finished"):  # what the attempt before this one ended with
+            m.pop(key, None)
     m["runtime"] = {"threads": torch.get_num_threads(), "threads_requested": threads}
 
     # The latest kept state: the source, or on resume the last kept checkpoint.
@@ -243,6 +246,7 @@ def _execute(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunDi
         m["baseline"] = {**_record_eval(ev), "wall_s": round(time.time() - t0, 2)}
         run_dir.save_manifest()
         log(f"baseline: {baseline}")
+        fault("baseline")
 
     # ---- a resumed run whose baseline had to be measured now moves to its latest kept state ---------
     if first != state_source:
@@ -272,11 +276,12 @@ def _execute(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunDi
                            seed=r.seed, forward_loop=forward_loop, threads=threads,
                            export_dir=run_dir.path(exports[-1]) if exports else None,
                            calibration=inputs.stage_data.get(i, inputs.calibration),
-                           baseline_source=inputs.source, dtype=r.model.dtype)
+                           baseline_source=inputs.source, dtype=r.model.dtype,
+                           fault_point=lambda i=i: fault(f"mid:{i}"))
         try:
             model, state_source, status = _run_stage(model, cfg, i, rec, ctx, scoring, state_source)
         except Exception as e:  # recorded, reported, and the run ends here; --resume retries the stage
-            _record_error(run_dir, rec, name, e, ctx.workdir, time.time() - t0)
+            record_stage_error(run_dir, rec, e, ctx.workdir, time.time() - t0)
             status = "error"
         if status in ("stopped", "error"):
             break
@@ -314,10 +319,10 @@ def _run_stage(model: torch.nn.Module, cfg: Any, i: int, rec: dict[str, Any], ct
     t0 = time.time()
     status = "completed"
     ctx.workdir.mkdir(parents=True, exist_ok=True)
-    _fault(f"apply:{i}")
+    fault(f"apply:{i}")
     result = get_stage(cfg.type).apply(model, cfg, ctx)
     model = result.model
-    _fault(f"after_apply:{i}")
+    fault(f"after_apply:{i}")
     scored = result.runner or run.runner(model)
     ev = run.evaluator.evaluate(scored, run.reference, desc=f"{name} ({scored.backend})")
     rec["backend"] = scored.backend
@@ -337,7 +342,7 @@ def _run_stage(model: torch.nn.Module, cfg: Any, i: int, rec: dict[str, Any], ct
             with atomic_dir(run_dir.path(rel)) as tmp:
                 save_checkpoint(model, run.processor, tmp)
             rec["checkpoint"] = rel
-        _fault(f"after_checkpoint:{i}")
+        fault(f"after_checkpoint:{i}")
         shutil.rmtree(run_dir.path(f"failed/{name}"), ignore_errors=True)  # an earlier attempt's leftovers
         rec.update(status="completed" if passed else "warned", files=run_dir.file_entries(rel))
         if not passed:
@@ -356,32 +361,13 @@ def _run_stage(model: torch.nn.Module, cfg: Any, i: int, rec: dict[str, Any], ct
         status = "stopped"
     rec["wall_s"] = round(time.time() - t0, 2)
     run_dir.set_stage_record(rec)
+    fault(f"recorded:{i}")  # a stage boundary: this stage is on record, the next not begun
     if rec.get("checkpoint"):
         state_source = str(run_dir.path(rec["checkpoint"]))
     log(f"stage {name}: {rec['status']} {ev.metrics}")
     if status == "stopped":
         log(f"STOPPED at stage {name}: {rec['message']}")
     return model, state_source, status
-
-
-def _record_error(run_dir: RunDir, rec: dict[str, Any], name: str, exc: BaseException, workdir: Path,
-                  wall_s: float) -> None:
-    """A stage that raised: status `error` with the message; its partial files kept visibly under failed/."""
-    internal = not isinstance(exc, CompressError)
-    rec.update(status="error", wall_s=round(wall_s, 2), error_type=type(exc).__name__,
-               message=f"internal error: {type(exc).__name__}: {exc}" if internal else str(exc),
-               exit_code=INTERNAL_ERROR if internal else STAGE_ERROR)
-    if internal:
-        log_path = run_dir.write(f"logs/{name}.traceback.txt", "".join(traceback.format_exception(exc)))
-        rec["traceback"] = str(log_path.relative_to(run_dir.root))
-    if workdir.exists():
-        dest = run_dir.path(f"failed/{name}")
-        shutil.rmtree(dest, ignore_errors=True)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(workdir, dest)
-        rec["partial"] = f"failed/{name}"
-    run_dir.set_stage_record(rec)
-    log(f"ERROR stage {name}: {rec['message']}")
 
 
 def _failed(checks) -> str:

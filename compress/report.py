@@ -118,6 +118,8 @@ def write_report(run: RunDir) -> None:
         f"{m['model'].get('parameters', 0):,} parameters)",
         f"- evaluation: `{m['data']['evaluation']['source']}` ({m['data']['evaluation']['records']} records)",
         f"- tool: vlm-compress {m['tool']['version']} (git {m['tool'].get('git_sha') or 'n/a'}), seed {m['seed']}",
+        "- before deploying: `vlm-compress verify RUN_DIR` re-hashes every file against `manifest.json`, loads each "
+        "checkpoint and checks each ONNX graph",
         "",
         "## Accuracy after every stage",
         "",

@@ -93,6 +93,7 @@ class StageContext:
     calibration: Any = None  # records a stage trains on: its own `data:` set, else the calibration set
     baseline_source: str | None = None  # the source model folder (a distillation teacher)
     dtype: str = "float32"
+    fault_point: Callable[[], None] = lambda: None  # called midway through the work (tests kill the process here)
 
 
 @dataclass

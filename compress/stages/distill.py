@@ -201,7 +201,9 @@ def apply(model: torch.nn.Module, cfg: DistillConfig, ctx: StageContext) -> Stag
     t0, losses = time.time(), []
     bar = tqdm(range(cfg.steps), desc="distill", leave=False)
     stream = _batches(records, cfg, ctx.seed)
-    for _ in bar:
+    for step in bar:
+        if step == cfg.steps // 2:
+            ctx.fault_point()
         inputs, pos, labels = encode(next(stream))
         with torch.no_grad():
             t_out = teacher(**inputs, output_hidden_states=hidden)

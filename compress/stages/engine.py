@@ -172,6 +172,7 @@ def apply(model: torch.nn.Module, cfg: EngineConfig, ctx: StageContext) -> Stage
               "io": meta["io"]["vision"]}
     (out / "visual" / "config.json").write_text(json.dumps(visual, indent=2, sort_keys=True) + "\n")
     ctx.processor.save_pretrained(out)
+    ctx.fault_point()  # engines written, not yet scored or kept
 
     # No GPU here can run these engines: score the very graphs they were built from, and say so.
     runner = OrtRunner.from_dir(out / "onnx", session_options=session_options(ctx.threads))

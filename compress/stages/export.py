@@ -126,6 +126,7 @@ def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> Stage
             meta["session"]["config"]["session.qdq_matmulnbits_accuracy_level"] = str(cfg.int4_accuracy_level)
         write_meta(out, meta)
     ctx.processor.save_pretrained(out)  # the folder answers questions on its own: graphs + processor
+    ctx.fault_point()  # graphs written, not yet checked or kept
     try:
         parity = check_parity(model, ctx.adapter, ctx.processor, out, atol=cfg.parity.atol, rtol=cfg.parity.rtol,
                               decode_steps=cfg.parity.decode_steps, providers=cfg.providers, seed=ctx.seed,

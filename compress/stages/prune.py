@@ -91,6 +91,7 @@ def apply(model: torch.nn.Module, cfg: PruneConfig, ctx: StageContext) -> StageR
         sg = cfg.sparsegpt or SparseGPTConfig()
         details = prune_linears(model, modules, cfg.method, cfg.sparsity or 0.0, cfg.pattern, ctx.forward_loop,
                                 sg.block_size, sg.damp)
+    ctx.fault_point()
     per_module = {name: round(_zero_fraction(m.weight), 6) for name, m in modules.items()}
     total = sum(m.weight.numel() for m in modules.values())
     zeros = sum(int((m.weight == 0).sum()) for m in modules.values())

@@ -251,6 +251,7 @@ def apply(model: torch.nn.Module, cfg: QuantizeConfig, ctx: StageContext) -> Sta
         details = _int4(model, names, cfg, ctx)
     else:
         details = _int8(model, names, cfg, ctx)
+    ctx.fault_point()
     after = model_bytes(model)
     a = cfg.activations
     observer = a.calibration if isinstance(a, ActivationsConfig) else None

@@ -67,6 +67,7 @@ def apply(model: torch.nn.Module, cfg: ShrinkConfig, ctx: StageContext) -> Stage
     bytes_before = model_bytes(model)
     new = rebuild(model, ctx.adapter.components["language"], lay, p)
     ctx.adapter.bind(new)
+    ctx.fault_point()
     new_language = ctx.adapter.component(new, "language")
     lang_after, total_after = _count(new_language), _count(new)
     first = p.layers[0]
