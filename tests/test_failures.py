@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from compress.cli import main
@@ -47,7 +48,8 @@ def test_truncated_weights(tmp_path, capsys):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     out = tmp_path / "run"
     assert main(["run", str(_recipe(tmp_path, str(model))), "--out", str(out)]) == 2
-    assert "cannot load the model weights in" in _error(capsys)
+    err = _error(capsys)
+    assert "model.safetensors: truncated" in err and "is cut off" in err, err
     assert not out.exists()
 
 
@@ -75,6 +77,46 @@ def test_missing_tensors_are_refused_not_random(tmp_path, capsys):
     assert main(["run", str(_recipe(tmp_path, str(model))), "--out", str(out)]) == 2
     err = _error(capsys)
     assert f"{len(gone)} missing" in err and "down_proj" in err
+    assert not out.exists()
+
+
+def test_remote_code_is_not_run_unless_the_recipe_allows_it(tmp_path, capsys):
+    model = _copy_model(tmp_path)
+    marker = tmp_path / "remote-code-ran"
+    (model / "configuration_mine.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n")
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="my_vlm", auto_map={"AutoConfig": "configuration_mine.MyConfig"})
+    (model / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "run"
+    assert main(["run", str(_recipe(tmp_path, str(model))), "--out", str(out)]) == 2
+    err = _error(capsys)
+    assert "configuration_mine.py" in err and "model.trust_remote_code: true" in err, err
+    assert not marker.exists() and not out.exists()
+
+
+@pytest.mark.parametrize("case", ["prequantized", "fp8_tensor", "pickles_only"])
+def test_model_files_the_stages_cannot_take(tmp_path, capsys, case):
+    from safetensors.torch import load_file, save_file
+
+    model = _copy_model(tmp_path)
+    weights = model / "model.safetensors"
+    if case == "prequantized":
+        config = json.loads((model / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+        (model / "config.json").write_text(json.dumps(config))
+        needle = "already quantized (quant_method 'gptq')"
+    elif case == "fp8_tensor":
+        state = load_file(str(weights))
+        name = sorted(k for k in state if k.endswith("q_proj.weight"))[0]
+        state[name] = state[name].to(torch.float8_e4m3fn)
+        save_file(state, str(weights), metadata={"format": "pt"})
+        needle = f"tensor {name} is F8_E4M3"
+    else:
+        weights.rename(model / "pytorch_model.bin")
+        needle = "pickled weights only (pytorch_model.bin)"
+    out = tmp_path / "run"
+    assert main(["run", str(_recipe(tmp_path, str(model))), "--out", str(out)]) == 2
+    assert needle in _error(capsys)
     assert not out.exists()
 
 

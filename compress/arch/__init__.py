@@ -51,7 +51,8 @@ def get_adapter(model_type: str) -> Adapter:
 
 
 def adapter_for_source(source: str, trust_remote_code: bool = False) -> Adapter:
-    """Pick the adapter from the config alone, so an unsupported model fails before any weights load."""
+    """Pick the adapter from the config (and check the folder's files), so an unsupported or damaged model
+    fails before any weights load."""
     from transformers import AutoConfig
 
     path = Path(source).expanduser()
@@ -60,6 +61,10 @@ def adapter_for_source(source: str, trust_remote_code: bool = False) -> Adapter:
         raise ConfigError(f"model folder '{source}' does not exist (hub ids look like 'owner/name')")
     if path.exists() and not (path / "config.json").is_file():
         raise ConfigError(f"'{source}' has no config.json; expected a saved transformers model folder")
+    if path.is_dir():  # complete safetensors, handled dtypes, no remote code unless allowed: before any load
+        from compress.model_files import check_model_folder
+
+        check_model_folder(path, trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(str(path) if path.exists() else source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
