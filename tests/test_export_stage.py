@@ -69,7 +69,7 @@ def test_onnx_fp32_recipe(tmp_path):
     assert runner.backend == "onnxruntime"
 
 
-def test_export_after_int8_carries_the_integers(tmp_path):
+def test_export_after_int8_carries_the_integers_and_verifies(tmp_path, capsys):
     stages = [
         {"type": "quantize", "scheme": "int8", "targets": {"components": ["language"]},
          "activations": {"calibration": "minmax"}, "gate": {"min_retention": 0.98}},
@@ -90,6 +90,10 @@ def test_export_after_int8_carries_the_integers(tmp_path):
     assert export["metrics"]["exact_match"] == pytest.approx(int8["metrics"]["exact_match"], abs=0.011)
     assert (out / "stages/01-export/decoder.onnx").stat().st_size < 0.5 * (
         (out / "stages/00-quantize/model.safetensors").stat().st_size * 4)
+    # What ships is what the manifest describes: verify passes it and catches each kind of damage.
+    from verify_damage import assert_verify_catches_damage
+
+    assert_verify_catches_damage(out, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("on_fail", ["stop", "warn"])

@@ -157,8 +157,27 @@ def test_one_writer_per_run_folder(tmp_path, capsys):
         assert main(["run", str(recipe), "--out", str(out), "--resume"]) == 2
         assert f"is in use by pid {holder.pid} on" in _error(capsys)
         assert main(["run", str(recipe), "--out", str(out), "--force"]) == 2  # --force cannot take it either
+        _error(capsys)
+        assert main(["verify", str(out)]) == 1  # nor is a folder being written verified
+        assert f"is being written by pid {holder.pid} on" in _error(capsys)
         assert (out / "manifest.json").exists()
     finally:
         os.kill(holder.pid, signal.SIGKILL)  # killed, not released: the OS drops the lock
         holder.wait()
     assert main(["run", str(recipe), "--out", str(out), "--resume"]) == 0
+
+
+def test_unexpected_error_outside_a_stage(tmp_path, capsys, monkeypatch):
+    """A bug while measuring the baseline: exit 5, one line, the traceback kept in the run folder, resumable."""
+    recipe, out = _recipe(tmp_path, "zoo:shapes-vqa"), tmp_path / "run"
+    monkeypatch.setenv("COMPRESS_FAULT", "raise:baseline")
+    assert main(["run", str(recipe), "--out", str(out)]) == 5
+    line = _error(capsys)
+    assert line.startswith("error: internal error: RuntimeError: fault injected at baseline (traceback: "), line
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "error" and m["exit_code"] == 5 and m["stages"] == []
+    assert "RuntimeError: fault injected at baseline" in (out / "logs/run.traceback.txt").read_text()
+    monkeypatch.delenv("COMPRESS_FAULT")
+    assert main(["run", str(recipe), "--out", str(out), "--resume"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "completed" and "message" not in m

@@ -132,9 +132,15 @@ def _kill_and_resume(reference, tmp_path, recipe: str, point: str) -> None:
     killed = _run(path, out, fault=point)
     assert killed.returncode == 137, f"{point} never reached:\n{killed.stderr[-3000:]}"
     assert f"fault injected at {point}" in killed.stderr
-    assert _manifest(out)["status"] == "running"  # what a real SIGKILL leaves on record
+    m = _manifest(out)
+    assert m["status"] == "running"  # what a real SIGKILL leaves on record
+    done = [s for s in m["stages"] if s["status"] == "completed"]
+    kept = {p: p.stat().st_mtime_ns for s in done for p in (out / (s.get("checkpoint") or s["artifacts"])).rglob("*")}
     resumed = _run(path, out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for s in done:  # completed stages are neither redone nor rewritten
+        assert f"stage {s['name']}: already completed, skipped" in resumed.stderr
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
     _assert_same_as(out, reference(recipe))
 
 
