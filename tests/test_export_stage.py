@@ -60,7 +60,9 @@ def test_onnx_fp32_recipe(tmp_path):
     errors = stage["details"]["parity_max_abs_error"]
     assert errors and max(errors.values()) <= 1e-3
     fused = stage["details"]["fused_ops"]
-    assert fused["decoder"]["after"]["MultiHeadAttention"] > 0 and fused["vision"]["after"]["Attention"] > 0
+    # Decoder self-attention is one GroupQueryAttention per layer (the KV cache appended in the kernel).
+    assert fused["decoder"]["after"]["GroupQueryAttention"] == 4 and fused["decoder"]["after"]["MultiHeadAttention"] == 0
+    assert stage["details"]["decoder_attention"] == "GroupQueryAttention" and fused["vision"]["after"]["Attention"] > 0
     listed = {f["path"] for f in m["files"]}
     assert "stages/onnx/decoder.onnx" in listed
     assert not (out / ".work").exists()

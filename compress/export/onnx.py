@@ -20,6 +20,7 @@ self-describing for `OrtRunner.from_dir`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from PIL import Image
 from torch import nn
 
 from compress.errors import ConfigError
+from compress.export import gqa
 from compress.export.files import (
     FORMAT,
     FORMAT_VERSION,
@@ -120,6 +122,7 @@ def export_onnx(
     quantize: bool = True,
     int8_kernels: Int8Kernels = "portable",
     int4_accuracy_level: int = 0,
+    group_query_attention: bool = False,
 ) -> ExportResult:
     """Write the vision / embed / decoder graphs and `export.json` to `out_dir` (replacing earlier graphs).
 
@@ -156,6 +159,7 @@ def export_onnx(
         if len(written) > 1:
             files[f"{name}.data"] = written[1]
 
+    decoder = None
     with qdq.export_modules(model, quantize, int4_accuracy_level) as (quantized, table):
         if "vision" in components:
             vision = vision_module(model, adapter, pixels.shape)
@@ -169,7 +173,11 @@ def export_onnx(
                     tokens_per_image = int(vision(torch.from_numpy(pixels[:1]).to(dtype)).shape[1])
         if "decoder" in components:
             write("embed", export_embed(model, adapter, dtype, opset))
-            proto = export_decoder(decoder_module(model, adapter), facts, dtype, opset, table, mrope)
+            decoder = decoder_module(model, adapter)
+            decoder.gqa = group_query_attention and family in gqa.FAMILIES
+            with gqa.traced_with_gqa(decoder.language) if decoder.gqa else contextlib.nullcontext():
+                proto = export_decoder(decoder, facts, dtype, opset, {**table, **gqa.TRANSLATIONS} if decoder.gqa
+                                       else table, mrope)
             qdq.unshare_qdq(proto)
             write("decoder", proto)
     for name, file in GRAPH_FILES.items():  # a component not exported this time must not linger
@@ -217,6 +225,8 @@ def export_onnx(
                     "config": dict(qdq.WEIGHT_ONLY_SESSION_CONFIG) if has_weight_only else {}},
         "quantized": quantized,
         "quantize": quantize,
+        # Self-attention as com.microsoft GroupQueryAttention (KV appended in the kernel), or as traced.
+        "decoder_attention": "GroupQueryAttention" if decoder is not None and decoder.gqa else "traced",
         "fused": False,
         "fused_ops": {},
         "versions": _versions(),

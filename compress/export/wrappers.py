@@ -207,6 +207,7 @@ class DecoderWithPast(nn.Module):
         self.lm_head = lm_head
         self.num_layers = num_layers
         self.cache_layers = list(range(num_layers)) if cache_layers is None else list(cache_layers)
+        self.gqa = False  # set while tracing a GroupQueryAttention graph (compress.export.gqa)
 
     def forward(
         self,
@@ -220,6 +221,10 @@ class DecoderWithPast(nn.Module):
     def _cache(self, past: tuple[torch.Tensor, ...]) -> Any:
         from transformers import DynamicCache
 
+        if self.gqa:
+            from compress.export.gqa import gqa_cache
+
+            return gqa_cache(past)
         # Every layer keeps every position (no config: no sliding-window layers that crop their cache inside
         # the graph); a sliding layer's mask limits what it attends to, so the outputs are the same.
         cache = DynamicCache()
@@ -229,14 +234,17 @@ class DecoderWithPast(nn.Module):
 
     def _run(self, inputs_embeds: torch.Tensor, attention_mask: Any, position_ids: torch.Tensor,
              cache: Any, **extra: Any) -> tuple[torch.Tensor, ...]:
-        out = self.language(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            **cache_kwargs(self.language, cache),
-            use_cache=True,
-            **extra,
-        )
+        from compress.export.gqa import active
+
+        with active(cache if self.gqa else None):
+            out = self.language(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                **cache_kwargs(self.language, cache),
+                use_cache=True,
+                **extra,
+            )
         layers = output_cache(out).layers
         presents: list[torch.Tensor] = []
         for i in self.cache_layers:

@@ -19,6 +19,10 @@ Graph = Literal["vision", "embed", "decoder", "end_to_end"]
 
 class OptimizeConfig(Strict):
     fusion: bool = Field(True, description="onnxscript + onnxruntime transformer fusions")
+    group_query_attention: bool = Field(
+        True, description="decoder self-attention as com.microsoft GroupQueryAttention (the kernel appends the KV "
+        "cache and reads grouped heads; no per-step Concat/Expand of the cache); with fusion, for ONNX Runtime "
+        "targets, on every family but Mllama")
 
 
 class DynamicConfig(Strict):
@@ -114,7 +118,9 @@ def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> Stage
     result = export_onnx(model, ctx.adapter, ctx.processor, out, opset=cfg.opset, components=cfg.components,
                          fusion=cfg.optimize.fusion and not tensorrt, quantize=cfg.quantize == "from_stage",
                          int8_kernels="vnni" if tensorrt else cfg.int8_kernels,
-                         int4_accuracy_level=cfg.int4_accuracy_level)
+                         int4_accuracy_level=cfg.int4_accuracy_level,
+                         group_query_attention=cfg.optimize.fusion and cfg.optimize.group_query_attention
+                         and not tensorrt)
     if tensorrt:
         from compress.export.files import read_meta, write_meta
         from compress.export.nbits import QDQ_OPSET, export_to_dequantize
@@ -148,6 +154,7 @@ def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> Stage
         "fused_ops": result.meta.get("fused_ops", {}),
         "quantized": result.quantized.get("summary", result.quantized),
         "int8_kernels": result.meta.get("int8_kernels"),
+        "decoder_attention": result.meta.get("decoder_attention"),
         "host_cpu": cpu_features(),
         "parity_max_abs_error": parity,
         "parity_failures": failures,
