@@ -183,6 +183,31 @@ def test_fused_graphs_show_fused_ops_and_keep_parity(llava_fused: tuple[Exported
 # ---- quantized graphs ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+def test_group_query_attention_and_last_position_logits(family: str, tmp_path: Path):
+    """One GroupQueryAttention per layer replaces the traced cache Concat / head Expand / attention; the
+    model's own mask rides along as attention_bias (Gemma 3: sliding windows and bidirectional image
+    blocks), and generation asks the lm_head for the last position only. Same logits, same answers."""
+    model, processor = tiny_model(family)
+    adapter = get_adapter(family).bind(model)
+    out = tmp_path / "onnx"
+    export_onnx(model, adapter, processor, out, fusion=True, group_query_attention=True, select_logits=True)
+    meta = read_meta(out)
+    assert meta["decoder_attention"] == "GroupQueryAttention" and meta["logits_index"] is True
+    layers = meta["num_layers"]
+    after = meta["fused_ops"]["decoder"]["after"]
+    assert after["GroupQueryAttention"] == layers and after["MultiHeadAttention"] == 0
+    graph = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
+    past = {i.name for i in graph.graph.input if i.name.startswith("past_key_values.")}
+    assert not [n for n in graph.graph.node if n.op_type in ("Concat", "Expand") and set(n.input) & past]
+    errors = check_parity(model, adapter, processor, out, atol=1e-4, rtol=1e-3)
+    assert "decoder.prefill.last_logits" in errors and errors["decoder.decode.logits"] <= 1e-4
+    runner = OrtRunner.from_dir(out)
+    assert runner.selects_logits
+    exp = Exported(family, out, model, adapter, processor, None)
+    _same_generation(exp, runner)
+
+
 def test_int8_w8a8_export_carries_the_quantize_stage_scales(tmp_path: Path):
     exp = _export("llava", tmp_path / "int8", fusion=True, prepare=_w8a8)
     int8 = {n: m for n, m in exp.model.named_modules() if isinstance(m, Int8Linear)}

@@ -61,7 +61,8 @@ def test_onnx_fp32_recipe(tmp_path):
     assert errors and max(errors.values()) <= 1e-3
     fused = stage["details"]["fused_ops"]
     # Decoder self-attention is one GroupQueryAttention per layer (the KV cache appended in the kernel).
-    assert fused["decoder"]["after"]["GroupQueryAttention"] == 4 and fused["decoder"]["after"]["MultiHeadAttention"] == 0
+    decoder = fused["decoder"]["after"]
+    assert decoder["GroupQueryAttention"] == 4 and decoder["MultiHeadAttention"] == 0
     assert stage["details"]["decoder_attention"] == "GroupQueryAttention" and fused["vision"]["after"]["Attention"] > 0
     listed = {f["path"] for f in m["files"]}
     assert "stages/onnx/decoder.onnx" in listed

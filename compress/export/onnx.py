@@ -123,6 +123,7 @@ def export_onnx(
     int8_kernels: Int8Kernels = "portable",
     int4_accuracy_level: int = 0,
     group_query_attention: bool = False,
+    select_logits: bool = False,
 ) -> ExportResult:
     """Write the vision / embed / decoder graphs and `export.json` to `out_dir` (replacing earlier graphs).
 
@@ -175,6 +176,7 @@ def export_onnx(
             write("embed", export_embed(model, adapter, dtype, opset))
             decoder = decoder_module(model, adapter)
             decoder.gqa = group_query_attention and family in gqa.FAMILIES
+            decoder.select_logits = select_logits
             with gqa.traced_with_gqa(decoder.language) if decoder.gqa else contextlib.nullcontext():
                 proto = export_decoder(decoder, facts, dtype, opset, {**table, **gqa.TRANSLATIONS} if decoder.gqa
                                        else table, mrope)
@@ -227,6 +229,8 @@ def export_onnx(
         "quantize": quantize,
         # Self-attention as com.microsoft GroupQueryAttention (KV appended in the kernel), or as traced.
         "decoder_attention": "GroupQueryAttention" if decoder is not None and decoder.gqa else "traced",
+        # A `logits_index` decoder input: logits for the positions asked for only (the runner asks for the last).
+        "logits_index": bool(decoder is not None and decoder.select_logits),
         "fused": False,
         "fused_ops": {},
         "versions": _versions(),

@@ -212,6 +212,9 @@ def check_parity(
     check.compare("decoder", "prefill.logits", logits, ref_logits.float().numpy(), keep)
     for got, ref in zip(past, ref_past, strict=True):
         check.compare("decoder", "prefill.present", got, ref.float().numpy(), _valid_kv(mask, got))
+    if runner.selects_logits:  # what generation asks for: the last position's logits only
+        last, _ = runner.decode(embeds, mask, positions, empty, extra, last_only=True)
+        check.compare("decoder", "prefill.last_logits", last, ref_logits[:, -1:].float().numpy())
     next_tok = ref_logits[:, -1].argmax(-1).numpy()
     pos = positions[..., -1:]
     for _ in range(decode_steps):

@@ -160,8 +160,12 @@ def export_decoder(module: DecoderWithPast, facts: dict[str, int], dtype: torch.
         args, names = [*args, states, cross_mask], [*names, "cross_attention_states", "cross_attention_mask"]
         dynamic += [{0: Dim("vision_states")}, {0: batch, 1: seq, 3: Dim("tiles")}]
     dynamic.append(tuple({0: batch, 2: past_len} for _ in past))
-    proto = _torch_export(module, (*args, past), tuple(dynamic), [*names, *past_names(layers)],
-                          ["logits", *present_names(layers)], opset, table)
+    args, names = [*args, past], [*names, *past_names(layers)]
+    if module.select_logits:  # positions to compute logits for: [seq - 1] when generating, all when scoring
+        args, names = [*args, torch.arange(s)[-2:]], [*names, "logits_index"]
+        dynamic.append({0: Dim("logits")})
+    proto = _torch_export(module, tuple(args), tuple(dynamic), names, ["logits", *present_names(layers)], opset,
+                          table)
     mask_dim = proto.graph.input[1].type.tensor_type.shape.dim[1]
     total = {mask_dim.dim_param: "total"} if mask_dim.HasField("dim_param") else {}
     tidy_dims(proto, {**total, "past + seq": "total"})

@@ -208,6 +208,7 @@ class DecoderWithPast(nn.Module):
         self.num_layers = num_layers
         self.cache_layers = list(range(num_layers)) if cache_layers is None else list(cache_layers)
         self.gqa = False  # set while tracing a GroupQueryAttention graph (compress.export.gqa)
+        self.select_logits = False  # trace with a `logits_index` input (logits only where the caller needs them)
 
     def forward(
         self,
@@ -215,8 +216,9 @@ class DecoderWithPast(nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
         past: tuple[torch.Tensor, ...],
+        logits_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
-        return self._run(inputs_embeds, attention_mask, position_ids, self._cache(past))
+        return self._run(inputs_embeds, attention_mask, position_ids, self._cache(past), logits_index=logits_index)
 
     def _cache(self, past: tuple[torch.Tensor, ...]) -> Any:
         from transformers import DynamicCache
@@ -233,7 +235,9 @@ class DecoderWithPast(nn.Module):
         return cache
 
     def _run(self, inputs_embeds: torch.Tensor, attention_mask: Any, position_ids: torch.Tensor,
-             cache: Any, **extra: Any) -> tuple[torch.Tensor, ...]:
+             cache: Any, logits_index: torch.Tensor | None = None, **extra: Any) -> tuple[torch.Tensor, ...]:
+        """`logits_index` [k]: the sequence positions to compute logits for (a generating caller needs the last
+        one only: the lm_head over a whole prompt is a large GEMM wasted), None for all."""
         from compress.export.gqa import active
 
         with active(cache if self.gqa else None):
@@ -249,7 +253,10 @@ class DecoderWithPast(nn.Module):
         presents: list[torch.Tensor] = []
         for i in self.cache_layers:
             presents += [layers[i].keys, layers[i].values]
-        return (self.lm_head(out.last_hidden_state), *presents)
+        hidden = out.last_hidden_state
+        if logits_index is not None:
+            hidden = hidden.index_select(1, logits_index)
+        return (self.lm_head(hidden), *presents)
 
 
 class DecoderWithBlocks(DecoderWithPast):
@@ -269,6 +276,7 @@ class DecoderWithBlocks(DecoderWithPast):
         position_ids: torch.Tensor,
         block_sequence_ids: torch.Tensor,
         past: tuple[torch.Tensor, ...],
+        logits_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         from transformers import masking_utils
 
@@ -284,7 +292,7 @@ class DecoderWithBlocks(DecoderWithPast):
             if getattr(self.language.config, "sliding_window", None) is not None:
                 masks = {"full_attention": masks,
                          "sliding_attention": masking_utils.create_sliding_window_causal_mask(**kwargs)}
-        return self._run(inputs_embeds, masks, position_ids, cache)
+        return self._run(inputs_embeds, masks, position_ids, cache, logits_index=logits_index)
 
 
 class DecoderWithCrossAttention(DecoderWithPast):
@@ -305,6 +313,7 @@ class DecoderWithCrossAttention(DecoderWithPast):
         cross_attention_states: torch.Tensor,
         cross_attention_mask: torch.Tensor,
         past: tuple[torch.Tensor, ...],
+        logits_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         # transformers' _prepare_cross_attention_mask for a 0/1 mask, written with ops the ONNX exporter takes.
         batch, seq = cross_attention_mask.shape[:2]
@@ -313,7 +322,7 @@ class DecoderWithCrossAttention(DecoderWithPast):
         cross_mask = torch.where(keep == 0, lowest, 0.0).to(inputs_embeds.dtype)
         rows = (cross_mask != lowest).any(dim=-1).to(inputs_embeds.dtype)[..., None]  # rows attending to some tile
         cross_mask = cross_mask * rows
-        return self._run(inputs_embeds, attention_mask, position_ids, self._cache(past),
+        return self._run(inputs_embeds, attention_mask, position_ids, self._cache(past), logits_index=logits_index,
                          cross_attention_states=cross_attention_states, cross_attention_mask=cross_mask,
                          full_text_row_masked_out_mask=rows)
 

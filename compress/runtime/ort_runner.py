@@ -99,6 +99,8 @@ class OrtRunner:
         self.present_names = [f"present.{i}.{kv}" for i in layers for kv in ("key", "value")]
         # Cache geometry per layer from the graph itself (a pruned model may differ from its config).
         declared = {i.name: i.shape for i in sessions["decoder"].get_inputs()}
+        # Exports that take `logits_index` compute logits only where asked (the last position when generating).
+        self.selects_logits = "logits_index" in declared
         self.past_shapes = {
             name: tuple(d if isinstance(d, int) else default
                         for d, default in zip(declared[name][1::2], self.kv_shape, strict=True))
@@ -194,10 +196,15 @@ class OrtRunner:
         return out
 
     def decode(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray],
-               extra: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One decoder call: (logits [B, S, V], presents). `extra`: see `prompt_extras` (blocks default to causal)."""
+               extra: dict[str, np.ndarray] | None = None,
+               last_only: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One decoder call: (logits [B, S, V], or [B, 1, V] for the last position only when `last_only` and the
+        graph can; presents). `extra`: see `prompt_extras` (blocks default to causal)."""
         feeds = {"inputs_embeds": embeds, "attention_mask": mask.astype(np.int64),
                  "position_ids": positions.astype(np.int64), **dict(zip(self.past_names, past, strict=True))}
+        if self.selects_logits:
+            seq = embeds.shape[1]
+            feeds["logits_index"] = np.arange(seq - 1 if last_only else 0, seq, dtype=np.int64)
         if self.blocks:
             feeds["block_sequence_ids"] = np.full(embeds.shape[:2], -1, np.int64)
         feeds.update(extra or {})
@@ -227,7 +234,8 @@ class OrtRunner:
         mask = _numpy(inputs["attention_mask"]).astype(np.int64)
         positions = self.positions(inputs, mask)
         extra = self.prompt_extras(inputs)
-        logits, past = self.decode(self.prompt_embeds(inputs), mask, positions, self.empty_past(len(mask)), extra)
+        logits, past = self.decode(self.prompt_embeds(inputs), mask, positions, self.empty_past(len(mask)), extra,
+                                   last_only=True)
         # A decode step continues from the last prompt position + 1 (on every M-RoPE axis).
         state = {"mask": mask, "pos": positions[..., -1:], "past": past, "steps": 0}
         extra = self.step_extras(extra)

@@ -120,7 +120,7 @@ def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> Stage
                          int8_kernels="vnni" if tensorrt else cfg.int8_kernels,
                          int4_accuracy_level=cfg.int4_accuracy_level,
                          group_query_attention=cfg.optimize.fusion and cfg.optimize.group_query_attention
-                         and not tensorrt)
+                         and not tensorrt, select_logits=not tensorrt)
     if tensorrt:
         from compress.export.files import read_meta, write_meta
         from compress.export.nbits import QDQ_OPSET, export_to_dequantize
