@@ -27,7 +27,10 @@ new tokens (EOS ignored), warm-up excluded, median of the repeats:
   VNNI / AMX hosts, `onnx_int8_dynamic` dynamic per-token activation scales (MatMulInteger).
 - `onnx_int4` / `onnx_int4_exact`: INT4 weight-only (RTN, group 32, symmetric) of the language model
   and lm_head, exported as MatMulNBits with accuracy_level 4 (int8 activations on CPU) / 0 (float32).
-  `onnx_int4_int8vision` adds INT8 W8A8 (dynamic per-token) vision tower + projector.
+  `onnx_int4_int8vision` adds INT8 W8A8 (dynamic per-token) vision tower + projector. Every export
+  uses the export stage's defaults: decoder self-attention as GroupQueryAttention and logits for the
+  last position only when generating; `onnx_int4_traced_attention` is `onnx_int4` without both (the
+  traced attention with its per-step cache Concat / head Expand, logits for every prompt position).
 - `genai_*` (`--peer`, LLaVA only): the same language model + lm_head saved as a LlamaForCausalLM folder
   and built by onnxruntime-genai's own builder (int4 block 32 accuracy_level 4, int8, fp32), timed
   with its generator on a text prompt of the same token count (bench_peer.py).
@@ -146,11 +149,13 @@ def main() -> None:
         work = Path(tmp)
 
         def export_and_time(name: str, kernels: str = "portable", profile: bool = True, level: int = 0,
-                            b8: bool = False) -> None:
+                            b8: bool = False, traced_attention: bool = False) -> None:
             t0 = time.time()
             out = work / name
+            # The export stage's defaults: GroupQueryAttention, logits for the last position when generating.
             export_onnx(model, adapter, processor, out, fusion=True, quantize=True, int8_kernels=kernels,
-                        int4_accuracy_level=level)
+                        int4_accuracy_level=level, group_query_attention=not traced_attention,
+                        select_logits=not traced_attention)
             export_s[name] = time.time() - t0
             log(f"{name}: exported in {export_s[name]:.0f} s")
             runner = OrtRunner.from_dir(out)
@@ -201,6 +206,8 @@ def main() -> None:
         quantize_int4_linears(model, language, Int4Quant(group_size=32))
         export_and_time("onnx_int4", level=4, b8=True)
         export_and_time("onnx_int4_exact", level=0, profile=False)
+        # The same INT4 graph as traced before GroupQueryAttention and last-position logits (what they buy).
+        export_and_time("onnx_int4_traced_attention", level=4, profile=False, traced_attention=True)
         vision = [k for k in names if k not in language]
         quantize_linears(model, vision, WeightQuant("per_channel"), ActQuant(dynamic="per_token"))
         export_and_time("onnx_int4_int8vision", level=4, profile=False)

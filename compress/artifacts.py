@@ -156,6 +156,7 @@ class RunDir:
             same = old.get("inputs_sha256") == inputs_sha256
             if resume and same:
                 self.manifest = old
+                self._drop_temporaries()
                 return True
             if not force:
                 why = ("its recipe, model or data differ from this run's" if resume else
@@ -167,6 +168,14 @@ class RunDir:
             raise ConfigError(f"{self.root} exists, is not empty and holds no run ({MANIFEST} missing); "
                               "choose another --out")
         return False
+
+    def _drop_temporaries(self) -> None:
+        """Half-written temp files and folders a killed process left (never listed, never trusted)."""
+        for p in sorted(self.root.rglob(".*.tmp"), key=lambda q: len(q.parts), reverse=True):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
     def discard(self) -> None:
         """Undo `open` of a fresh run: remove what this run wrote (the folder too, if it made it)."""
