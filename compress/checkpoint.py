@@ -25,7 +25,7 @@ def save_checkpoint(model: torch.nn.Module, processor: Any, path: Path) -> None:
     if qconfig is not None:
         state = compressed_state(model, state)
     model.save_pretrained(path, state_dict=state)
-    processor.save_pretrained(path)
+    save_processor(processor, path)
     if qconfig is not None:
         config_file = Path(path) / "config.json"
         config = json.loads(config_file.read_text())
@@ -33,6 +33,17 @@ def save_checkpoint(model: torch.nn.Module, processor: Any, path: Path) -> None:
         tmp = config_file.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, config_file)
+
+
+def save_processor(processor: Any, path: Path) -> None:
+    """`save_pretrained`, with the same bytes whatever the process encoded before: a fast tokenizer keeps the
+    padding / truncation of its last batched call and would write it into tokenizer.json (every call sets
+    its own again, so clearing them changes nothing at run time)."""
+    backend = getattr(getattr(processor, "tokenizer", processor), "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_padding()
+        backend.no_truncation()
+    processor.save_pretrained(path)
 
 
 def quant_method(path: str | Path) -> str | None:

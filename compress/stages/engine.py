@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
+from compress.checkpoint import save_processor
 from compress.errors import ConfigError
 from compress.export.tensorrt import ENGINE_FILES
 from compress.registry import register_stage
@@ -171,7 +172,7 @@ def apply(model: torch.nn.Module, cfg: EngineConfig, ctx: StageContext) -> Stage
               "vision_inputs": meta.get("vision_inputs"),
               "io": meta["io"]["vision"]}
     (out / "visual" / "config.json").write_text(json.dumps(visual, indent=2, sort_keys=True) + "\n")
-    ctx.processor.save_pretrained(out)
+    save_processor(ctx.processor, out)
     ctx.fault_point()  # engines written, not yet scored or kept
 
     # No GPU here can run these engines: score the very graphs they were built from, and say so.

@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from compress.checkpoint import save_processor
 from compress.registry import register_stage
 from compress.stages.base import StageConfig, StageContext, StageResult, Strict
 
@@ -131,7 +132,7 @@ def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> Stage
             meta.update(opset=max(meta["opset"], QDQ_OPSET), int4_dequantize_linear=int4)
             meta["session"]["config"]["session.qdq_matmulnbits_accuracy_level"] = str(cfg.int4_accuracy_level)
         write_meta(out, meta)
-    ctx.processor.save_pretrained(out)  # the folder answers questions on its own: graphs + processor
+    save_processor(ctx.processor, out)  # the folder answers questions on its own: graphs + processor
     ctx.fault_point()  # graphs written, not yet checked or kept
     try:
         parity = check_parity(model, ctx.adapter, ctx.processor, out, atol=cfg.parity.atol, rtol=cfg.parity.rtol,
