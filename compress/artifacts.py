@@ -92,6 +92,16 @@ def atomic_dir(path: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def run_files(root: Path, base: Path | None = None) -> list[Path]:
+    """The files a run lists as its own (under `base`): hidden files (the lock, temp files) and the manifest aside."""
+    out = []
+    for p in sorted((base or root).rglob("*")):
+        rel = p.relative_to(root)
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts) and p.name != MANIFEST:
+            out.append(p)
+    return out
+
+
 class RunDir:
     """Owns one run folder. Nothing here ever writes outside `root`."""
 
@@ -217,12 +227,8 @@ class RunDir:
     def file_entries(self, rel_dir: str | None = None) -> list[dict[str, Any]]:
         """Every file (under `rel_dir` or the whole run) with its size and sha256."""
         base = self.path(rel_dir) if rel_dir else self.root
-        out = []
-        for p in sorted(base.rglob("*")):
-            rel = p.relative_to(self.root)
-            if p.is_file() and not any(part.startswith(".") for part in rel.parts) and p.name != MANIFEST:
-                out.append({"path": str(rel), "bytes": p.stat().st_size, "sha256": sha256_file(p)})
-        return out
+        return [{"path": str(p.relative_to(self.root)), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                for p in run_files(self.root, base)]
 
     # ---- reading stage state ------------------------------------------------------------------
     def stage_record(self, index: int) -> dict[str, Any] | None:

@@ -8,7 +8,7 @@ import sys
 import traceback
 
 from compress import __version__
-from compress.errors import CompressError, InternalError
+from compress.errors import CompressError, InternalError, first_line
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -173,9 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug, not bad input: one line unless --debug (a run keeps it in logs/)
         if args.debug:
             traceback.print_exc()
-        first = (str(e).strip().splitlines() or [""])[0]
         hint = "" if args.debug else " (run with --debug for the traceback)"
-        print(f"error: internal error: {type(e).__name__}: {first}{hint}", file=sys.stderr)
+        print(f"error: internal error: {first_line(e)}{hint}", file=sys.stderr)
         return InternalError.exit_code
 
 

@@ -38,3 +38,9 @@ class InternalError(CompressError):
     """Something unexpected failed; the message names the traceback file kept in the run folder."""
 
     exit_code = 5
+
+
+def first_line(exc: BaseException) -> str:
+    """'Type: first non-empty line of the message': a library error as one line of ours."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"

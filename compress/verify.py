@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compress.artifacts import DONE, LOCK, MANIFEST, sha256_file
-from compress.errors import CompressError
+from compress.artifacts import DONE, LOCK, MANIFEST, run_files, sha256_file
+from compress.errors import CompressError, first_line
 
 
 @dataclass
@@ -98,13 +98,7 @@ def verify(run_dir: str | Path, load: bool = True) -> Verification:
 
 
 def _present(root: Path) -> list[dict[str, Any]]:
-    """Files a run would list (hidden files, the lock and the manifest aside), with sizes."""
-    out = []
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root)
-        if p.is_file() and not any(part.startswith(".") for part in rel.parts) and p.name != MANIFEST:
-            out.append({"path": str(rel), "bytes": p.stat().st_size})
-    return out
+    return [{"path": str(p.relative_to(root)), "bytes": p.stat().st_size} for p in run_files(root)]
 
 
 def _load(folder: Path, m: dict[str, Any], v: Verification) -> None:
@@ -117,8 +111,7 @@ def _load(folder: Path, m: dict[str, Any], v: Verification) -> None:
         with contextlib.redirect_stderr(io.StringIO()):  # loaders' progress bars; a failure is reported below
             load_checkpoint(folder, adapter, model.get("dtype") or "float32")
     except Exception as e:  # any failure to load is the finding, whatever raised it
-        first = (str(e).strip().splitlines() or [""])[0]
-        v.problems.append(("load", str(folder.relative_to(v.run_dir)), f"{type(e).__name__}: {first}"))
+        v.problems.append(("load", str(folder.relative_to(v.run_dir)), first_line(e)))
 
 
 def _check_graph(graph: Path, root: Path, v: Verification) -> None:
@@ -139,8 +132,7 @@ def _check_graph(graph: Path, root: Path, v: Verification) -> None:
                 if not (graph.parent / location).is_file():
                     raise FileNotFoundError(f"external data {location} of {init.name} is missing")
     except Exception as e:  # onnx raises ValidationError, DecodeError or OSError depending on the damage
-        first = (str(e).strip().splitlines() or [""])[0]
-        v.problems.append(("onnx", str(graph.relative_to(root)), f"{type(e).__name__}: {first}"))
+        v.problems.append(("onnx", str(graph.relative_to(root)), first_line(e)))
 
 
 def _nodes(graph: Any) -> Any:

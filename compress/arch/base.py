@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
-from compress.errors import ConfigError
+from compress.errors import ConfigError, first_line
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -266,7 +266,7 @@ class Adapter:
                 model, info = AutoModelForImageTextToText.from_pretrained(source, ignore_mismatched_sizes=True,
                                                                           **kwargs)
         except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
-            raise ConfigError(f"cannot load the model weights in {source}: {_first_line(exc)}") from exc
+            raise ConfigError(f"cannot load the model weights in {source}: {first_line(exc)}") from exc
         finally:
             hf_logging.set_verbosity(verbosity)
         _check_loading(source, info)
@@ -275,11 +275,6 @@ class Adapter:
         model.eval()
         self.bind(model)
         return model, processor
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 def _check_loading(source: str, info: dict[str, Any]) -> None:
