@@ -34,8 +34,9 @@ QUESTIONS = ["what?", "what color is the large shape in the top left corner?", "
 FP32_ATOL = 1e-5
 # INT8: graph and torch use the same grid, but ORT's integer GEMM accumulates exactly where torch's fake-quant
 # accumulates in float; a value within ~1e-6 of a rounding boundary can land one step apart in the next
-# layer. On these tiny models the measured error is ~1e-7; the tolerance allows a few such flips.
-INT8_ATOL = {"vision": 5e-3, "embed": 0.0, "decoder": 5e-3, "end_to_end": 5e-3}
+# layer. On these tiny models the measured error is ~1e-7; the tolerance allows a few such flips (end to end,
+# a flip in the vision tower's integer GEMMs reaches the logits through the decoder: 6.5e-3 at 28 of 43,420).
+INT8_ATOL = {"vision": 5e-3, "embed": 0.0, "decoder": 5e-3, "end_to_end": 1e-2}
 NF4_ATOL = 1e-5  # bnb's own codes and absmax: exact weights, float32 GEMM on both sides
 
 
@@ -240,11 +241,16 @@ def test_int8_w8a8_export_carries_the_quantize_stage_scales(tmp_path: Path):
     # ONNX Runtime's CPU provider runs every decoder projection as an integer GEMM.
     used = runtime_ops(exp.out / "decoder.onnx", disabled_optimizers=meta["session"]["disabled_optimizers"])
     assert used.get("MatMulIntegerToFloat") == len(decoder_int8)
-    assert runtime_ops(exp.out / "vision.onnx", disabled_optimizers=meta["session"]["disabled_optimizers"]).get(
-        "MatMulIntegerToFloat", 0) > 0
+    # Vision too: q/k/v stay three integer GEMMs feeding MultiHeadAttention (a packed Attention would
+    # dequantize and concatenate their weights on every call); no weight is dequantized at run time.
+    vision_int8 = [n for n in int8 if n.startswith(("model.vision_tower", "model.multi_modal_projector"))]
+    used = runtime_ops(exp.out / "vision.onnx", disabled_optimizers=meta["session"]["disabled_optimizers"])
+    assert used.get("MatMulIntegerToFloat") == len(vision_int8) and "DequantizeLinear" not in used
+    layers = exp.model.config.vision_config.num_hidden_layers
+    assert meta["fused_ops"]["vision"]["passes"][-1]["attention_unpacked"] == layers
 
     errors = check_parity(exp.model, exp.adapter, exp.processor, exp.out, atol=INT8_ATOL, rtol=1e-3)
-    assert max(errors.values()) < 5e-3
+    assert max(errors.values()) < 1e-2
     _same_generation(exp, OrtRunner.from_dir(exp.out))
 
 

@@ -19,6 +19,7 @@ from transformers import vision_utils
 from compress.arch import get_adapter
 from compress.arch.tiny import save_tiny, tiny_model
 from compress.export import export_onnx, read_meta
+from compress.export.fuse import runtime_ops
 from compress.export.parity import check_parity
 from compress.pipeline import run
 from compress.runtime import mrope
@@ -154,3 +155,8 @@ def test_recipes_keep_the_answers_through_onnx_runtime(family, tmp_path):
     vision = [name for name in meta["quantized"]["modules"] if ".visual." in name]
     assert vision and all(meta["quantized"]["modules"][n]["onnx"].startswith(("QuantizeLinear", "MatMulInteger"))
                           for n in vision)
+    # Qwen's vision blocks take 2-D [patches, hidden] inputs, which ORT would turn into Gemm before its QDQ
+    # fusion (weights dequantized on every call): every projection must still run as an integer GEMM.
+    art = tmp_path / "int8/run" / onnx_int8["artifacts"]
+    used = runtime_ops(art / "vision.onnx", disabled_optimizers=meta["session"]["disabled_optimizers"])
+    assert used.get("MatMulIntegerToFloat") == len(vision) and "DequantizeLinear" not in used

@@ -113,6 +113,7 @@ def fuse_graph(path: str | Path, model_type: str, num_heads: int, hidden_size: i
             fusions = _onnxscript_pass(path, step1)
             _ort_pass(step1, step2, model_type, num_heads, hidden_size)
         proto = onnx.load(str(step2))
+        unpacked = unpack_quantized_attention(proto)
         unshare_qdq(proto)  # the passes' CSE merges per-projection Q/DQ copies again
         save_model(proto, out)
     return {
@@ -121,8 +122,49 @@ def fuse_graph(path: str | Path, model_type: str, num_heads: int, hidden_size: i
         "passes": [
             {"tool": "onnxscript.rewriter.ort_fusions.optimize_for_ort", "fusions": fusions},
             {"tool": "onnxruntime.transformers.optimizer.optimize_model", "model_type": model_type, "opt_level": 0},
+            {"tool": "compress.export.fuse.unpack_quantized_attention", "attention_unpacked": unpacked},
         ],
     }
+
+
+def unpack_quantized_attention(proto: Any) -> int:
+    """Attention over Concat(DequantizeLinear(q), (k), (v)) -> three MatMuls + MultiHeadAttention. In place.
+
+    Both passes pack a vision block's q/k/v weights into one Attention input. With int8 weights that
+    packing is a float Concat of three dequantized weights, computed on every call, and the projections
+    never reach ORT's integer GEMMs; apart, each DQ -> MatMul <- DQ fuses into MatMulIntegerToFloat.
+    Returns how many Attention nodes were rewritten.
+    """
+    from onnx import helper
+
+    graph = proto.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    rewritten = 0
+    new_nodes: list[Any] = []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        packed = producer.get(node.input[1]) if node.op_type == "Attention" and len(node.input) > 1 else None
+        extra = list(node.input[3:5])  # mask_index, past: no MultiHeadAttention equivalent here
+        if (packed is None or packed.op_type != "Concat" or len(packed.input) != 3 or any(extra)
+                or any(producer.get(w) is None or producer[w].op_type != "DequantizeLinear" for w in packed.input)
+                or attrs.get("unidirectional", 0) or attrs.get("do_rotary", 0)
+                or len(set(attrs.get("qkv_hidden_sizes", [0]))) > 1):
+            new_nodes.append(node)
+            continue
+        rewritten += 1
+        qkv = [f"{node.name}_{p}" for p in "qkv"]
+        new_nodes += [helper.make_node("MatMul", [node.input[0], w], [out], name=out)
+                      for w, out in zip(packed.input, qkv, strict=True)]
+        bias = node.input[2] if len(node.input) > 2 else ""
+        attention_bias = node.input[5] if len(node.input) > 5 else ""
+        keep = {k: v for k, v in attrs.items() if k in ("num_heads", "scale", "mask_filter_value")}
+        new_nodes.append(helper.make_node("MultiHeadAttention", [*qkv, bias, "", attention_bias], list(node.output[:1]),
+                                          name=f"{node.name}_mha", domain="com.microsoft", **keep))
+    if rewritten:
+        used = {name for n in new_nodes for name in n.input} | {o.name for o in graph.output}
+        del graph.node[:]
+        graph.node.extend(n for n in new_nodes if n.op_type != "Concat" or n.output[0] in used)
+    return rewritten
 
 
 def fuse_export(out_dir: str | Path) -> dict[str, Any]:
@@ -159,4 +201,5 @@ def runtime_ops(path: str | Path, providers: list[Any] | None = None,
     return _nonzero(count_ops(ort_optimized(path, disabled_optimizers, providers)))
 
 
-__all__ = ["FUSED_OP_TYPES", "META_FILE", "count_ops", "fuse_export", "fuse_graph", "runtime_ops"]
+__all__ = ["FUSED_OP_TYPES", "META_FILE", "count_ops", "fuse_export", "fuse_graph", "runtime_ops",
+           "unpack_quantized_attention"]

@@ -91,6 +91,11 @@ class QdqLinear(nn.Module):
         h = x.float()
         if self.act_dynamic is not None:
             return self._dynamic(h).to(x.dtype)
+        # ORT turns a 2-D MatMul + bias into Gemm before its QDQ fusion (weights then dequantized on every
+        # call): keep it 3-D, with the Unsqueeze ahead of the Q/DQ pair so each projection keeps its own copy.
+        flat = h.dim() == 2
+        if flat:
+            h = h.unsqueeze(0)
         if self.input_scale is not None:
             q = qd.quantize_per_tensor(h, self.input_scale, 0, ACT_QMIN, ACT_QMAX, torch.int8)
             h = qd.dequantize_per_tensor(q, self.input_scale, 0, ACT_QMIN, ACT_QMAX, torch.int8)
@@ -98,7 +103,7 @@ class QdqLinear(nn.Module):
             w = qd.dequantize_per_channel(self.weight_int8, self.weight_scale, None, 1, -QMAX, QMAX, torch.int8)
         else:
             w = qd.dequantize_per_tensor(self.weight_int8, float(self.weight_scale), 0, -QMAX, QMAX, torch.int8)
-        y = torch.matmul(h, w)
+        y = torch.matmul(h, w).squeeze(0) if flat else torch.matmul(h, w)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype)
