@@ -1,6 +1,6 @@
 """Operator fusion for the exported graphs, and op counts that show what fused and what did not.
 
-Two passes per graph, in this order:
+Three passes per graph, in this order:
 
 1. onnxscript's `optimize_for_ort` (onnxscript.rewriter.ort_fusions): pattern rewrites written for
    graphs from the torch dynamo exporter. It fuses RMSNorm -> SimplifiedLayerNormalization, residual
@@ -11,6 +11,8 @@ Two passes per graph, in this order:
    towers, "vit" for SigLIP-style towers, "gpt2" for Llama-style decoders), opt_level 0 (offline
    pattern fusions only, so the result stays portable across execution providers). It adds what the
    first pass lacks, e.g. QuickGelu (x * sigmoid(1.702 x), CLIP's activation).
+3. `unpack_quantized_attention`: an Attention packed over dequantized INT8 q/k/v weights goes back to
+   three MatMuls + MultiHeadAttention, so ORT runs the projections as integer GEMMs.
 
 ONNX Runtime's own pattern fusions were written for TorchScript-exported graphs: on dynamo graphs they
 find the norms but not the attention blocks, hence pass 1. What stays unfused is listed in
