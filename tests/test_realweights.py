@@ -84,27 +84,31 @@ def test_gqa_and_int4_exports_of_real_weights_answer_as_torch(tmp_path: Path):
 
     built = tmp_path / "smollm2-llava"
     build(built, eval_count=32)
-    doc = yaml.safe_load((ROOT / "recipes" / "int8-smollm2.yaml").read_text())
-    doc.update(name="gqa-int4")
-    doc["model"]["source"] = str(built / "model")
-    doc["evaluation"]["source"] = str(built / "eval")
-    doc["calibration"]["source"] = str(ROOT / "calibration" / "shapes-vqa" / "calib")
-    doc.pop("output")
     keep = {"metric": "token_agreement", "min_retention": 0.5, "on_fail": "warn"}
-    doc["stages"] = [
-        {"type": "export", "name": "onnx-fp32", "format": "onnx", "gate": keep},
+
+    def run_stages(name: str, stages: list[dict]) -> list[dict]:
+        doc = yaml.safe_load((ROOT / "recipes" / "int8-smollm2.yaml").read_text())
+        doc.update(name=name, stages=stages)
+        doc["model"]["source"] = str(built / "model")
+        doc["evaluation"]["source"] = str(built / "eval")
+        doc["calibration"]["source"] = str(ROOT / "calibration" / "shapes-vqa" / "calib")
+        doc.pop("output")
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        result = run(path, out=tmp_path / name)
+        assert result.ok, result.manifest["stages"]
+        return result.manifest["stages"]
+
+    (fp32,) = run_stages("fp32", [{"type": "export", "name": "onnx-fp32", "format": "onnx", "gate": keep}])
+    int4, onnx_int4 = run_stages("int4", [
         {"type": "quantize", "name": "int4", "scheme": "int4", "targets": {"components": ["language"]},
          "int4": {"group_size": 64, "rounding": "rtn"}, "gate": keep},
         {"type": "export", "name": "onnx-int4", "format": "onnx", "int4_accuracy_level": 4,
          "parity": {"atol": {"vision": 1e-4, "embed": 1e-6, "decoder": 1.0, "end_to_end": 1.0}, "rtol": 0.1},
-         "gate": keep},
-    ]
-    path = tmp_path / "gqa-int4.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    result = run(path, out=tmp_path / "run")
-    assert result.ok, result.manifest["stages"]
-    fp32, int4, onnx_int4 = result.manifest["stages"]
-    assert fp32["details"]["decoder_attention"] == onnx_int4["details"]["decoder_attention"] == "GroupQueryAttention"
+         "gate": keep}])
+    for stage in (fp32, onnx_int4):
+        assert stage["details"]["decoder_attention"] == "GroupQueryAttention"
+        assert stage["details"]["fused_ops"]["decoder"]["after"]["GroupQueryAttention"] == 30
     assert max(fp32["details"]["parity_max_abs_error"].values()) <= 1e-3
     assert fp32["metrics"]["token_agreement"] >= 0.99
     # Level 4 quantizes activations to int8 per block: close to the INT4 PyTorch model, not bit-equal.
