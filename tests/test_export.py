@@ -204,9 +204,29 @@ def test_group_query_attention_and_last_position_logits(family: str, tmp_path: P
     errors = check_parity(model, adapter, processor, out, atol=1e-4, rtol=1e-3)
     assert "decoder.prefill.last_logits" in errors and errors["decoder.decode.logits"] <= 1e-4
     runner = OrtRunner.from_dir(out)
-    assert runner.selects_logits
+    assert runner.selects_logits and meta["past_buffer"] == "shared" and runner.shared_past
     exp = Exported(family, out, model, adapter, processor, None)
     _same_generation(exp, runner)
+    # The shared buffer (past and present bound to one preallocated OrtValue per layer) gives the logits the
+    # copying path gives, step by step: lengths come from the mask, never from the buffer's size.
+    batch = exp.inputs().inputs
+    mask = batch["attention_mask"].numpy().astype(np.int64)
+    positions, extra = runner.positions(batch, mask), runner.prompt_extras(batch)
+    embeds = runner.prompt_embeds(batch)
+    buffers = runner.shared_buffers(len(mask), mask.shape[1] + 8)
+    copied, past = runner.decode(embeds, mask, positions, runner.empty_past(len(mask)), extra, last_only=True)
+    shared = runner.decode_shared(embeds, mask, positions, buffers, extra)
+    assert np.abs(shared[:, -1] - copied[:, -1]).max() <= 1e-5
+    step_extra = runner.step_extras(extra)
+    for _ in range(3):
+        fed = copied[:, -1].argmax(-1)[:, None]
+        mask = np.concatenate([mask, np.ones((len(mask), 1), np.int64)], axis=1)
+        positions = positions[..., -1:] + 1
+        copied, past = runner.decode(runner.embed(fed), mask, positions, past, step_extra)
+        shared = runner.decode_shared(runner.embed(fed), mask, positions, buffers, step_extra)
+        assert np.abs(shared[:, -1] - copied[:, -1]).max() <= 1e-5
+    keys = buffers[0].numpy()
+    assert np.abs(keys[:, :, : mask.shape[1]] - past[0]).max() <= 1e-6 and not keys[:, :, mask.shape[1]:].any()
 
 
 def test_int8_w8a8_export_carries_the_quantize_stage_scales(tmp_path: Path):

@@ -14,6 +14,10 @@ image/prefix blocks), fed as `attention_bias` with `causal=0`, so the kernel com
 model computes for left-padded batches; rotary embeddings stay where the model applies them (M-RoPE
 included). ONNX Runtime's CPU kernel runs a prompt on an empty past or one token on any past (not several
 tokens on a past with batch > 1), which is what the runners do.
+
+Lengths come from the attention mask, never from the past tensors, so a caller may feed past buffers longer
+than the cache (ORT's past_present_share_buffer: past and present bound to one preallocated buffer, the
+kernel writing each new key/value in place instead of copying the whole cache every step).
 """
 
 from __future__ import annotations
@@ -97,8 +101,9 @@ def _gqa_onnx(query: Any, key: Any, value: Any, past_key: Any, past_value: Any, 
     from onnxscript import values
 
     # Every row's keys are physical positions 0..total-1 (left padding is masked by the bias), so each row's
-    # seqlens_k is total - 1: the kernel then treats the batch as right-aligned and full.
-    total = op.Add(op.Shape(past_key, start=2, end=3), op.Shape(key, start=1, end=2))
+    # seqlens_k is total - 1: the kernel then treats the batch as right-aligned and full. `total` is the mask's
+    # length (the bias's last axis), not past + new: a shared past buffer is longer than the cache it holds.
+    total = op.Shape(bias, start=3, end=4)
     seqlens = op.Cast(op.Expand(op.Sub(total, op.Constant(value_ints=[1])), op.Shape(query, start=0, end=1)), to=6)
     total_scalar = op.Cast(op.Squeeze(total, op.Constant(value_ints=[0])), to=6)
     gqa = values.Op(values.Opset("com.microsoft", 1), "GroupQueryAttention", _schema())
@@ -146,10 +151,10 @@ def _layer_class() -> type:
         """A cache layer holding a layer's past; `update` hands back only the new keys and values (the kernel
         appends them), and the attention function stores the presents it returns."""
 
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, past_length: Any):
             super().__init__()
             self.keys, self.values, self.device, self.is_initialized = keys, values, keys.device, True
-            self.past_length = keys.shape[-2]
+            self.past_length = past_length
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                    **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,13 +169,15 @@ def _layer_class() -> type:
     return GqaLayer
 
 
-def gqa_cache(past: tuple[torch.Tensor, ...]) -> Any:
-    """A DynamicCache whose layers are `GqaLayer`s over the graph's past inputs (every layer self-attends)."""
+def gqa_cache(past: tuple[torch.Tensor, ...], past_length: Any) -> Any:
+    """A DynamicCache whose layers are `GqaLayer`s over the graph's past inputs (every layer self-attends).
+
+    `past_length`: the cached tokens, from the attention mask (mask length - new tokens)."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
     layer = _layer_class()
-    cache.layers = [layer(past[i], past[i + 1]) for i in range(0, len(past), 2)]
+    cache.layers = [layer(past[i], past[i + 1], past_length) for i in range(0, len(past), 2)]
     return cache
 
 

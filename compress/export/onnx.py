@@ -229,6 +229,8 @@ def export_onnx(
         "quantize": quantize,
         # Self-attention as com.microsoft GroupQueryAttention (KV appended in the kernel), or as traced.
         "decoder_attention": "GroupQueryAttention" if decoder is not None and decoder.gqa else "traced",
+        # GroupQueryAttention reads lengths from the mask: past/present may share one preallocated buffer.
+        "past_buffer": "shared" if decoder is not None and decoder.gqa else "copied",
         # A `logits_index` decoder input: logits for the positions asked for only (the runner asks for the last).
         "logits_index": bool(decoder is not None and decoder.select_logits),
         "fused": False,

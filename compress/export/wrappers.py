@@ -218,15 +218,16 @@ class DecoderWithPast(nn.Module):
         past: tuple[torch.Tensor, ...],
         logits_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
-        return self._run(inputs_embeds, attention_mask, position_ids, self._cache(past), logits_index=logits_index)
+        return self._run(inputs_embeds, attention_mask, position_ids, self._cache(past, attention_mask, inputs_embeds),
+                         logits_index=logits_index)
 
-    def _cache(self, past: tuple[torch.Tensor, ...]) -> Any:
+    def _cache(self, past: tuple[torch.Tensor, ...], attention_mask: torch.Tensor, inputs_embeds: torch.Tensor) -> Any:
         from transformers import DynamicCache
 
         if self.gqa:
             from compress.export.gqa import gqa_cache
 
-            return gqa_cache(past)
+            return gqa_cache(past, attention_mask.shape[-1] - inputs_embeds.shape[1])
         # Every layer keeps every position (no config: no sliding-window layers that crop their cache inside
         # the graph); a sliding layer's mask limits what it attends to, so the outputs are the same.
         cache = DynamicCache()
@@ -280,7 +281,7 @@ class DecoderWithBlocks(DecoderWithPast):
     ) -> tuple[torch.Tensor, ...]:
         from transformers import masking_utils
 
-        cache = self._cache(past)
+        cache = self._cache(past, attention_mask, inputs_embeds)
         kwargs = {"config": self.language.config, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
                   "cache": cache, "position_ids": position_ids}
         if self.family == "gemma3":
@@ -322,7 +323,8 @@ class DecoderWithCrossAttention(DecoderWithPast):
         cross_mask = torch.where(keep == 0, lowest, 0.0).to(inputs_embeds.dtype)
         rows = (cross_mask != lowest).any(dim=-1).to(inputs_embeds.dtype)[..., None]  # rows attending to some tile
         cross_mask = cross_mask * rows
-        return self._run(inputs_embeds, attention_mask, position_ids, self._cache(past), logits_index=logits_index,
+        cache = self._cache(past, attention_mask, inputs_embeds)
+        return self._run(inputs_embeds, attention_mask, position_ids, cache, logits_index=logits_index,
                          cross_attention_states=cross_attention_states, cross_attention_mask=cross_mask,
                          full_text_row_masked_out_mask=rows)
 

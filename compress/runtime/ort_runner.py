@@ -8,6 +8,11 @@ an ONNX artifact exactly like the PyTorch model it came from.
 Per batch: vision graph on the real images -> features scattered, in order, into the token
 embeddings (embed graph) at the image-token positions -> decoder graph with an empty cache (past 0)
 -> decoder graph one token at a time, feeding back the `present.*` outputs as `past_key_values.*`.
+
+Exports whose decoder runs GroupQueryAttention with mask-derived lengths (`past_buffer: shared` in
+export.json) generate on the CPU provider with one preallocated cache buffer per layer bound as both past
+and present (ONNX Runtime's past_present_share_buffer): the kernel writes each new key/value in place, and
+nothing copies the cache between steps.
 """
 
 from __future__ import annotations
@@ -101,6 +106,10 @@ class OrtRunner:
         declared = {i.name: i.shape for i in sessions["decoder"].get_inputs()}
         # Exports that take `logits_index` compute logits only where asked (the last position when generating).
         self.selects_logits = "logits_index" in declared
+        # One preallocated past/present buffer per layer while generating (CPU provider only: a GPU provider
+        # would copy CPU-bound buffers to the device on every call).
+        self.shared_past = (meta.get("past_buffer") == "shared"
+                            and sessions["decoder"].get_providers() == ["CPUExecutionProvider"])
         self.past_shapes = {
             name: tuple(d if isinstance(d, int) else default
                         for d, default in zip(declared[name][1::2], self.kv_shape, strict=True))
@@ -229,13 +238,47 @@ class OrtRunner:
                                 self.prompt_extras(inputs))
         return torch.from_numpy(np.ascontiguousarray(logits)).float()
 
+    def shared_buffers(self, batch: int, length: int) -> list[Any]:
+        """Zeroed [batch, kv_heads, length, head_dim] OrtValues, one per past input, for `decode_shared`."""
+        import onnxruntime as ort
+
+        return [ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, self.past_shapes[n][0], length,
+                                                           self.past_shapes[n][1]), dtype=self.dtype))
+                for n in self.past_names]
+
+    def decode_shared(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, buffers: list[Any],
+                      extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """`decode` with the cache in `buffers` (see `shared_buffers`), bound as past and present: the kernel
+        appends the new keys/values in place. Returns the last position's logits [B, 1, V]."""
+        session = self.sessions["decoder"]
+        binding = session.io_binding()
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask.astype(np.int64),
+                 "position_ids": positions.astype(np.int64), **(extra or {})}
+        if self.selects_logits:
+            feeds["logits_index"] = np.arange(embeds.shape[1] - 1, embeds.shape[1], dtype=np.int64)
+        if self.blocks and "block_sequence_ids" not in feeds:
+            feeds["block_sequence_ids"] = np.full(embeds.shape[:2], -1, np.int64)
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        binding.bind_output("logits")  # bound first: outputs come back in binding order
+        for past, present, buffer in zip(self.past_names, self.present_names, buffers, strict=True):
+            binding.bind_ortvalue_input(past, buffer)
+            binding.bind_ortvalue_output(present, buffer)
+        session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()
+        return logits if self.selects_logits else logits[:, -1:]
+
     def generate(self, inputs: dict[str, Any], max_new_tokens: int, ignore_eos: bool = False) -> list[list[int]]:
         t0 = time.perf_counter()
         mask = _numpy(inputs["attention_mask"]).astype(np.int64)
         positions = self.positions(inputs, mask)
         extra = self.prompt_extras(inputs)
-        logits, past = self.decode(self.prompt_embeds(inputs), mask, positions, self.empty_past(len(mask)), extra,
-                                   last_only=True)
+        embeds = self.prompt_embeds(inputs)
+        if self.shared_past:
+            past = self.shared_buffers(len(mask), mask.shape[1] + max(max_new_tokens - 1, 0))
+            logits = self.decode_shared(embeds, mask, positions, past, extra)
+        else:
+            logits, past = self.decode(embeds, mask, positions, self.empty_past(len(mask)), extra, last_only=True)
         # A decode step continues from the last prompt position + 1 (on every M-RoPE axis).
         state = {"mask": mask, "pos": positions[..., -1:], "past": past, "steps": 0}
         extra = self.step_extras(extra)
@@ -243,8 +286,11 @@ class OrtRunner:
         def step(fed: list[int]) -> list[int]:
             mask = np.concatenate([state["mask"], np.ones((len(fed), 1), dtype=np.int64)], axis=-1)
             pos = state["pos"] + 1
-            logits, past = self.decode(self.embed(np.asarray(fed, dtype=np.int64)[:, None]), mask, pos, state["past"],
-                                       extra)
+            embeds = self.embed(np.asarray(fed, dtype=np.int64)[:, None])
+            if self.shared_past:
+                logits, past = self.decode_shared(embeds, mask, pos, state["past"], extra), state["past"]
+            else:
+                logits, past = self.decode(embeds, mask, pos, state["past"], extra)
             state.update(mask=mask, pos=pos, past=past, steps=state["steps"] + 1)
             return logits[:, -1].argmax(-1).tolist()
 
