@@ -160,13 +160,12 @@ def main() -> None:
         work = Path(tmp)
 
         def export_and_time(name: str, kernels: str = "portable", profile: bool = True, level: int = 0,
-                            b8: bool = False, traced_attention: bool = False) -> None:
+                            b8: bool = False) -> None:
             t0 = time.time()
             out = work / name
             # The export stage's defaults: GroupQueryAttention, logits for the last position when generating.
             export_onnx(model, adapter, processor, out, fusion=True, quantize=True, int8_kernels=kernels,
-                        int4_accuracy_level=level, group_query_attention=not traced_attention,
-                        select_logits=not traced_attention)
+                        int4_accuracy_level=level, group_query_attention=True, select_logits=True)
             export_s[name] = time.time() - t0
             log(f"{name}: exported in {export_s[name]:.0f} s")
             runner = OrtRunner.from_dir(out)

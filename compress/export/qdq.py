@@ -103,7 +103,9 @@ class QdqLinear(nn.Module):
             w = qd.dequantize_per_channel(self.weight_int8, self.weight_scale, None, 1, -QMAX, QMAX, torch.int8)
         else:
             w = qd.dequantize_per_tensor(self.weight_int8, float(self.weight_scale), 0, -QMAX, QMAX, torch.int8)
-        y = torch.matmul(h, w).squeeze(0) if flat else torch.matmul(h, w)
+        y = torch.matmul(h, w)
+        if flat:
+            y = y.squeeze(0)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype)

@@ -209,16 +209,22 @@ class OrtRunner:
                last_only: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
         """One decoder call: (logits [B, S, V], or [B, 1, V] for the last position only when `last_only` and the
         graph can; presents). `extra`: see `prompt_extras` (blocks default to causal)."""
+        feeds = {**self._feeds(embeds, mask, positions, extra, last_only),
+                 **dict(zip(self.past_names, past, strict=True))}
+        out = self.sessions["decoder"].run(["logits", *self.present_names], feeds)
+        return out[0], out[1:]
+
+    def _feeds(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
+               extra: dict[str, np.ndarray] | None, last_only: bool) -> dict[str, np.ndarray]:
+        """A decoder call's inputs other than the cache (blocks default to causal)."""
         feeds = {"inputs_embeds": embeds, "attention_mask": mask.astype(np.int64),
-                 "position_ids": positions.astype(np.int64), **dict(zip(self.past_names, past, strict=True))}
+                 "position_ids": positions.astype(np.int64)}
         if self.selects_logits:
             seq = embeds.shape[1]
             feeds["logits_index"] = np.arange(seq - 1 if last_only else 0, seq, dtype=np.int64)
         if self.blocks:
             feeds["block_sequence_ids"] = np.full(embeds.shape[:2], -1, np.int64)
-        feeds.update(extra or {})
-        out = self.sessions["decoder"].run(["logits", *self.present_names], feeds)
-        return out[0], out[1:]
+        return {**feeds, **(extra or {})}
 
     def positions(self, inputs: dict[str, Any], mask: np.ndarray) -> np.ndarray:
         """Prompt positions: cumsum of the mask - 1 ([batch, seq]), or M-RoPE's [3, batch, seq]."""
@@ -252,13 +258,7 @@ class OrtRunner:
         appends the new keys/values in place. Returns the last position's logits [B, 1, V]."""
         session = self.sessions["decoder"]
         binding = session.io_binding()
-        feeds = {"inputs_embeds": embeds, "attention_mask": mask.astype(np.int64),
-                 "position_ids": positions.astype(np.int64), **(extra or {})}
-        if self.selects_logits:
-            feeds["logits_index"] = np.arange(embeds.shape[1] - 1, embeds.shape[1], dtype=np.int64)
-        if self.blocks and "block_sequence_ids" not in feeds:
-            feeds["block_sequence_ids"] = np.full(embeds.shape[:2], -1, np.int64)
-        for name, value in feeds.items():
+        for name, value in self._feeds(embeds, mask, positions, extra, last_only=True).items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         binding.bind_output("logits")  # bound first: outputs come back in binding order
         for past, present, buffer in zip(self.past_names, self.present_names, buffers, strict=True):
