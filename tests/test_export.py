@@ -267,7 +267,8 @@ def test_int8_w8a8_export_carries_the_quantize_stage_scales(tmp_path: Path):
     used = runtime_ops(exp.out / "vision.onnx", disabled_optimizers=meta["session"]["disabled_optimizers"])
     assert used.get("MatMulIntegerToFloat") == len(vision_int8) and "DequantizeLinear" not in used
     layers = exp.model.config.vision_config.num_hidden_layers
-    assert meta["fused_ops"]["vision"]["passes"][-1]["attention_unpacked"] == layers
+    passes = {p["tool"].rsplit(".", 1)[-1]: p for p in meta["fused_ops"]["vision"]["passes"]}
+    assert passes["unpack_quantized_attention"]["attention_unpacked"] == layers
 
     errors = check_parity(exp.model, exp.adapter, exp.processor, exp.out, atol=INT8_ATOL, rtol=1e-3)
     assert max(errors.values()) < 1e-2

@@ -118,6 +118,71 @@ class NBitsLinear(nn.Module):
 TRANSLATIONS = {torch.ops.compress.matmul_nbits.default: _matmul_nbits_onnx}
 
 
+# ---- siblings: one MatMulNBits per shared input ----------------------------------------------------------
+
+
+def merge_siblings(proto: Any) -> int:
+    """MatMulNBits nodes reading the same input with the same K / bits / block / accuracy level (a layer's q, k
+    and v; gate and up) -> one MatMulNBits over their weights stacked along N, then a Split. In place.
+
+    At batch-1 decode each projection is a GEMV whose cost is mostly the kernel launch on the thread pool, not
+    the bytes: one call reads the same weights as three (onnxruntime-genai's builder packs them the same way).
+    The stacked rows are the nodes' own codes, scales and zero points, so the output is bit-identical.
+    Returns the number of nodes merged away."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    groups: dict[tuple[Any, ...], list[Any]] = {}
+    for node in graph.node:
+        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft" or len(node.input) > 4 \
+                or not all(name in inits for name in node.input[1:] if name):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        key = (node.input[0], attrs["K"], attrs.get("bits", 4), attrs["block_size"], attrs.get("accuracy_level", 0),
+               len([i for i in node.input if i]))
+        groups.setdefault(key, []).append(node)
+    merged: dict[str, list[Any]] = {}  # first member's output -> [MatMulNBits, Split]
+    gone: set[str] = set()
+    for key, members in groups.items():
+        if len(members) < 2:
+            continue
+        first = members[0]
+        sizes = [helper.get_attribute_value(next(a for a in m.attribute if a.name == "N")) for m in members]
+        stacked = []
+        for i in range(1, key[-1]):
+            arrays = [numpy_helper.to_array(inits[m.input[i]]) for m in members]
+            stacked.append(numpy_helper.from_array(np.concatenate(arrays, axis=0), f"{first.output[0]}_merged_{i}"))
+        graph.initializer.extend(stacked)
+        attrs = {a.name: helper.get_attribute_value(a) for a in first.attribute}
+        attrs["N"] = int(sum(sizes))
+        out = f"{first.output[0]}_merged"
+        gemm = helper.make_node("MatMulNBits", [key[0], *(t.name for t in stacked)], [out], name=out,
+                                domain="com.microsoft", **attrs)
+        split_sizes = numpy_helper.from_array(np.array(sizes, dtype=np.int64), f"{out}_sizes")
+        graph.initializer.append(split_sizes)
+        split = helper.make_node("Split", [out, split_sizes.name], [m.output[0] for m in members],
+                                 name=f"{out}_split", axis=-1)
+        merged[first.output[0]] = [gemm, split]
+        gone.update(m.output[0] for m in members)
+    if not merged:
+        return 0
+    nodes = []
+    for node in graph.node:
+        if node.output and node.output[0] in merged:
+            nodes += merged[node.output[0]]
+        elif not node.output or node.output[0] not in gone:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for nd in nodes for i in nd.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return len(gone) - len(merged)
+
+
 # ---- TensorRT: the same codes as blocked DequantizeLinear (opset 21) -------------------------------------
 
 QDQ_OPSET = 21  # DequantizeLinear with block_size and int4 inputs
