@@ -239,20 +239,25 @@ def test_int8_w8a8_export_carries_the_quantize_stage_scales(tmp_path: Path):
 
     decoder = onnx.load(str(exp.out / "decoder.onnx"))
     ops = count_ops(decoder)
-    # One activation QuantizeLinear per module; one DequantizeLinear per activation and per weight.
-    assert ops["QuantizeLinear"] == len(decoder_int8) and ops["DequantizeLinear"] == 2 * len(decoder_int8)
+    # A layer's q/k/v and gate/up read one input with one scale: each group is one projection over stacked
+    # weights (2 + 1 nodes merged away per layer), bit-identical to the separate ones.
+    merged = {g: meta["fused_ops"][g]["passes"][-1]["merged_away"]["qdq_matmul"] for g in ("decoder", "vision")}
+    assert merged["decoder"] == 3 * exp.model.config.text_config.num_hidden_layers
+    gemms = len(decoder_int8) - merged["decoder"]
+    # One activation QuantizeLinear per projection; one DequantizeLinear per activation and per weight.
+    assert ops["QuantizeLinear"] == gemms and ops["DequantizeLinear"] == 2 * gemms
     # Portable encoding: each int8 weight is stored as uint8 with zero point 128, the same grid shifted.
     consts = {t.name: onnx.numpy_helper.to_array(t) for t in decoder.graph.initializer}
     weight_dq = [n for n in decoder.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in consts
                  and consts[n.input[0]].ndim == 2]
-    assert len(weight_dq) == len(decoder_int8)
-    stored = sorted(tuple(consts[n.input[0]].shape) for n in weight_dq)
-    assert stored == sorted((int8[n].in_features, int8[n].out_features) for n in decoder_int8)
-    q_proj = int8["model.language_model.layers.0.self_attn.q_proj"].weight_int8.numpy()
-    q_scale = int8["model.language_model.layers.0.self_attn.q_proj"].weight_scale.numpy()
-    matches = [n for n in weight_dq if np.array_equal(consts[n.input[1]], q_scale)]
+    assert len(weight_dq) == gemms
+    assert sum(consts[n.input[0]].shape[1] for n in weight_dq) == sum(int8[n].out_features for n in decoder_int8)
+    qkv = [int8[f"model.language_model.layers.0.self_attn.{p}_proj"] for p in "qkv"]
+    qkv_scale = np.concatenate([m.weight_scale.numpy().reshape(-1) for m in qkv])
+    matches = [n for n in weight_dq if np.array_equal(consts[n.input[1]], qkv_scale)]
     assert len(matches) == 1 and consts[matches[0].input[0]].dtype == np.uint8
-    assert np.array_equal(consts[matches[0].input[0]].astype(np.int16) - 128, q_proj.T)
+    codes = np.concatenate([m.weight_int8.numpy().T for m in qkv], axis=1)
+    assert np.array_equal(consts[matches[0].input[0]].astype(np.int16) - 128, codes)
     assert np.all(consts[matches[0].input[2]] == 128)
     assert meta["int8_kernels"]["mode"] == "portable" and meta["int8_kernels"]["requires"] is None
     # The scales are the module's own, not recalibrated.
@@ -260,12 +265,13 @@ def test_int8_w8a8_export_carries_the_quantize_stage_scales(tmp_path: Path):
     assert q_scales == {float(int8[n].input_scale) for n in decoder_int8}
     # ONNX Runtime's CPU provider runs every decoder projection as an integer GEMM.
     used = runtime_ops(exp.out / "decoder.onnx", disabled_optimizers=meta["session"]["disabled_optimizers"])
-    assert used.get("MatMulIntegerToFloat") == len(decoder_int8)
+    assert used.get("MatMulIntegerToFloat") == gemms
     # Vision too: q/k/v stay three integer GEMMs feeding MultiHeadAttention (a packed Attention would
     # dequantize and concatenate their weights on every call); no weight is dequantized at run time.
     vision_int8 = [n for n in int8 if n.startswith(("model.vision_tower", "model.multi_modal_projector"))]
     used = runtime_ops(exp.out / "vision.onnx", disabled_optimizers=meta["session"]["disabled_optimizers"])
-    assert used.get("MatMulIntegerToFloat") == len(vision_int8) and "DequantizeLinear" not in used
+    assert merged["vision"] > 0
+    assert used.get("MatMulIntegerToFloat") == len(vision_int8) - merged["vision"] and "DequantizeLinear" not in used
     layers = exp.model.config.vision_config.num_hidden_layers
     passes = {p["tool"].rsplit(".", 1)[-1]: p for p in meta["fused_ops"]["vision"]["passes"]}
     assert passes["unpack_quantized_attention"]["attention_unpacked"] == layers

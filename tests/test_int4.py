@@ -12,7 +12,7 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-from compress.export.nbits import matmulnbits_weights, merge_siblings
+from compress.export.nbits import matmulnbits_weights
 from compress.quant.int4 import Int4Linear, dequantize_int4, int4_params, quantize_int4
 
 
@@ -78,58 +78,6 @@ def test_matmulnbits_computes_the_int4_layer(symmetric, group):
     fast = _matmulnbits_session(m, 4).run(None, {"A": x.numpy()})[0]
     err = np.abs(fast - ref).max() / scale
     assert 0 < err < 0.05  # int8 activations per block: close, not exact
-
-
-def _nbits_node(name: str, x: str, m: Int4Linear, level: int) -> tuple[object, list[object]]:
-    b, scales, zp = matmulnbits_weights(m)
-    inits = [helper.make_tensor(f"{name}_b", TensorProto.UINT8, list(b.shape), b.numpy().tobytes(), raw=True),
-             helper.make_tensor(f"{name}_s", TensorProto.FLOAT, list(scales.shape), scales.numpy().ravel().tolist())]
-    if zp is not None:
-        inits.append(helper.make_tensor(f"{name}_z", TensorProto.UINT8, list(zp.shape), zp.numpy().tobytes(),
-                                        raw=True))
-    node = helper.make_node("MatMulNBits", [x, *(t.name for t in inits)], [name], name=name, domain="com.microsoft",
-                            K=m.in_features, N=m.out_features, bits=4, block_size=m.group_size, accuracy_level=level)
-    return node, inits
-
-
-@pytest.mark.parametrize("level", [0, 4])
-def test_sibling_matmulnbits_merge_into_one_with_the_same_outputs(level):
-    """q/k/v-like siblings (one input, one block size) become one MatMulNBits + Split, bit for bit; a sibling
-    with another block size, zero points or another input keeps its own node."""
-    g = torch.Generator().manual_seed(3)
-
-    def layer(out: int, group: int = 32, symmetric: bool = True) -> Int4Linear:
-        linear = nn.Linear(256, out, bias=False)
-        linear.weight.data.copy_(torch.randn(out, 256, generator=g) * 0.02)
-        return Int4Linear.from_linear(linear, group, symmetric)
-
-    specs = [("q", "A", layer(64)), ("k", "A", layer(32)), ("v", "A", layer(32)), ("g128", "A", layer(48, 128)),
-             ("zp", "A", layer(16, 32, False)), ("zp2", "A", layer(16, 32, False)), ("other", "B", layer(40))]
-    nodes, inits = [], []
-    for name, x, m in specs:
-        node, tensors = _nbits_node(name, x, m, level)
-        nodes.append(node)
-        inits += tensors
-    relu = helper.make_node("Relu", ["q"], ["q_relu"])  # a consumer between the siblings, in graph order
-    outs = ["q_relu", *(name for name, _, _ in specs[1:])]
-    graph = helper.make_graph(
-        [nodes[0], relu, *nodes[1:]], "siblings",
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["m", 256]) for x in "AB"],
-        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                    helper.make_opsetid("com.microsoft", 1)])
-    feeds = {x: torch.randn(3, 256, generator=g).numpy() for x in "AB"}
-
-    def run(proto) -> list[np.ndarray]:
-        sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-        return sess.run(outs, feeds)
-
-    before = run(model)
-    assert merge_siblings(model) == 3  # q/k/v -> 1 (2 away), zp/zp2 -> 1 (1 away); g128 and other stay
-    kinds = [n.op_type for n in model.graph.node]
-    assert kinds.count("MatMulNBits") == 4 and kinds.count("Split") == 2
-    for a, b in zip(before, run(model), strict=True):
-        assert np.array_equal(a, b)
 
 
 def test_int4_config_errors_name_the_field(tmp_path):

@@ -231,7 +231,7 @@ def test_int4_recipe_keeps_its_answers_through_onnxruntime(tmp_path):
     assert quant["details"]["quantized_weights"]["ratio"] <= 0.16
     # q/k/v and gate/up read one input each: one MatMulNBits per group (2 nodes merged away per group of 3).
     fused = export["details"]["fused_ops"]["decoder"]
-    merged = fused["passes"][-1]["matmulnbits_merged_away"]
+    merged = fused["passes"][-1]["merged_away"]["matmulnbits"]
     layers = sum(name.endswith("self_attn.q_proj") for name in mods)
     assert merged == 3 * layers and fused["after"]["MatMulNBits"] == len(mods) - merged
     assert max(export["details"]["parity_max_abs_error"].values()) < 1e-3  # accuracy_level 0: float32 compute

@@ -13,8 +13,8 @@ Four passes per graph, in this order:
    first pass lacks, e.g. QuickGelu (x * sigmoid(1.702 x), CLIP's activation).
 3. `unpack_quantized_attention`: an Attention packed over dequantized INT8 q/k/v weights goes back to
    three MatMuls + MultiHeadAttention, so ORT runs the projections as integer GEMMs.
-4. `nbits.merge_siblings`: INT4 projections reading one input (q/k/v, gate/up) become one MatMulNBits
-   and a Split: fewer GEMV calls per decode step, same numbers.
+4. `compress.export.siblings`: quantized projections reading one input (q/k/v, gate/up) become one
+   MatMulNBits (INT4) or one QDQ MatMul (W8A8) and a Split: fewer GEMV calls per decode step, same numbers.
 
 ONNX Runtime's own pattern fusions were written for TorchScript-exported graphs: on dynamo graphs they
 find the norms but not the attention blocks, hence pass 1. What stays unfused is listed in
@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from compress.export.files import META_FILE, describe_files, read_meta, save_model, write_meta
-from compress.export.nbits import merge_siblings
 from compress.export.portable import ort_optimized
+from compress.export.siblings import merge_nbits, merge_qdq
 
 FUSED_OP_TYPES = (
     "Attention",
@@ -119,8 +119,8 @@ def fuse_graph(path: str | Path, model_type: str, num_heads: int, hidden_size: i
             _ort_pass(step1, step2, model_type, num_heads, hidden_size)
         proto = onnx.load(str(step2))
         unpacked = unpack_quantized_attention(proto)
-        merged = merge_siblings(proto)
         unshare_qdq(proto)  # the passes' CSE merges per-projection Q/DQ copies again
+        merged = {"matmulnbits": merge_nbits(proto), "qdq_matmul": merge_qdq(proto)}
         save_model(proto, out)
     return {
         "before": before,
@@ -129,7 +129,7 @@ def fuse_graph(path: str | Path, model_type: str, num_heads: int, hidden_size: i
             {"tool": "onnxscript.rewriter.ort_fusions.optimize_for_ort", "fusions": fusions},
             {"tool": "onnxruntime.transformers.optimizer.optimize_model", "model_type": model_type, "opt_level": 0},
             {"tool": "compress.export.fuse.unpack_quantized_attention", "attention_unpacked": unpacked},
-            {"tool": "compress.export.nbits.merge_siblings", "matmulnbits_merged_away": merged},
+            {"tool": "compress.export.siblings", "merged_away": merged},
         ],
     }
 
