@@ -27,11 +27,12 @@ new tokens (EOS ignored), warm-up excluded, median of the repeats:
   VNNI / AMX hosts, `onnx_int8_dynamic` dynamic per-token activation scales (MatMulInteger).
 - `onnx_int8_s7`: the same W8A8 with `weights.reduce_range` (7-bit weights): exact with the fast
   U8S8 kernels on every x86 CPU, so portable without the U8U8 cost, at one bit of weight precision.
+  `onnx_int8_s7_head` quantizes lm_head too (a third of the INT8 decoder's bytes when left fp32).
 - `onnx_int4` / `onnx_int4_exact`: INT4 weight-only (RTN, group 32, symmetric) of the language model
   and lm_head, exported as MatMulNBits with accuracy_level 4 (int8 activations on CPU) / 0 (float32).
-  `onnx_int4_int8vision` adds INT8 W8A8 (dynamic per-token) vision tower + projector.
-  `onnx_int4_g128` / `onnx_int4_g128_int8vision`: the same with group 128 (GPTQ's and AWQ's usual
-  group; fewer scales per weight, so fewer bytes and less per-block work). Every export uses the export
+  `onnx_int4_g128`: the same with group 128 (GPTQ's and AWQ's usual group; fewer scales per weight, so
+  fewer bytes and less per-block work); `onnx_int4_g128_s7vision` adds the 7-bit static W8A8 vision
+  tower + projector (calibrated as above): each component at its fastest scheme. Every export uses the export
   stage's defaults: decoder self-attention as GroupQueryAttention and logits for the last position
   only when generating.
 - `genai_*` (`--peer`, LLaVA only): the same language model + lm_head saved as a LlamaForCausalLM folder
@@ -78,8 +79,8 @@ from compress.runtime.ort_runner import OrtRunner
 
 # Issue 13's bars: (what, artifact, measure, reference artifact or None for the floor, bound). Each bar is
 # reported for every portable export of its kind; the INT8 `vnni` graphs are exact on VNNI hosts only.
-INT4_ROWS = ("onnx_int4", "onnx_int4_int8vision", "onnx_int4_g128", "onnx_int4_g128_int8vision")
-INT8_ROWS = ("onnx_int8", "onnx_int8_s7")
+INT4_ROWS = ("onnx_int4", "onnx_int4_g128", "onnx_int4_g128_s7vision")
+INT8_ROWS = ("onnx_int8", "onnx_int8_s7", "onnx_int8_s7_head")
 TARGETS = [*[(f"image -> 32-token answer, {r} / HF eager fp32", r, "e2e_ms", "hf_eager_fp32", 0.20)
              for r in INT4_ROWS],
            *[(f"image -> 32-token answer, {r} / HF eager fp32", r, "e2e_ms", "hf_eager_fp32", 0.25)
@@ -210,6 +211,12 @@ def main() -> None:
                          calibration_loop)
         export_and_time("onnx_int8_s7", profile=False)
 
+        log("INT8 W8A8 with 7-bit weights, lm_head included (same random weights, rebuilt)")
+        model, _ = BUILDERS[family](args.layers)
+        quantize_linears(model, [*names, "lm_head"], WeightQuant("per_channel", reduce_range=True),
+                         ActQuant("minmax"), calibration_loop)
+        export_and_time("onnx_int8_s7_head", profile=False)
+
         log("INT8 W8A8 with dynamic per-token activations (same random weights, rebuilt)")
         model, _ = BUILDERS[family](args.layers)
         quantize_linears(model, names, WeightQuant("per_channel"), ActQuant(dynamic="per_token"))
@@ -223,16 +230,15 @@ def main() -> None:
         export_and_time("onnx_int4", level=4, b8=True)
         export_and_time("onnx_int4_exact", level=0, profile=False)
         vision = [k for k in names if k not in language]
-        quantize_linears(model, vision, WeightQuant("per_channel"), ActQuant(dynamic="per_token"))
-        export_and_time("onnx_int4_int8vision", level=4, profile=False)
 
         log("INT4 weight-only, group 128 (same random weights, rebuilt)")
         model, _ = BUILDERS[family](args.layers)
         adapter.bind(model)
         quantize_int4_linears(model, language, Int4Quant(group_size=128))
         export_and_time("onnx_int4_g128", level=4)
-        quantize_linears(model, vision, WeightQuant("per_channel"), ActQuant(dynamic="per_token"))
-        export_and_time("onnx_int4_g128_int8vision", level=4, profile=False)
+        quantize_linears(model, vision, WeightQuant("per_channel", reduce_range=True), ActQuant("minmax"),
+                         calibration_loop)
+        export_and_time("onnx_int4_g128_s7vision", level=4, profile=False)
 
     base = results["hf_eager_fp32"]
     ratios = {name: {k: r[k] / base[k] for k in TIMES if k in r} for name, r in results.items()}
