@@ -241,6 +241,43 @@ def test_int4_recipe_keeps_its_answers_through_onnxruntime(tmp_path):
     assert _reevaluate(out, quant, m) == pytest.approx(quant["metrics"], abs=1e-6)
 
 
+def test_fast_recipes_keep_their_answers_and_run_as_merged_integer_kernels(tmp_path):
+    """recipes/fast-int4.yaml and fast-int8.yaml (the benchmark's fastest rows, docs/benchmarks.md): every
+    stage gated >= 0.98 through ONNX Runtime, lm_head quantized, q/k/v and gate/up merged into one kernel."""
+    from compress.export.files import read_meta
+    from compress.export.fuse import runtime_ops
+
+    out = tmp_path / "int4"
+    m = _run(ROOT / "recipes/fast-int4.yaml", out)
+    vision, language, export = m["stages"]
+    assert [s["status"] for s in m["stages"]] == ["completed"] * 3
+    for stage in m["stages"]:
+        assert stage["checks"][0]["retention"] >= 0.98, stage["checks"]
+    assert {d["scheme"] for d in language["details"]["modules"].values()} == {"w4a16"}
+    assert "lm_head" in language["details"]["modules"]
+    assert all(d["scheme"] == "w8a8" for d in vision["details"]["modules"].values())
+    meta = read_meta(out / export["artifacts"])
+    layers = sum(name.endswith("self_attn.q_proj") for name in language["details"]["modules"])
+    assert meta["fused_ops"]["decoder"]["passes"][-1]["merged_away"]["matmulnbits"] == 3 * layers
+    used = runtime_ops(out / export["artifacts"] / "decoder.onnx",
+                        disabled_optimizers=meta["session"]["disabled_optimizers"])
+    assert used["MatMulNBits"] == len(language["details"]["modules"]) - 3 * layers and "MatMul" not in used
+    used = runtime_ops(out / export["artifacts"] / "vision.onnx",
+                        disabled_optimizers=meta["session"]["disabled_optimizers"])
+    assert used.get("MatMulIntegerToFloat") and "DequantizeLinear" not in used
+
+    out = tmp_path / "int8"
+    m = _run(ROOT / "recipes/fast-int8.yaml", out)
+    quant, export = m["stages"]
+    assert quant["status"] == export["status"] == "completed"
+    assert export["checks"][0]["retention"] >= 0.98
+    assert quant["details"]["modules"]["lm_head"]["scheme"] == "w8a8"
+    meta = read_meta(out / export["artifacts"])
+    used = runtime_ops(out / export["artifacts"] / "decoder.onnx",
+                        disabled_optimizers=meta["session"]["disabled_optimizers"])
+    assert "MatMul" not in used and "DequantizeLinear" not in used  # lm_head too is an integer GEMM
+
+
 def test_mixed_recipe_gives_each_component_its_scheme(tmp_path):
     out = tmp_path / "mixed"
     m = _run(ROOT / "recipes/mixed.yaml", out)
