@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.export.portable import drop_unused_initializers
 from compress.quant.int4 import Int4Linear
 
 OFFSET = 8  # signed code -> MatMulNBits' unsigned nibble
@@ -173,12 +174,9 @@ def nbits_to_dequantize(proto: Any) -> int:
         nodes += [dq, helper.make_node("MatMul", [node.input[0], dq.output[0]], list(node.output), name=node.name)]
         count += 1
     if count:
-        used = {i for nd in nodes for i in nd.input}
-        keep = [t for t in graph.initializer if t.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
         del graph.node[:]
         graph.node.extend(nodes)
+        drop_unused_initializers(graph)
         for opset in proto.opset_import:
             if opset.domain in ("", "ai.onnx"):
                 opset.version = max(opset.version, QDQ_OPSET)

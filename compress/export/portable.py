@@ -112,7 +112,7 @@ def make_portable(proto: Any, mode: Int8Kernels = "portable") -> dict[str, int]:
         keep = [v for v in graph.value_info if v.name not in retyped]
         del graph.value_info[:]
         graph.value_info.extend(keep)
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
     return counts
 
 
@@ -146,7 +146,8 @@ def _u8_weight(graph: Any, inits: dict[str, Any], name: str, w: np.ndarray,
     return new_w.name, new_zp.name
 
 
-def _drop_unused_initializers(graph: Any) -> None:
+def drop_unused_initializers(graph: Any) -> None:
+    """Remove the initializers no node and no graph output reads (after a rewrite replaced their readers)."""
     used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
     keep = [t for t in graph.initializer if t.name in used]
     if len(keep) != len(graph.initializer):

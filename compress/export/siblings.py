@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from compress.export.portable import drop_unused_initializers
+
 
 def _attrs(node: Any) -> dict[str, Any]:
     from onnx import helper
@@ -38,10 +40,7 @@ def _replace(graph: Any, merged: dict[str, list[Any]], gone: set[str]) -> None:
             nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {i for nd in nodes for i in nd.input} | {o.name for o in graph.output}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    drop_unused_initializers(graph)
 
 
 def _split(graph: Any, stacked: str, outputs: list[str], sizes: list[int]) -> Any:
