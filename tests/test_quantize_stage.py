@@ -265,6 +265,7 @@ def test_fast_recipes_keep_their_answers_and_run_as_merged_integer_kernels(tmp_p
     used = runtime_ops(out / export["artifacts"] / "vision.onnx",
                         disabled_optimizers=meta["session"]["disabled_optimizers"])
     assert used.get("MatMulIntegerToFloat") and "DequantizeLinear" not in used
+    _plain_transformers_scores(out / language["checkpoint"], language)  # INT8 vision + INT4 language and lm_head
 
     out = tmp_path / "int8"
     m = _run(ROOT / "recipes/fast-int8.yaml", out)
@@ -276,6 +277,7 @@ def test_fast_recipes_keep_their_answers_and_run_as_merged_integer_kernels(tmp_p
     used = runtime_ops(out / export["artifacts"] / "decoder.onnx",
                         disabled_optimizers=meta["session"]["disabled_optimizers"])
     assert "MatMul" not in used and "DequantizeLinear" not in used  # lm_head too is an integer GEMM
+    _plain_transformers_scores(out / quant["checkpoint"], quant)
 
 
 def test_mixed_recipe_gives_each_component_its_scheme(tmp_path):
