@@ -37,6 +37,7 @@ def _recipe(tmp_path: Path, stages: list[dict], name: str = "e") -> Path:
         ([{**EXPORT, "components": ["vision"]}], "components must be [vision, decoder]"),
         ([{**EXPORT, "format": "tflite"}], "stages[0].format"),
         ([{**EXPORT, "opset": 13}], "stages[0].opset"),
+        ([{**EXPORT, "opset": 23}], "stages[0].opset: opset 23 needs target: tensorrt"),
         ([{**EXPORT, "dynamic": {"batch": False}}], "stages[0].dynamic.batch"),
         ([{**EXPORT, "parity": {"atol": {"audio": 1.0}}}], "stages[0].parity.atol"),
     ],

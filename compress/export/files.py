@@ -73,7 +73,9 @@ def describe_files(out_dir: str | Path) -> dict[str, Any]:
 
 def write_meta(out_dir: str | Path, meta: dict[str, Any]) -> Path:
     path = Path(out_dir) / META_FILE
-    path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)  # a kill mid-write leaves the old export.json, never half of one
     return path
 
 

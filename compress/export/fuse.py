@@ -40,6 +40,7 @@ FUSED_OP_TYPES = (
     "SkipLayerNormalization",
     "SkipSimplifiedLayerNormalization",
     "SimplifiedLayerNormalization",
+    "RMSNormalization",
     "LayerNormalization",
     "RotaryEmbedding",
     "Gelu",

@@ -5,20 +5,19 @@ wheels on PyPI); their Python APIs are the same for this job. Networks are stron
 comes from the graph's dtypes (fp16 graphs, int8 Q/DQ, int4 blocked DequantizeLinear), not from
 builder flags. Building needs no GPU; deserializing or running an engine does.
 
-What TensorRT made of a graph is read from the VERBOSE build log with DETAILED profiling verbosity:
-one `Layers:` message lists every kernel, its tactic and the ONNX nodes it absorbed.
+What TensorRT made of a graph is read from the build log (`compress.export.trt_layers`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from compress.errors import CompressError, ConfigError
+from compress.export.trt_layers import fusion_summary, memory, parse_layers, source_ops
 
 BACKENDS = ("tensorrt", "tensorrt_rtx")
 # Compute capabilities TensorRT-RTX can target ahead of time (its ComputeCapability enum).
@@ -94,6 +93,25 @@ def _parse(trt: Any, graph: str, path: Path) -> tuple[_Log, Any, Any, list[dict[
             reason = err.desc().split("\n")[-1].strip() or err.desc()
             rows.append({"graph": graph, "node": err.node_name(), "op": err.node_operator(), "reason": reason})
     return log, builder, network, rows
+
+
+def _decomposable_attention(trt: Any, network: Any) -> int:
+    """Let TensorRT decompose an opset-23 Attention it has no dedicated kernel for (fp32, odd head sizes)
+    instead of failing the build; where a fused kernel exists it still takes it. Returns how many were marked."""
+    kind = getattr(trt.LayerType, "ATTENTION_INPUT", None)
+    marked = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if kind is not None and layer.type == kind:
+            layer = layer if hasattr(layer, "attention") else _as(trt, layer, "IAttentionInputLayer")
+            layer.attention.decomposable = True
+            marked += 1
+    return marked
+
+
+def _as(trt: Any, layer: Any, cls: str) -> Any:
+    layer.__class__ = getattr(trt, cls)  # the bindings hand out ILayer; TensorRT's samples downcast this way
+    return layer
 
 
 def preflight(trt: Any, graphs: dict[str, Path]) -> list[dict[str, str]]:
@@ -174,6 +192,7 @@ def build_engine(trt: Any, onnx_path: Path, profiles: list[Profile], targets: li
     log, builder, network, rows = _parse(trt, onnx_path.stem, onnx_path)
     if rows:
         raise PreflightError(rows)
+    decomposable = _decomposable_attention(trt, network)
     config = builder.create_builder_config()
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     built_for = _targets(trt, config, targets)
@@ -202,64 +221,10 @@ def build_engine(trt: Any, onnx_path: Path, profiles: list[Profile], targets: li
         "targets": built_for,
         "profiles": {p.name: p.shapes for p in profiles},
         "memory": memory(log.text()),
-        "fusion": fusion_summary(layers),
+        "fusion": {**fusion_summary(layers, source_ops(onnx_path)), "attention_decomposable": decomposable},
         "layers": layers,
         "log": log.text(),
     }
-
-
-_LAYER = re.compile(r"^Name: (?P<name>.*?), LayerType: (?P<type>[^,]*),")
-
-
-def parse_layers(log: str) -> list[dict[str, Any]]:
-    """Kernels from the `Layers:` build message: name, type, tactic, input dtypes, absorbed ONNX nodes."""
-    block = log.split("Layers:\n", 1)
-    if len(block) < 2:
-        return []
-    layers = []
-    for line in block[1].splitlines():
-        m = _LAYER.match(line)
-        if not m:
-            if layers and not line.startswith("Name:"):
-                break
-            continue
-        tactic = re.search(r"TacticName: ([^,]*)", line)
-        inputs = line.split("Inputs: ", 1)[1].split("], Outputs:", 1)[0] if "Inputs: " in line else ""
-        layers.append({
-            "name": m["name"],
-            "type": m["type"],
-            "tactic": tactic.group(1) if tactic else "",
-            "input_dtypes": sorted(set(re.findall(r"Datatype: (\w+)", inputs))),
-            "onnx_nodes": re.findall(r"\[ONNX Layer: ([^\]]*)\]", line),
-        })
-    return layers
-
-
-def fusion_summary(layers: list[dict[str, Any]]) -> dict[str, Any]:
-    """What TensorRT fused: attention kernels (and the Softmax they absorbed), int8 / int4 GEMMs."""
-    attention = [lay for lay in layers if any(k in (lay["tactic"] + lay["name"]).lower() for k in ("mha", "attention"))]
-    gemms = [lay for lay in layers if lay["type"].lower() == "gemm"]
-    # TensorRT-RTX runs DequantizeLinear(int4) -> MatMul as a fused weight-only kernel (a `runtime_fusion`
-    # such as ReplCastMulCastFc, not a `gemm` layer): count every kernel that reads Int4 weights for a MatMul.
-    int4 = [lay for lay in layers if "Int4" in lay["input_dtypes"]
-            and any("matmul" in n.lower() or "linear" in n.lower() for n in lay["onnx_nodes"])]
-    return {
-        "kernels": len(layers),
-        "attention_kernels": len(attention),
-        "attention_tactics": sorted({lay["tactic"].split("_0x")[0] for lay in attention}),
-        "softmax_absorbed": sum(any("Softmax" in n for n in lay["onnx_nodes"]) for lay in attention),
-        "gemm": len(gemms),
-        "int8_gemm": sum("Int8" in lay["input_dtypes"] for lay in gemms),
-        "int4_gemm": len(int4),
-        "onnx_nodes_absorbed": sum(len(lay["onnx_nodes"]) for lay in layers),
-    }
-
-
-def memory(log: str) -> dict[str, int]:
-    """Weights and (largest) activation memory the builder reported, in bytes."""
-    weights = re.findall(r"Total Weights Memory: (\d+) bytes", log)
-    acts = [int(x) for x in re.findall(r"Total Activation Memory: (\d+) bytes", log)]
-    return {"weights_bytes": int(weights[-1]) if weights else 0, "activation_bytes": max(acts) if acts else 0}
 
 
 def build_all(trt: Any, graphs: dict[str, Path], io: dict[str, Any], limits: Any, targets: list[str], out: Path,

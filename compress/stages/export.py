@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from compress.checkpoint import save_processor
 from compress.registry import register_stage
@@ -49,7 +49,9 @@ class ExportConfig(StageConfig):
         "onnxruntime", description="onnxruntime: fused with ORT contrib ops, portable INT8 kernels; tensorrt: standard "
         "ops only (no ORT fusion), INT8 as signed Q/DQ with the quantize stage's scales, ready for a `type: engine` "
         "stage; still scored in ONNX Runtime")
-    opset: int = Field(18, ge=18, le=21, description="ONNX opset")
+    opset: int | None = Field(
+        None, ge=18, le=23, description="ONNX opset; default 18 for onnxruntime (its fusion passes take opsets "
+        "18-21) and 23 for tensorrt (standard Attention with a boolean mask, RMSNormalization, RotaryEmbedding)")
     # Both graphs are needed for the gate: it answers questions through the exported files.
     components: list[Literal["vision", "decoder"]] = Field(
         default_factory=lambda: ["vision", "decoder"], description="both: the gate answers through the files")
@@ -77,6 +79,19 @@ class ExportConfig(StageConfig):
 
     def output_state(self, state: str) -> str:
         return "exported"
+
+    @field_validator("opset")
+    @classmethod
+    def _opset_fits_target(cls, opset: int | None, info: ValidationInfo) -> int | None:
+        if opset is not None and opset > 21 and info.data.get("target", "onnxruntime") == "onnxruntime":
+            raise ValueError(f"opset {opset} needs target: tensorrt; the onnxruntime target's fusion passes "
+                             "(GroupQueryAttention, MatMulNBits, integer kernels) take opsets 18-21")
+        return opset
+
+    @property
+    def onnx_opset(self) -> int:
+        """The opset graphs are written in: 23 lets TensorRT read attention, norms and rotary as single ops."""
+        return self.opset if self.opset is not None else (23 if self.target == "tensorrt" else 18)
 
     def check_after(self, earlier: list[StageConfig]) -> str | None:
         """TensorRT takes static Q/DQ only: dynamic INT8 (MatMulInteger) and NF4 (MatMulBnb4) cannot run there."""
@@ -116,7 +131,7 @@ def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> Stage
     out = ctx.workdir / "onnx"
     tensorrt = cfg.target == "tensorrt"
     # TensorRT parses standard ops and signed, zero-point-0 Q/DQ: no ORT fusion, no uint8 portable rewrite.
-    result = export_onnx(model, ctx.adapter, ctx.processor, out, opset=cfg.opset, components=cfg.components,
+    result = export_onnx(model, ctx.adapter, ctx.processor, out, opset=cfg.onnx_opset, components=cfg.components,
                          fusion=cfg.optimize.fusion and not tensorrt, quantize=cfg.quantize == "from_stage",
                          int8_kernels="vnni" if tensorrt else cfg.int8_kernels,
                          int4_accuracy_level=cfg.int4_accuracy_level,
@@ -124,14 +139,20 @@ def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> Stage
                          and not tensorrt, select_logits=not tensorrt)
     if tensorrt:
         from compress.export.files import read_meta, write_meta
+        from compress.export.fuse import count_ops
         from compress.export.nbits import QDQ_OPSET, export_to_dequantize
 
         int4 = export_to_dequantize(out)  # MatMulNBits -> blocked int4 DequantizeLinear + MatMul (opset 21)
         meta = {**read_meta(out), "target": "tensorrt"}
+        # No ORT fusion here: what is fused is what the exporter wrote as single standard ops (opset 23:
+        # Attention, RMSNormalization, RotaryEmbedding), which TensorRT maps onto its own kernels.
+        meta["fused_ops"] = {g: {"by": f"torch.onnx, opset {cfg.onnx_opset}", "after": count_ops(out / f)}
+                             for g, f in meta["graphs"].items() if g != "embed"}
         if int4:  # ORT fuses DQ -> MatMul back into MatMulNBits; it computes at the stage's accuracy level
             meta.update(opset=max(meta["opset"], QDQ_OPSET), int4_dequantize_linear=int4)
             meta["session"]["config"]["session.qdq_matmulnbits_accuracy_level"] = str(cfg.int4_accuracy_level)
         write_meta(out, meta)
+        result.meta = meta
     save_processor(ctx.processor, out)  # the folder answers questions on its own: graphs + processor
     ctx.fault_point()  # graphs written, not yet checked or kept
     try:
@@ -148,7 +169,7 @@ def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> Stage
     return StageResult(model, {
         "format": cfg.format,
         "target": cfg.target,
-        "opset": cfg.opset,
+        "opset": result.meta.get("opset", cfg.onnx_opset),
         "providers": runner_providers(runner),
         "files": files,
         "total_bytes": sum(f["bytes"] for f in files.values()),
