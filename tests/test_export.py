@@ -172,6 +172,7 @@ def test_fused_graphs_show_fused_ops_and_keep_parity(llava_fused: tuple[Exported
     assert decoder["after"]["MultiHeadAttention"] == 2
     assert decoder["after"]["SkipSimplifiedLayerNormalization"] == 4
     assert decoder["after"]["SimplifiedLayerNormalization"] == 1
+    assert decoder["after"]["RotaryEmbedding"] == 4  # q and k of 2 layers, on [batch, seq, heads * d]
     for graph in (vision, decoder):
         assert graph["after"]["nodes"] < graph["before"]["nodes"]
     meta = read_meta(exp.out)
@@ -198,6 +199,12 @@ def test_group_query_attention_and_last_position_logits(family: str, tmp_path: P
     layers = meta["num_layers"]
     after = meta["fused_ops"]["decoder"]["after"]
     assert after["GroupQueryAttention"] == layers and after["MultiHeadAttention"] == 0
+    # rotary: one com.microsoft RotaryEmbedding per q and k (Gemma 3: local and global tables, per-head norms
+    # before it), and at run time no head Transposes or rotate-half ops are left around it
+    assert after["RotaryEmbedding"] == 2 * layers
+    assert meta["fused_ops"]["decoder"]["passes"][2] == {"tool": "compress.export.rotary", "rotary_fused": 2 * layers}
+    ran = runtime_ops(out / "decoder.onnx")
+    assert ran["RotaryEmbedding"] == 2 * layers and "Transpose" not in ran and "Neg" not in ran
     graph = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
     past = {i.name for i in graph.graph.input if i.name.startswith("past_key_values.")}
     assert not [n for n in graph.graph.node if n.op_type in ("Concat", "Expand") and set(n.input) & past]

@@ -1,6 +1,6 @@
 """Operator fusion for the exported graphs, and op counts that show what fused and what did not.
 
-Four passes per graph, in this order:
+Five passes per graph, in this order:
 
 1. onnxscript's `optimize_for_ort` (onnxscript.rewriter.ort_fusions): pattern rewrites written for
    graphs from the torch dynamo exporter. It fuses RMSNorm -> SimplifiedLayerNormalization, residual
@@ -11,9 +11,11 @@ Four passes per graph, in this order:
    towers, "vit" for SigLIP-style towers, "gpt2" for Llama-style decoders), opt_level 0 (offline
    pattern fusions only, so the result stays portable across execution providers). It adds what the
    first pass lacks, e.g. QuickGelu (x * sigmoid(1.702 x), CLIP's activation).
-3. `unpack_quantized_attention`: an Attention packed over dequantized INT8 q/k/v weights goes back to
+3. `compress.export.rotary`: rotate-half rotary embeddings become com.microsoft RotaryEmbedding on the
+   projections' [batch, seq, heads * d] outputs, tables computed per step from position_ids.
+4. `unpack_quantized_attention`: an Attention packed over dequantized INT8 q/k/v weights goes back to
    three MatMuls + MultiHeadAttention, so ORT runs the projections as integer GEMMs.
-4. `compress.export.siblings`: quantized projections reading one input (q/k/v, gate/up) become one
+5. `compress.export.siblings`: quantized projections reading one input (q/k/v, gate/up) become one
    MatMulNBits (INT4) or one QDQ MatMul (W8A8) and a Split: fewer GEMV calls per decode step, same numbers.
 
 ONNX Runtime's own pattern fusions were written for TorchScript-exported graphs: on dynamo graphs they
@@ -31,6 +33,7 @@ from typing import Any
 
 from compress.export.files import META_FILE, describe_files, read_meta, save_model, write_meta
 from compress.export.portable import ort_optimized
+from compress.export.rotary import fuse_rotary
 from compress.export.siblings import merge_nbits, merge_qdq
 
 FUSED_OP_TYPES = (
@@ -119,6 +122,7 @@ def fuse_graph(path: str | Path, model_type: str, num_heads: int, hidden_size: i
             fusions = _onnxscript_pass(path, step1)
             _ort_pass(step1, step2, model_type, num_heads, hidden_size)
         proto = onnx.load(str(step2))
+        rotary = fuse_rotary(proto)
         unpacked = unpack_quantized_attention(proto)
         unshare_qdq(proto)  # the passes' CSE merges per-projection Q/DQ copies again
         merged = {"matmulnbits": merge_nbits(proto), "qdq_matmul": merge_qdq(proto)}
@@ -129,6 +133,7 @@ def fuse_graph(path: str | Path, model_type: str, num_heads: int, hidden_size: i
         "passes": [
             {"tool": "onnxscript.rewriter.ort_fusions.optimize_for_ort", "fusions": fusions},
             {"tool": "onnxruntime.transformers.optimizer.optimize_model", "model_type": model_type, "opt_level": 0},
+            {"tool": "compress.export.rotary", "rotary_fused": rotary},
             {"tool": "compress.export.fuse.unpack_quantized_attention", "attention_unpacked": unpacked},
             {"tool": "compress.export.siblings", "merged_away": merged},
         ],
