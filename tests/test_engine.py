@@ -177,6 +177,31 @@ def test_rebuild_retargets_an_engine_folder_in_place(run, tmp_path):
     assert bad.returncode == 2 and "not an engine stage folder" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_full_tensorrt_rebuilds_the_folder_for_the_local_gpu(run, tmp_path):
+    """The full `tensorrt` package (NVIDIA's index; not installable where only PyPI is reachable) builds for the
+    GPU it runs on: the same folder, rebuilt with `--backend tensorrt`, records "local GPU" as its target."""
+    import shutil
+
+    import torch
+
+    pytest.importorskip("tensorrt", reason="the full TensorRT package is not installed")
+    if not torch.cuda.is_available():
+        pytest.skip("the full TensorRT builds for a local GPU; none here")
+    from compress.export import tensorrt as T
+
+    out, manifest = run
+    folder = tmp_path / "engines"
+    shutil.copytree(out / manifest["stages"][-1]["artifacts"], folder)
+    engines = T.rebuild(folder, backend="tensorrt")
+    for graph, engine in engines.items():
+        assert engine["targets"] == ["local GPU"] and engine["bytes"] > 0, graph
+        assert engine["fusion"]["attention_ops_in_mha"] > 0 and engine["fusion"]["int8_gemm"] > 0, graph
+    builder = json.loads((folder / "config.json").read_text())["builder"]
+    assert builder["backend"] == "tensorrt" and builder["compute_capabilities"] == ["local GPU"]
+
+
 def test_int4_language_model_becomes_int4_weight_only_gemms(tmp_path):
     """Symmetric INT4 -> tensorrt export (MatMulNBits rewritten as blocked int4 DequantizeLinear, opset 21,
     still scored through ONNX Runtime) -> engines whose language-model GEMMs take Int4 weights."""

@@ -293,7 +293,9 @@ def rebuild(folder: Path, backend: str = "auto", targets: list[str] | None = Non
         raise PreflightError(rows)
     unit = (meta.get("vision_inputs") or {}).get("spatial_merge_size", 1) ** 2
     engines = build_all(trt, graphs, meta["io"], limits, chosen, folder, ENGINE_FILES, patches_per_token=unit)
-    builder.update(backend=name, version=trt.__version__, compute_capabilities=chosen)
+    # what the engines were built for: the chosen targets (TensorRT-RTX) or ["local GPU"] (the full TensorRT)
+    built_for = next(iter(engines.values()))["targets"]
+    builder.update(backend=name, version=trt.__version__, compute_capabilities=built_for)
     for path in (config_file, folder / "visual" / "config.json"):
         doc = json.loads(path.read_text())
         doc["builder"] = builder
