@@ -230,46 +230,6 @@ def test_int4_language_model_becomes_int4_weight_only_gemms(tmp_path):
         assert engine["fusion"]["softmax_absorbed"] > 0 and "Attention" not in engine["fusion"]["source_ops"]
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "mllama"])
-def test_foreign_families_become_opset23_graphs_that_tensorrt_fuses(family, tmp_path):
-    """Families unlike the bundled LLaVA (Qwen2.5-VL: M-RoPE, windowed vision attention; Mllama: cross-attention
-    to tiles; all nine families were checked the same way, docs/tensorrt.md): the TensorRT export writes each
-    attention as one opset-23 Attention node, keeps parity with PyTorch, and the fp16 engines take every one: in an
-    MHA kernel where TensorRT has one (decode steps), else decomposed and said so (these tiny models' head size is
-    8, below TensorRT's fused prefill kernels; see the head-size test)."""
-    from compress.arch import get_adapter
-    from compress.arch.tiny import tiny_model
-    from compress.export import export_onnx, read_meta
-    from compress.export import tensorrt as T
-    from compress.export.parity import check_parity
-    from compress.stages.engine import ProfilesConfig, to_fp16
-
-    model, processor = tiny_model(family)
-    adapter = get_adapter(family).bind(model)
-    out = tmp_path / "onnx"
-    export_onnx(model, adapter, processor, out, opset=23, fusion=False, int8_kernels="vnni")
-    errors = check_parity(model, adapter, processor, out, atol=1e-4, record=False)
-    assert max(errors.values()) < 1e-4
-    io, trt = read_meta(out)["io"], T.load_backend("tensorrt_rtx")[0]
-    limits = ProfilesConfig(max_batch=2, max_prompt_tokens=96, max_new_tokens=8, max_image_tokens=64)
-    for graph in ("vision", "decoder"):
-        fp16 = tmp_path / f"{graph}16.onnx"
-        onnx.save(to_fp16(onnx.load(str(out / f"{graph}.onnx"))), str(fp16))
-        ops = [n.op_type for n in onnx.load(str(fp16)).graph.node]
-        assert "Attention" in ops and "Softmax" not in ops, graph
-        profiles = T.profiles_for(graph, io[graph]["inputs"], limits, tiles=T._tiles(io))
-        info = T.build_engine(trt, fp16, profiles, ["sm86"], tmp_path / f"{graph}.engine")
-        fusion = info["fusion"]
-        count = ops.count("Attention")
-        assert fusion["source_ops"]["Attention"] == {"nodes": count, "absorbed": count}, graph
-        assert fusion["attention_decomposable"] == ops.count("Attention"), graph
-        if graph == "decoder":  # the decode profile's single-token attention runs in TensorRT's gemv MHA kernel
-            assert fusion["attention_ops_in_mha"] == ops.count("Attention") and "_gemv_mha_v1" in fusion[
-                "attention_tactics"]
-        else:  # head size 8: no fused kernel, decomposed, and the summary shows no MHA kernel
-            assert fusion["attention_kernels"] == 0
-
-
 @pytest.mark.parametrize(("head_size", "fused"), [(8, False), (16, True), (80, True), (128, True)])
 def test_attention_head_sizes_tensorrt_fuses(head_size, fused, tmp_path):
     """One opset-23 Attention with a boolean mask, fp16: TensorRT-RTX runs it as `_gemm_mha_v2` from head size 16

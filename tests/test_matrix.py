@@ -89,6 +89,15 @@ def test_every_family_takes_every_stage_or_refuses_it_up_front(family, stage, mo
     folder = out / (last.get("checkpoint") or last["artifacts"])
     if stage == "engine":
         assert (folder / "llm.engine").stat().st_size > 0 and last["details"]["executed"] is False
+        # opset-23 source graphs (the export's parity passed above): every attention one standard Attention
+        # node, none left as Softmax, and TensorRT takes each one; at decode steps into its gemv MHA kernel
+        # (prefill decomposes: these tiny models' head size 8 is below its fused prefill kernels)
+        for graph, engine in last["details"]["engines"].items():
+            ops, fusion = engine["fusion"]["source_ops"], engine["fusion"]
+            assert "Softmax" not in ops and ops["Attention"]["nodes"] == ops["Attention"]["absorbed"] > 0, graph
+            assert fusion["attention_decomposable"] == ops["Attention"]["nodes"], graph
+            if graph == "decoder":
+                assert fusion["attention_ops_in_mha"] == ops["Attention"]["nodes"], graph
         return
     # Loaded back from disk and scored again, as a user would: the same answers as the stage's own gate.
     from compress.evaluate import evaluate

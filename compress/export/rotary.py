@@ -9,8 +9,9 @@ MatMul it expects, so nothing is fused.
 Here the tables are the step's own: the graph still computes cos and sin from `position_ids` exactly as the
 model does ([batch, seq, d/2] before the duplicating Concat), flattened to [batch * seq, d/2], and each row reads
 its own entry through position ids 0 .. batch * seq - 1. No maximum length, no padding assumption (left-padded
-rows keep their own positions), and the kernel computes `x1 * cos - x2 * sin`, `x2 * cos + x1 * sin`: the same
-products and sums as the traced ops. Partial or interleaved rotary and M-RoPE do not match and stay as traced.
+rows keep their own positions), and the kernel computes `x1 * cos - x2 * sin`, `x2 * cos + x1 * sin`: the traced
+formula (its rounding may differ in the last bit). Partial or interleaved rotary and M-RoPE do not match and stay
+as traced.
 """
 
 from __future__ import annotations
@@ -31,23 +32,28 @@ class _Graph:
     def __init__(self, graph: Any):
         self.graph = graph
         self.producer = {o: n for n in graph.node for o in n.output}
-        self.const: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        # tensors by name, converted to numpy only when asked (the weights are most of the bytes)
+        self.tensors = {t.name: t for t in graph.initializer}
+        self.tensors.update({n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant"
+                             and n.attribute and n.attribute[0].name == "value"})
         self.rank = {v.name: len(v.type.tensor_type.shape.dim) for v in [*graph.value_info, *graph.input]
                      if v.type.tensor_type.HasField("shape")}
-        for n in graph.node:
-            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-                self.const[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+
+    def value(self, name: str) -> np.ndarray | None:
+        tensor = self.tensors.get(name)
+        small = tensor is not None and int(np.prod(tensor.dims, dtype=np.int64)) <= 16
+        return numpy_helper.to_array(tensor) if small else None
 
     def op(self, name: str, *types: str) -> Any:
         node = self.producer.get(name)
         return node if node is not None and node.op_type in types and node.domain in ("", "ai.onnx") else None
 
     def ints(self, name: str) -> list[int] | None:
-        value = self.const.get(name)
+        value = self.value(name)
         return None if value is None or value.dtype.kind not in "iu" else [int(v) for v in value.reshape(-1)]
 
     def scalar(self, name: str) -> bool:
-        value = self.const.get(name)
+        value = self.value(name)
         return value is not None and value.size == 1 and value.dtype.kind == "f"
 
 
