@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from compress.errors import ConfigError
+
 Int8Kernels = Literal["portable", "vnni"]
 S7_MAX = 64  # |b| <= 64: no u8 x s8 pair can saturate int16 (2 * 255 * 64 = 32640)
 U8_ZERO = 128
@@ -153,6 +155,25 @@ def drop_unused_initializers(graph: Any) -> None:
     if len(keep) != len(graph.initializer):
         del graph.initializer[:]
         graph.initializer.extend(keep)
+
+
+def toposort(graph: Any) -> None:
+    """Re-order the nodes so each comes after what it reads (a rewrite appended or prepended new ones)."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, order = list(graph.node), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(x in ready for x in node.input):
+                order.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise ConfigError(f"graph {graph.name}: nodes whose inputs are never produced: {rest[0].name}")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(order)
 
 
 def saturation_hazards(optimized_graph: Any) -> list[dict[str, Any]]:

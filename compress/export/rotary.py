@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from onnx import helper, numpy_helper
 
-from compress.export.portable import drop_unused_initializers
+from compress.export.portable import drop_unused_initializers, toposort
 
 _LAST_AXIS = (-1, 3)
 
@@ -186,9 +186,12 @@ def fuse_rotary(proto: Any) -> int:
     if not replaced:
         return 0
     nodes = [replaced.get(node.output[0], node) if node.output else node for node in graph.node]
-    order = _place(extra + nodes)
     del graph.node[:]
-    graph.node.extend(_live(order, {o.name for o in graph.output}))
+    graph.node.extend(extra + nodes)
+    toposort(graph)  # the cache nodes land right after the angles they read
+    live = _live(list(graph.node), {o.name for o in graph.output})
+    del graph.node[:]
+    graph.node.extend(live)
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     drop_unused_initializers(graph)
@@ -222,25 +225,6 @@ def _const(extra: list[Any], name: str, value: Any) -> str:
     tensor = numpy_helper.from_array(np.asarray(value, dtype=np.int64), name)
     extra.append(helper.make_node("Constant", [], [name], name=name, value=tensor))
     return name
-
-
-def _place(pending: list[Any]) -> list[Any]:
-    """Topological order (the cache nodes land right after the angles they read)."""
-    ready: set[str] = set()
-    order: list[Any] = []
-    produced = {o for n in pending for o in n.output}
-    while pending:
-        rest = []
-        for node in pending:
-            if all(i == "" or i in ready or i not in produced for i in node.input):
-                order.append(node)
-                ready.update(node.output)
-            else:
-                rest.append(node)
-        if len(rest) == len(pending):
-            raise ValueError(f"rotary fusion left a cycle at {rest[0].name}")
-        pending = rest
-    return order
 
 
 def _live(nodes: list[Any], outputs: set[str]) -> list[Any]:

@@ -110,30 +110,14 @@ def to_fp16(proto: Any) -> Any:
     from onnx import version_converter
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    from compress.export.portable import toposort
+
     opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     if opset < 19:
         proto = version_converter.convert_version(proto, 19)
     proto = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=True)
-    _toposort(proto.graph)
+    toposort(proto.graph)
     return proto
-
-
-def _toposort(graph: Any) -> None:
-    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, order = list(graph.node), []
-    while pending:
-        rest = []
-        for node in pending:
-            if all(x in ready for x in node.input):
-                order.append(node)
-                ready.update(node.output)
-            else:
-                rest.append(node)
-        if len(rest) == len(pending):
-            raise ConfigError(f"graph {graph.name}: nodes whose inputs are never produced: {rest[0].name}")
-        pending = rest
-    del graph.node[:]
-    graph.node.extend(order)
 
 
 @register_stage(EngineConfig)
