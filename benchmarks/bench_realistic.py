@@ -32,7 +32,9 @@ new tokens (EOS ignored), warm-up excluded, median of the repeats:
   and lm_head, exported as MatMulNBits with accuracy_level 4 (int8 activations on CPU) / 0 (float32).
   `onnx_int4_g128`: the same with group 128 (GPTQ's and AWQ's usual group; fewer scales per weight, so
   fewer bytes and less per-block work); `onnx_int4_g128_s7vision` adds the 7-bit static W8A8 vision
-  tower + projector (calibrated as above): each component at its fastest scheme. Every export uses the export
+  tower + projector (calibrated as above): each component at its fastest scheme, and
+  `onnx_int4_g128_s7vision_prefill8` adds the export's `int4_prefill: int8` (prefill.onnx: prompts
+  through 7-bit int8 GEMMs with per-token activations, decode steps through MatMulNBits). Every export uses the export
   stage's defaults: decoder self-attention as GroupQueryAttention and logits for the last position
   only when generating.
 - `genai_*` (`--peer`, LLaVA only): the same language model + lm_head saved as a LlamaForCausalLM folder
@@ -79,7 +81,7 @@ from compress.runtime.ort_runner import OrtRunner
 
 # Issue 13's bars: (what, artifact, measure, reference artifact or None for the floor, bound). Each bar is
 # reported for every portable export of its kind; the INT8 `vnni` graphs are exact on VNNI hosts only.
-INT4_ROWS = ("onnx_int4", "onnx_int4_g128", "onnx_int4_g128_s7vision")
+INT4_ROWS = ("onnx_int4", "onnx_int4_g128", "onnx_int4_g128_s7vision", "onnx_int4_g128_s7vision_prefill8")
 INT8_ROWS = ("onnx_int8", "onnx_int8_s7", "onnx_int8_s7_head")
 TARGETS = [*[(f"image -> 32-token answer, {r} / HF eager fp32", r, "e2e_ms", "hf_eager_fp32", 0.20)
              for r in INT4_ROWS],
@@ -161,12 +163,13 @@ def main() -> None:
         work = Path(tmp)
 
         def export_and_time(name: str, kernels: str = "portable", profile: bool = True, level: int = 0,
-                            b8: bool = False) -> None:
+                            b8: bool = False, prefill: str = "int4") -> None:
             t0 = time.time()
             out = work / name
             # The export stage's defaults: GroupQueryAttention, logits for the last position when generating.
             export_onnx(model, adapter, processor, out, fusion=True, quantize=True, int8_kernels=kernels,
-                        int4_accuracy_level=level, group_query_attention=True, select_logits=True)
+                        int4_accuracy_level=level, group_query_attention=True, select_logits=True,
+                        int4_prefill=prefill)
             export_s[name] = time.time() - t0
             log(f"{name}: exported in {export_s[name]:.0f} s")
             runner = OrtRunner.from_dir(out)
@@ -239,6 +242,7 @@ def main() -> None:
         quantize_linears(model, vision, WeightQuant("per_channel", reduce_range=True), ActQuant("minmax"),
                          calibration_loop)
         export_and_time("onnx_int4_g128_s7vision", level=4, profile=False)
+        export_and_time("onnx_int4_g128_s7vision_prefill8", level=4, prefill="int8", b8=True)
 
     base = results["hf_eager_fp32"]
     ratios = {name: {k: r[k] / base[k] for k in TIMES if k in r} for name, r in results.items()}

@@ -38,6 +38,8 @@ def _recipe(tmp_path: Path, stages: list[dict], name: str = "e") -> Path:
         ([{**EXPORT, "format": "tflite"}], "stages[0].format"),
         ([{**EXPORT, "opset": 13}], "stages[0].opset"),
         ([{**EXPORT, "opset": 23}], "stages[0].opset: opset 23 needs target: tensorrt"),
+        ([{**EXPORT, "target": "tensorrt", "int4_prefill": "int8"}], "stages[0].int4_prefill: int4_prefill: int8"),
+        ([{**EXPORT, "int4_prefill": "int8"}], "no earlier quantize stage has scheme: int4"),
         ([{**EXPORT, "dynamic": {"batch": False}}], "stages[0].dynamic.batch"),
         ([{**EXPORT, "parity": {"atol": {"audio": 1.0}}}], "stages[0].parity.atol"),
     ],

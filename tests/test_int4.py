@@ -6,6 +6,7 @@ through ONNX Runtime.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -46,6 +47,11 @@ def test_int4_grid_is_compressed_tensors_own(symmetric, group):
 
 
 def _matmulnbits_session(m: Int4Linear, level: int) -> ort.InferenceSession:
+    return ort.InferenceSession(matmulnbits_model(m, level).SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def matmulnbits_model(m: Int4Linear, level: int) -> onnx.ModelProto:
+    """One MatMulNBits node computing `m` (A [m, K] -> Y [m, N])."""
     b, scales, zp = matmulnbits_weights(m)
     inits = [helper.make_tensor("B", TensorProto.UINT8, list(b.shape), b.numpy().tobytes(), raw=True),
              helper.make_tensor("scales", TensorProto.FLOAT, list(scales.shape), scales.numpy().ravel().tolist())]
@@ -58,9 +64,8 @@ def _matmulnbits_session(m: Int4Linear, level: int) -> ort.InferenceSession:
     graph = helper.make_graph([node], "nbits", [helper.make_tensor_value_info("A", TensorProto.FLOAT,
                                                                                 ["m", m.in_features])],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["m", m.out_features])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                    helper.make_opsetid("com.microsoft", 1)])
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -183,3 +188,45 @@ def test_the_toolkit_reads_its_int4_checkpoints_back_exactly(symmetric, tmp_path
         assert isinstance(b, Int4Linear) and b.symmetric == symmetric
         assert torch.equal(a.weight_int4, b.weight_int4) and torch.equal(a.weight_scale, b.weight_scale)
         assert symmetric or torch.equal(a.weight_zero_point, b.weight_zero_point)
+
+
+def test_int8_prefill_computes_its_documented_arithmetic_per_token():
+    """compress.export.prefill on real activations of the outlier model (channels 30-1500x, rows of very
+    different size): the rewritten MatMulNBits computes exactly the scheme it documents (7-bit weights per
+    output channel from the INT4 values, uint8 codes per token, round half up), and per-token scales are why
+    it is usable: half the error of one scale per call."""
+    from compress.export.nbits import dequantize
+    from compress.export.prefill import int8_prefill
+
+    model, _, _, batches = _outlier_model_batches(1, 8)
+    layer = model.model.language_model.layers[0]
+    seen: dict[str, np.ndarray] = {}
+    for name in ("self_attn.q_proj", "mlp.down_proj"):
+        layer.get_submodule(name).register_forward_pre_hook(
+            lambda _m, a, name=name: seen.__setitem__(name, a[0].reshape(-1, a[0].shape[-1]).numpy()))
+    with torch.no_grad():
+        model(**batches[0])
+    tiny = np.finfo(np.float32).tiny
+    for name, x in seen.items():
+        m = Int4Linear.from_linear(layer.get_submodule(name), 32, True)
+        proto = matmulnbits_model(m, 4)
+        assert int8_prefill(proto) == (1, None)  # no `logits` output here: no lm_head to keep
+        got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"A": x})[0]
+        w = dequantize(*matmulnbits_weights(m), m.out_features, m.in_features, m.group_size).numpy()
+        per_token = _int8_emulation(x, w, np.maximum(np.abs(x).max(1, keepdims=True) / np.float32(127.5), tiny))
+        assert np.abs(got - per_token).max() <= 1e-5 * np.abs(per_token).max()
+        exact = x.astype(np.float64) @ w.T
+        per_call = _int8_emulation(x, w, np.float32(np.abs(x).max() / 127.5))
+        assert 0 < _rel(got, exact) < 0.6 * _rel(per_call, exact), (name, _rel(got, exact), _rel(per_call, exact))
+
+
+def _int8_emulation(x: np.ndarray, w: np.ndarray, a_scale: np.ndarray) -> np.ndarray:
+    """x @ w.T as the prefill graph documents it: 7-bit weights per row of w, uint8 codes of x / a_scale."""
+    w_scale = np.abs(w).max(1) / 64
+    w_codes = np.clip(np.rint(w / w_scale[:, None]), -64, 64)
+    codes = np.trunc(np.clip(x / a_scale, -128, 127) + np.float32(128.5)) - 128
+    return (codes.astype(np.float64) @ w_codes.T) * a_scale * w_scale[None, :]
+
+
+def _rel(y: np.ndarray, exact: np.ndarray) -> float:
+    return float(np.sqrt(((y - exact) ** 2).mean() / (exact**2).mean()))

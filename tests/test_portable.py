@@ -156,7 +156,7 @@ def test_int8_decoder_matches_on_an_emulated_avx2_cpu(w8a8_exports, tmp_path: Pa
 
 
 @pytest.mark.skipif(QEMU is None, reason="qemu-x86_64 (Debian qemu-user) not installed")
-def test_int4_gqa_decoder_matches_on_an_emulated_avx2_cpu(tmp_path: Path):
+def test_int4_gqa_decoder_and_int8_prefill_match_on_an_emulated_avx2_cpu(tmp_path: Path):
     """The INT4 export's fast path (MatMulNBits accuracy_level 4: int8 activations per block, integer dot
     products; GroupQueryAttention with the model's mask as attention_bias) picks AVX2 kernels on a CPU
     without AVX-512 or VNNI. Its prefill logits must match the host's: the same tokens, float-rounding apart
@@ -170,7 +170,8 @@ def test_int4_gqa_decoder_matches_on_an_emulated_avx2_cpu(tmp_path: Path):
     targets = Targets(components=["language", "lm_head"])
     quantize_int4_linears(model, select_modules(model, adapter, targets), Int4Quant(group_size=32))
     out = tmp_path / "int4"
-    export_onnx(model, adapter, processor, out, fusion=True, int4_accuracy_level=4, group_query_attention=True)
+    export_onnx(model, adapter, processor, out, fusion=True, int4_accuracy_level=4, group_query_attention=True,
+                int4_prefill="int8")
     meta = read_meta(out)
     assert meta["decoder_attention"] == "GroupQueryAttention"
     used = ort_optimized(out / "decoder.onnx", meta["session"]["disabled_optimizers"])
@@ -180,9 +181,20 @@ def test_int4_gqa_decoder_matches_on_an_emulated_avx2_cpu(tmp_path: Path):
     batch = adapter.build_inputs(processor, dummy_images(3, seed=5), QUESTIONS).inputs
     feed = _decoder_feed(runner, batch)
     np.savez(tmp_path / "feed.npz", **feed)
-    host = _run(out / "decoder.onnx", tmp_path / "feed.npz", tmp_path / "host.npz")["logits"]
-    avx2 = _run(out / "decoder.onnx", tmp_path / "feed.npz", tmp_path / "avx2.npz", cpu="Haswell")["logits"]
     keep = feed["attention_mask"].astype(bool)
-    assert np.isfinite(avx2).all()
-    assert np.abs(host - avx2)[keep].max() < 1e-4 * np.abs(host).max(), "INT4 decoder differs on an AVX2 CPU"
-    assert np.array_equal(host.argmax(-1)[keep], avx2.argmax(-1)[keep])
+    # decoder.onnx (MatMulNBits level 4) and prefill.onnx (the same decoder with u8 x 7-bit int8 GEMMs and
+    # per-token activation scales, compress.export.prefill) on both CPUs.
+    host = {}
+    for graph in ("decoder", "prefill"):
+        host[graph] = _run(out / f"{graph}.onnx", tmp_path / "feed.npz", tmp_path / f"{graph}-host.npz")["logits"]
+        avx2 = _run(out / f"{graph}.onnx", tmp_path / "feed.npz", tmp_path / f"{graph}-avx2.npz",
+                    cpu="Haswell")["logits"]
+        assert np.isfinite(avx2).all()
+        err = np.abs(host[graph] - avx2)[keep].max()
+        assert err < 1e-4 * np.abs(host[graph]).max(), f"INT4 {graph} differs on an AVX2 CPU by {err}"
+        assert np.array_equal(host[graph].argmax(-1)[keep], avx2.argmax(-1)[keep])
+    # The runner answers prompts with the prefill graph (close to the INT4 decoder's numbers, not the same).
+    got = runner.logits(batch).numpy()
+    assert np.abs(got - host["prefill"])[keep].max() <= 1e-6 * np.abs(got).max()
+    gap = np.abs(host["decoder"] - host["prefill"])[keep].max() / np.abs(host["decoder"]).max()
+    assert 0 < gap < 0.05, gap

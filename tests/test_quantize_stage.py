@@ -243,12 +243,23 @@ def test_int4_recipe_keeps_its_answers_through_onnxruntime(tmp_path):
 
 def test_fast_recipes_keep_their_answers_and_run_as_merged_integer_kernels(tmp_path):
     """recipes/fast-int4.yaml and fast-int8.yaml (the benchmark's fastest rows, docs/benchmarks.md): every
-    stage gated >= 0.98 through ONNX Runtime, lm_head quantized, q/k/v and gate/up merged into one kernel."""
+    stage gated >= 0.98 through ONNX Runtime, lm_head quantized, q/k/v and gate/up merged into one kernel.
+    fast-int4 runs on the model with real-LLM activation outliers: both of its int8-activation paths (level-4
+    MatMulNBits at decode, the int8 prefill graph) must hold there (with GPTQ instead of AWQ they do not:
+    exact match 0.78)."""
     from compress.export.files import read_meta
     from compress.export.fuse import runtime_ops
 
     out = tmp_path / "int4"
-    m = _run(ROOT / "recipes/fast-int4.yaml", out)
+    doc = yaml.safe_load((ROOT / "recipes/fast-int4.yaml").read_text())
+    doc["model"]["source"] = "zoo:shapes-vqa-outliers"
+    for key in ("calibration", "evaluation"):
+        doc[key]["source"] = str(ROOT / "calibration/shapes-vqa" / Path(doc[key]["source"]).name)
+    # Hidden channels scaled 30-1500x: logits and cache move by up to 5.6 there (0.29 on the bundled model,
+    # measured), answers unchanged; the recipe's absolute parity bounds are the bundled model's.
+    doc["stages"][2]["parity"]["atol"].update(decoder=8.0, end_to_end=8.0)
+    (tmp_path / "fast-int4.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    m = _run(tmp_path / "fast-int4.yaml", out)
     vision, language, export = m["stages"]
     assert [s["status"] for s in m["stages"]] == ["completed"] * 3
     for stage in m["stages"]:
@@ -262,6 +273,12 @@ def test_fast_recipes_keep_their_answers_and_run_as_merged_integer_kernels(tmp_p
     used = runtime_ops(out / export["artifacts"] / "decoder.onnx",
                         disabled_optimizers=meta["session"]["disabled_optimizers"])
     assert used["MatMulNBits"] == len(language["details"]["modules"]) - 3 * layers and "MatMul" not in used
+    # Prompts: every merged projection an integer GEMM, only the lm_head (the last position) left INT4.
+    assert meta["prefill"]["projections_int8"] == used["MatMulNBits"] - 1
+    prefill = runtime_ops(out / export["artifacts"] / "prefill.onnx",
+                          disabled_optimizers=meta["session"]["disabled_optimizers"])
+    assert prefill["MatMulNBits"] == 1 and prefill["MatMulIntegerToFloat"] == used["MatMulNBits"] - 1
+    assert "MatMul" not in prefill and "DequantizeLinear" not in prefill
     used = runtime_ops(out / export["artifacts"] / "vision.onnx",
                         disabled_optimizers=meta["session"]["disabled_optimizers"])
     assert used.get("MatMulIntegerToFloat") and "DequantizeLinear" not in used

@@ -16,7 +16,8 @@ from compress.errors import ConfigError
 FORMAT = "compress-onnx"
 FORMAT_VERSION = 1
 META_FILE = "export.json"
-GRAPH_FILES = {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx"}
+# prefill: an INT4 export's optional second decoder for prompts (compress.export.prefill)
+GRAPH_FILES = {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx", "prefill": "prefill.onnx"}
 BIG_MODEL_BYTES = 1_800_000_000  # above this, weights go to external data (protobuf's 2 GB limit)
 
 

@@ -124,6 +124,7 @@ def export_onnx(
     int4_accuracy_level: int = 0,
     group_query_attention: bool = False,
     select_logits: bool = False,
+    int4_prefill: str = "int4",
 ) -> ExportResult:
     """Write the vision / embed / decoder graphs and `export.json` to `out_dir` (replacing earlier graphs).
 
@@ -132,6 +133,7 @@ def export_onnx(
     bitsandbytes NF4 `Linear4bit` becomes com.microsoft MatMulBnb4 with bnb's own codes. `quantize=False`
     exports the same numbers as float ops. `fusion=True` runs `fuse.fuse_export` on the written folder.
     `int8_kernels` says how W8A8 projections are encoded for ORT's integer kernels (`compress.export.portable`).
+    `int4_prefill="int8"` adds `prefill.onnx`, the decoder with int8 GEMMs for prompts (`compress.export.prefill`).
     The decoder graph always comes with the embed graph.
     """
     from compress.export import qdq
@@ -243,6 +245,11 @@ def export_onnx(
         result.fused_ops = fuse_export(out)
     if has_int8_gemm:
         portable_export(out, int8_kernels)
+    if int4_prefill == "int8" and "decoder" in files:
+        from compress.export.prefill import write_int8_prefill
+
+        write_int8_prefill(out)
+        files["prefill"] = out / GRAPH_FILES["prefill"]
     result.meta = describe_files(out)
     return result
 

@@ -83,6 +83,8 @@ class OrtRunner:
                               "including 'decoder')")
         self.sessions = sessions
         self.meta = meta
+        # An INT4 export's int8 prefill graph (compress.export.prefill) takes every call of more than one position.
+        self.prefill = sessions.get("prefill")
         # Filled by each `generate`, as in TorchRunner: first_token_s, decode_s, decode_steps.
         self.timings: dict[str, float] = {}
         self.family = meta["family"]
@@ -211,8 +213,12 @@ class OrtRunner:
         graph can; presents). `extra`: see `prompt_extras` (blocks default to causal)."""
         feeds = {**self._feeds(embeds, mask, positions, extra, last_only),
                  **dict(zip(self.past_names, past, strict=True))}
-        out = self.sessions["decoder"].run(["logits", *self.present_names], feeds)
+        out = self._decoder(embeds).run(["logits", *self.present_names], feeds)
         return out[0], out[1:]
+
+    def _decoder(self, embeds: np.ndarray) -> Any:
+        """The session for a call of these positions: the prefill graph for prompts where the export has one."""
+        return self.prefill if self.prefill is not None and embeds.shape[1] > 1 else self.sessions["decoder"]
 
     def _feeds(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
                extra: dict[str, np.ndarray] | None, last_only: bool) -> dict[str, np.ndarray]:
@@ -256,7 +262,7 @@ class OrtRunner:
                       extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """`decode` with the cache in `buffers` (see `shared_buffers`), bound as past and present: the kernel
         appends the new keys/values in place. Returns the last position's logits [B, 1, V]."""
-        session = self.sessions["decoder"]
+        session = self._decoder(embeds)
         binding = session.io_binding()
         for name, value in self._feeds(embeds, mask, positions, extra, last_only=True).items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))

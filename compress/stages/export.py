@@ -68,6 +68,11 @@ class ExportConfig(StageConfig):
         0, description="INT4 layers (com.microsoft MatMulNBits): 0/1 compute in float32 from the int4 weights "
         "(the quantize stage's numbers); 4 quantizes activations to int8 per block on CPU (faster, not exact; "
         "the gate measures it)")
+    int4_prefill: Literal["int4", "int8"] = Field(
+        "int4", description="int8: also write prefill.onnx, the decoder with its INT4 projections (lm_head "
+        "excepted) as 7-bit int8 GEMMs with per-token activations, which the runner uses for prompts: about half "
+        "the prefill time of MatMulNBits on CPU, for the int8 copy of the projections in memory and on disk; "
+        "decode steps keep INT4. The gate measures both graphs")
     dynamic: DynamicConfig = Field(DynamicConfig(), description="dynamic axes (always on)")
     parity: ParityConfig = Field(ParityConfig(), description="tolerances of the parity check vs PyTorch")
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"], min_length=1,
@@ -88,6 +93,14 @@ class ExportConfig(StageConfig):
                              "(GroupQueryAttention, MatMulNBits, integer kernels) take opsets 18-21")
         return opset
 
+    @field_validator("int4_prefill")
+    @classmethod
+    def _prefill_fits_target(cls, prefill: str, info: ValidationInfo) -> str:
+        if prefill == "int8" and info.data.get("target", "onnxruntime") != "onnxruntime":
+            raise ValueError("int4_prefill: int8 writes an ONNX Runtime graph (MatMulInteger with per-token "
+                             "scales); the tensorrt target builds one engine per graph: leave it at int4")
+        return prefill
+
     @property
     def onnx_opset(self) -> int:
         """The opset graphs are written in: 23 lets TensorRT read attention, norms and rotary as single ops."""
@@ -95,6 +108,10 @@ class ExportConfig(StageConfig):
 
     def check_after(self, earlier: list[StageConfig]) -> str | None:
         """TensorRT takes static Q/DQ only: dynamic INT8 (MatMulInteger) and NF4 (MatMulBnb4) cannot run there."""
+        if self.int4_prefill == "int8" and (self.quantize != "from_stage"
+                                            or not any(getattr(s, "scheme", None) == "int4" for s in earlier)):
+            return ("int4_prefill: int8 rewrites the decoder's INT4 projections, and no earlier quantize stage "
+                    "has scheme: int4")
         trt = "TensorrtExecutionProvider" in self.providers or self.target == "tensorrt"
         if not trt or self.quantize != "from_stage":
             return None
@@ -136,7 +153,7 @@ def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> Stage
                          int8_kernels="vnni" if tensorrt else cfg.int8_kernels,
                          int4_accuracy_level=cfg.int4_accuracy_level,
                          group_query_attention=cfg.optimize.fusion and cfg.optimize.group_query_attention
-                         and not tensorrt, select_logits=not tensorrt)
+                         and not tensorrt, select_logits=not tensorrt, int4_prefill=cfg.int4_prefill)
     if tensorrt:
         from compress.export.files import read_meta, write_meta
         from compress.export.fuse import count_ops
