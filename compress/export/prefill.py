@@ -76,38 +76,28 @@ def _constants(graph: Any) -> None:
         graph.initializer.append(numpy_helper.from_array(value, name))
 
 
-def _int8_projection(node: Any, b_name: str, s_name: str, dtype: int) -> list[Any]:
+def _int8_projection(node: Any, b_name: str, s_name: str) -> list[Any]:
     """x -> per-token u8 codes -> MatMulInteger(., int8 B) -> int32 * (token scale * channel scale) [+ bias]."""
     from onnx import TensorProto, helper
 
     p = f"{node.name or node.output[0]}_i8/"
-    x = node.input[0]
     nodes = []
-    if dtype != TensorProto.FLOAT:
-        nodes.append(helper.make_node("Cast", [x], [p + "x"], name=p + "cast_in", to=TensorProto.FLOAT))
-        x = p + "x"
 
     def add(op: str, inputs: list[str], out: str, **attrs: Any) -> str:
         nodes.append(helper.make_node(op, inputs, [p + out], name=p + out, **attrs))
         return p + out
 
+    x = node.input[0]
     amax = add("ReduceMax", [add("Abs", [x], "abs"), "prefill_last_axis"], "amax", keepdims=1)
     scale = add("Max", [add("Div", [amax, "prefill_divisor"], "scale0"), "prefill_tiny"], "scale")
     # Cast truncates: clip to the int8 range, shift by 128.5 and truncate = round half up to the uint8 code.
     codes = add("Clip", [add("Div", [x, scale], "scaled"), "prefill_qmin", "prefill_qmax"], "clip")
     a = add("Cast", [add("Add", [codes, "prefill_offset"], "shift")], "a_u8", to=TensorProto.UINT8)
     acc = add("MatMulInteger", [a, b_name, "prefill_a_zero", "prefill_b_zero"], "acc")
-    y = add("Mul", [add("Cast", [acc], "acc_f", to=TensorProto.FLOAT), add("Mul", [scale, s_name], "scales")], "y")
+    add("Mul", [add("Cast", [acc], "acc_f", to=TensorProto.FLOAT), add("Mul", [scale, s_name], "scales")], "y")
     if len(node.input) > 5 and node.input[5]:
-        bias = node.input[5]
-        if dtype != TensorProto.FLOAT:
-            bias = add("Cast", [bias], "bias_f", to=TensorProto.FLOAT)
-        y = add("Add", [y, bias], "biased")
-    last = nodes[-1]
-    if dtype != TensorProto.FLOAT:
-        nodes.append(helper.make_node("Cast", [y], list(node.output), name=p + "cast_out", to=dtype))
-    else:
-        last.output[0] = node.output[0]
+        add("Add", [p + "y", node.input[5]], "biased")
+    nodes[-1].output[0] = node.output[0]
     return nodes
 
 
@@ -115,7 +105,7 @@ def int8_prefill(proto: Any) -> tuple[int, str | None]:
     """Rewrite every MatMulNBits node but the lm_head as a per-token int8 GEMM, in place.
 
     Returns (projections rewritten, the lm_head node kept as INT4 or None)."""
-    from onnx import helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
     graph = proto.graph
     head = head_projection(graph)
@@ -126,12 +116,14 @@ def int8_prefill(proto: Any) -> tuple[int, str | None]:
             nodes.append(node)
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("bits", 4) != 4 or (len(node.input) > 4 and node.input[4]):
-            raise ConfigError(f"{node.name}: int4_prefill int8 takes 4-bit MatMulNBits without g_idx")
+        if (attrs.get("bits", 4) != 4 or (len(node.input) > 4 and node.input[4])
+                or inits[node.input[2]].data_type != TensorProto.FLOAT):
+            raise ConfigError(f"{node.name}: int4_prefill int8 takes float32 4-bit MatMulNBits without g_idx "
+                              "(what compress exports)")
         b, s = _weight_s7(inits, node, attrs)
         p = f"{node.name or node.output[0]}_i8/"
         graph.initializer.extend([numpy_helper.from_array(b, p + "B"), numpy_helper.from_array(s, p + "B_scale")])
-        nodes += _int8_projection(node, p + "B", p + "B_scale", inits[node.input[2]].data_type)
+        nodes += _int8_projection(node, p + "B", p + "B_scale")
         count += 1
     if count:
         _constants(graph)
