@@ -23,6 +23,7 @@ from compress.export import copy_export, export_onnx, read_meta
 from compress.export.fuse import count_ops, fuse_export, runtime_ops
 from compress.export.onnx import dummy_images
 from compress.export.parity import ParityError, check_parity
+from compress.export.portable import ort_optimized
 from compress.quant import ActQuant, Int8Linear, WeightQuant, quantize_linears
 from compress.runtime.ort_runner import OrtRunner, resolve_providers
 from compress.runtime.torch_runner import TorchRunner
@@ -205,6 +206,13 @@ def test_group_query_attention_and_last_position_logits(family: str, tmp_path: P
     assert meta["fused_ops"]["decoder"]["passes"][2] == {"tool": "compress.export.rotary", "rotary_fused": 2 * layers}
     ran = runtime_ops(out / "decoder.onnx")
     assert ran["RotaryEmbedding"] == 2 * layers and "Transpose" not in ran and "Neg" not in ran
+    # the head views around the fused ops cancel (compress.export.views): LLaVA's q, k, v and attention output
+    # go from projection to GroupQueryAttention to o_proj without a Reshape (Gemma 3: v and the output)
+    views = meta["fused_ops"]["decoder"]["passes"][3]
+    assert views["tool"] == "compress.export.views" and views["reshapes_bypassed"] >= 2 * layers
+    if family == "llava":
+        kept = [n for n in ort_optimized(out / "decoder.onnx").graph.node if n.op_type == "Reshape"]
+        assert views["reshapes_bypassed"] == 4 * layers and len(kept) <= 3
     graph = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
     past = {i.name for i in graph.graph.input if i.name.startswith("past_key_values.")}
     assert not [n for n in graph.graph.node if n.op_type in ("Concat", "Expand") and set(n.input) & past]

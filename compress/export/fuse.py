@@ -1,6 +1,6 @@
 """Operator fusion for the exported graphs, and op counts that show what fused and what did not.
 
-Five passes per graph, in this order:
+Five passes per graph, in this order (the third followed by a clean-up):
 
 1. onnxscript's `optimize_for_ort` (onnxscript.rewriter.ort_fusions): pattern rewrites written for
    graphs from the torch dynamo exporter. It fuses RMSNorm -> SimplifiedLayerNormalization, residual
@@ -13,6 +13,7 @@ Five passes per graph, in this order:
    first pass lacks, e.g. QuickGelu (x * sigmoid(1.702 x), CLIP's activation).
 3. `compress.export.rotary`: rotate-half rotary embeddings become com.microsoft RotaryEmbedding on the
    projections' [batch, seq, heads * d] outputs, tables computed per step from position_ids.
+   Then `compress.export.views` drops the Reshape round trips left around the fused ops.
 4. `unpack_quantized_attention`: an Attention packed over dequantized INT8 q/k/v weights goes back to
    three MatMuls + MultiHeadAttention, so ORT runs the projections as integer GEMMs.
 5. `compress.export.siblings`: quantized projections reading one input (q/k/v, gate/up) become one
@@ -35,6 +36,7 @@ from compress.export.files import META_FILE, describe_files, read_meta, save_mod
 from compress.export.portable import ort_optimized
 from compress.export.rotary import fuse_rotary
 from compress.export.siblings import merge_nbits, merge_qdq
+from compress.export.views import cancel_views
 
 FUSED_OP_TYPES = (
     "Attention",
@@ -123,6 +125,7 @@ def fuse_graph(path: str | Path, model_type: str, num_heads: int, hidden_size: i
             _ort_pass(step1, step2, model_type, num_heads, hidden_size)
         proto = onnx.load(str(step2))
         rotary = fuse_rotary(proto)
+        views = cancel_views(proto)
         unpacked = unpack_quantized_attention(proto)
         unshare_qdq(proto)  # the passes' CSE merges per-projection Q/DQ copies again
         merged = {"matmulnbits": merge_nbits(proto), "qdq_matmul": merge_qdq(proto)}
@@ -134,6 +137,7 @@ def fuse_graph(path: str | Path, model_type: str, num_heads: int, hidden_size: i
             {"tool": "onnxscript.rewriter.ort_fusions.optimize_for_ort", "fusions": fusions},
             {"tool": "onnxruntime.transformers.optimizer.optimize_model", "model_type": model_type, "opt_level": 0},
             {"tool": "compress.export.rotary", "rotary_fused": rotary},
+            {"tool": "compress.export.views", "reshapes_bypassed": views},
             {"tool": "compress.export.fuse.unpack_quantized_attention", "attention_unpacked": unpacked},
             {"tool": "compress.export.siblings", "merged_away": merged},
         ],

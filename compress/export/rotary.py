@@ -150,6 +150,7 @@ def fuse_rotary(proto: Any) -> int:
     g = _Graph(graph)
     caches: dict[tuple[str, str | None], tuple[str, str, str]] = {}
     replaced: dict[str, Any] = {}
+    known = {v.name: v for v in graph.value_info}
     extra: list[Any] = []
     flatten = ""
     for add in graph.node:
@@ -176,6 +177,8 @@ def fuse_rotary(proto: Any) -> int:
             extra += [helper.make_node("Reshape", [source, flatten], [f"{r}_flat"], name=f"{r}_flat"),
                       helper.make_node("Shape", [source], [f"{r}_shape"], name=f"{r}_shape")]
             source, shape = f"{r}_flat", f"{r}_shape"
+        if source in known:  # same shape as its input: lets compress.export.views see the round trip back
+            graph.value_info.append(copy_value(known[source], r))
         extra += [
             helper.make_node("RotaryEmbedding", [source, pos, cos_cache, sin_cache], [r], name=r,
                              domain="com.microsoft", interleaved=0),  # head size: twice the tables' width
@@ -196,6 +199,13 @@ def fuse_rotary(proto: Any) -> int:
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     drop_unused_initializers(graph)
     return len(replaced)
+
+
+def copy_value(value: Any, name: str) -> Any:
+    out = type(value)()
+    out.CopyFrom(value)
+    out.name = name
+    return out
 
 
 def _caches(extra: list[Any], angles: str, scale: str | None, half: int, p: str) -> tuple[str, str, str]:
