@@ -22,7 +22,7 @@ import numpy as np
 
 from compress.errors import ConfigError
 from compress.export.files import GRAPH_FILES, read_meta, save_model, write_meta
-from compress.export.nbits import _unpack_b
+from compress.export.nbits import dequantize
 from compress.export.portable import S7_MAX, U8_ZERO, drop_unused_initializers
 from compress.quant.int8 import ACT_QMAX, ACT_QMIN, DYNAMIC_DIVISOR
 
@@ -47,15 +47,13 @@ def head_projection(graph: Any, output: str = "logits") -> str | None:
 
 def _weight_s7(inits: dict[str, Any], node: Any, attrs: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
     """The node's INT4 weight as 7-bit int8 B [K, N] (MatMulInteger's layout) and float32 scales [N]."""
+    import torch
     from onnx import numpy_helper
 
     n, k, block = attrs["N"], attrs["K"], attrs["block_size"]
-    codes = _unpack_b(numpy_helper.to_array(inits[node.input[1]]), n, k).astype(np.float32)
-    if len(node.input) > 3 and node.input[3]:
-        zp = numpy_helper.to_array(inits[node.input[3]])
-        codes -= np.repeat(_unpack_b(zp, n, k // block).astype(np.float32), block, axis=1)
-    scales = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32).reshape(n, k // block)
-    w = codes * np.repeat(scales, block, axis=1)  # [N, K], what MatMulNBits computes with
+    b, scales, zp = (torch.from_numpy(numpy_helper.to_array(inits[name]).copy()) if name else None
+                     for name in [*node.input[1:3], node.input[3] if len(node.input) > 3 else ""])
+    w = dequantize(b, scales.reshape(n, k // block), zp, n, k, block).numpy()  # what MatMulNBits computes with
     s = np.abs(w).max(axis=1) / S7_MAX
     s = np.where(s == 0, np.finfo(np.float32).tiny, s).astype(np.float32)
     q = np.clip(np.rint(w / s[:, None]), -S7_MAX, S7_MAX).astype(np.int8)
@@ -76,11 +74,11 @@ def _constants(graph: Any) -> None:
         graph.initializer.append(numpy_helper.from_array(value, name))
 
 
-def _int8_projection(node: Any, b_name: str, s_name: str) -> list[Any]:
-    """x -> per-token u8 codes -> MatMulInteger(., int8 B) -> int32 * (token scale * channel scale) [+ bias]."""
+def _int8_projection(node: Any, p: str) -> list[Any]:
+    """x -> per-token u8 codes -> MatMulInteger(., int8 B `p`B) -> int32 * (token scale * channel scale `p`B_scale)
+    [+ bias], each name prefixed with `p`."""
     from onnx import TensorProto, helper
 
-    p = f"{node.name or node.output[0]}_i8/"
     nodes = []
 
     def add(op: str, inputs: list[str], out: str, **attrs: Any) -> str:
@@ -93,8 +91,8 @@ def _int8_projection(node: Any, b_name: str, s_name: str) -> list[Any]:
     # Cast truncates: clip to the int8 range, shift by 128.5 and truncate = round half up to the uint8 code.
     codes = add("Clip", [add("Div", [x, scale], "scaled"), "prefill_qmin", "prefill_qmax"], "clip")
     a = add("Cast", [add("Add", [codes, "prefill_offset"], "shift")], "a_u8", to=TensorProto.UINT8)
-    acc = add("MatMulInteger", [a, b_name, "prefill_a_zero", "prefill_b_zero"], "acc")
-    add("Mul", [add("Cast", [acc], "acc_f", to=TensorProto.FLOAT), add("Mul", [scale, s_name], "scales")], "y")
+    acc = add("MatMulInteger", [a, p + "B", "prefill_a_zero", "prefill_b_zero"], "acc")
+    add("Mul", [add("Cast", [acc], "acc_f", to=TensorProto.FLOAT), add("Mul", [scale, p + "B_scale"], "scales")], "y")
     if len(node.input) > 5 and node.input[5]:
         add("Add", [p + "y", node.input[5]], "biased")
     nodes[-1].output[0] = node.output[0]
@@ -123,7 +121,7 @@ def int8_prefill(proto: Any) -> tuple[int, str | None]:
         b, s = _weight_s7(inits, node, attrs)
         p = f"{node.name or node.output[0]}_i8/"
         graph.initializer.extend([numpy_helper.from_array(b, p + "B"), numpy_helper.from_array(s, p + "B_scale")])
-        nodes += _int8_projection(node, p + "B", p + "B_scale")
+        nodes += _int8_projection(node, p)
         count += 1
     if count:
         _constants(graph)

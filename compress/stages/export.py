@@ -72,8 +72,7 @@ class ExportConfig(StageConfig):
         "int4", description="int8: also write prefill.onnx, the decoder with its INT4 projections (lm_head "
         "excepted) as 7-bit int8 GEMMs with per-token activations, which the runner uses for prompts: ~0.65x the "
         "prefill time of MatMulNBits on CPU (realistic model), for the int8 copy of the projections in memory and "
-        "on disk; "
-        "decode steps keep INT4. The gate measures both graphs")
+        "on disk; decode steps keep INT4. The gate measures both graphs")
     dynamic: DynamicConfig = Field(DynamicConfig(), description="dynamic axes (always on)")
     parity: ParityConfig = Field(ParityConfig(), description="tolerances of the parity check vs PyTorch")
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"], min_length=1,
@@ -108,9 +107,11 @@ class ExportConfig(StageConfig):
         return self.opset if self.opset is not None else (23 if self.target == "tensorrt" else 18)
 
     def check_after(self, earlier: list[StageConfig]) -> str | None:
-        """TensorRT takes static Q/DQ only: dynamic INT8 (MatMulInteger) and NF4 (MatMulBnb4) cannot run there."""
-        if self.int4_prefill == "int8" and (self.quantize != "from_stage"
-                                            or not any(getattr(s, "scheme", None) == "int4" for s in earlier)):
+        """The int8 prefill needs INT4 layers carried into the graphs. TensorRT takes static Q/DQ only: dynamic
+        INT8 (MatMulInteger) and NF4 (MatMulBnb4) cannot run there."""
+        if self.int4_prefill == "int8" and self.quantize != "from_stage":
+            return "int4_prefill: int8 rewrites the decoder's INT4 projections, which quantize: none exports as float"
+        if self.int4_prefill == "int8" and not any(getattr(s, "scheme", None) == "int4" for s in earlier):
             return ("int4_prefill: int8 rewrites the decoder's INT4 projections, and no earlier quantize stage "
                     "has scheme: int4")
         trt = "TensorrtExecutionProvider" in self.providers or self.target == "tensorrt"
