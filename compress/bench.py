@@ -23,7 +23,8 @@ What each metric is:
   detokenization, for the whole batch; `preprocess_ms` is the processor's share, on its own.
 - `decode_floor_ms` / `decode_x_floor`: what one decode step must read (decoder weights once, the KV cache
   of every row at the middle of the answer) over the memory bandwidth (compress.floor: the fastest of the
-  copies taken before and after each artifact in this invocation), and the measured step as a multiple of it.
+  copies taken before the artifacts and after each one measured in this invocation), and the measured step as
+  a multiple of it.
 """
 
 from __future__ import annotations
@@ -278,7 +279,7 @@ def bench(run_dir: str | Path, batch: int = 1, new_tokens: int = 16, warmup: int
         raise CompressError(f"bench: the reference process failed ({e})") from None
     from compress.floor import best_bandwidth, floor_ms, memory_bandwidth
 
-    samples = [memory_bandwidth()]  # one before and one after each artifact: the floor takes the fastest
+    samples = [memory_bandwidth()]  # one before the artifacts, one after each measured: the floor takes the fastest
     log(f"memory bandwidth: {samples[0]['copy_gb_s']} GB/s (STREAM-style copy)")
     rows: list[dict[str, Any]] = []
     for art in arts:
