@@ -10,8 +10,9 @@ than of our graphs, so they are timed here without any graph of ours around them
 - projections: one ONNX graph of the realistic LLaVA decoder's GEMMs at batch 1 (per layer a packed q/k/v
   1024x2048, o 1024x1024, packed gate/up 1024x5632, down 2816x1024; `--layers` of them, far beyond the L3
   cache), each reading the step's activation row: INT4 `MatMulNBits` at block 32 / 128 / 256 and accuracy
-  levels 4 and 1, and INT8 per-channel `DynamicQuantizeMatMul` (the int8 GEMV kernel ORT's fused int8
-  graphs run). Reported as weight GB/s and as a multiple of the copy floor for those bytes;
+  levels 4 and 1, INT8 per-channel `DynamicQuantizeMatMul` (the int8 GEMV kernel ORT's fused int8
+  graphs run), and the 8-bit block-32 `MatMulNBits` ORT makes of a weight-only INT8 (W8A16) projection, at
+  levels 4 and 1 (`w8a16_accuracy_level`). Reported as weight GB/s and as a multiple of the copy floor;
 - attention: `GroupQueryAttention` for one new token over a past of 64 / 240 / 1000 positions, the cache
   bound as a shared past/present buffer as `OrtRunner` does, microseconds per layer (the cache of all
   layers fits this host's L3 here, so this is the kernel's best case).
@@ -56,8 +57,8 @@ def _median_ms(run: Any, n: int = 30) -> float:
 
 
 def projections(layers: int, kind: str, block: int = 128, level: int = 4) -> tuple[Any, int]:
-    """A graph of `layers` x SHAPES batch-1 GEMMs (INT4 MatMulNBits or INT8 DynamicQuantizeMatMul) and its
-    weight bytes."""
+    """A graph of `layers` x SHAPES batch-1 GEMMs (4- or 8-bit MatMulNBits, or INT8 DynamicQuantizeMatMul) and
+    its weight bytes."""
     from onnx import TensorProto, helper, numpy_helper
 
     nodes, inits, nbytes = [], [], 0
@@ -65,11 +66,12 @@ def projections(layers: int, kind: str, block: int = 128, level: int = 4) -> tup
         for j, (k, n) in enumerate(SHAPES):
             name = f"{layer}_{j}"
             x = "x_wide" if k != 1024 else "x"
-            if kind == "int4":
-                weights = [rng.integers(0, 255, (n, k // block, block // 2), dtype=np.uint8),
+            if kind in ("int4", "nbits8"):
+                bits = 4 if kind == "int4" else 8
+                weights = [rng.integers(0, 255, (n, k // block, block * bits // 8), dtype=np.uint8),
                            rng.random(n * (k // block), dtype=np.float32) * 0.01]
                 node = helper.make_node("MatMulNBits", [x, f"B{name}", f"s{name}"], [f"y{name}"],
-                                        domain="com.microsoft", K=k, N=n, bits=4, block_size=block,
+                                        domain="com.microsoft", K=k, N=n, bits=bits, block_size=block,
                                         accuracy_level=level)
             else:
                 weights = [rng.integers(-63, 63, (k, n), dtype=np.int8), rng.random(n, dtype=np.float32) * 0.01]
@@ -89,11 +91,13 @@ def projections(layers: int, kind: str, block: int = 128, level: int = 4) -> tup
 def time_projections(layers: int) -> list[dict[str, Any]]:
     feeds = {name: rng.standard_normal((1, k), dtype=np.float32) for name, k in (("x", 1024), ("x_wide", 2816))}
     rows = []
-    for kind, block, level in (("int4", 32, 4), ("int4", 128, 4), ("int4", 256, 4), ("int4", 128, 1), ("int8", 0, 0)):
+    for kind, block, level in (("int4", 32, 4), ("int4", 128, 4), ("int4", 256, 4), ("int4", 128, 1),
+                               ("int8", 0, 0), ("nbits8", 32, 4), ("nbits8", 32, 1)):
         model, nbytes = projections(layers, kind, block, level)
         session = _session(model)
         ms = _median_ms(lambda s=session: s.run(None, feeds))
-        label = f"INT4 MatMulNBits block {block} level {level}" if kind == "int4" else "INT8 DynamicQuantizeMatMul"
+        label = {"int4": f"INT4 MatMulNBits block {block} level {level}", "int8": "INT8 DynamicQuantizeMatMul",
+                 "nbits8": f"8-bit MatMulNBits block {block} level {level} (W8A16 as ORT fuses it)"}[kind]
         rows.append({"kernel": label, "weights_mb": round(nbytes / 1e6, 1), "ms": round(ms, 2),
                      "weight_gb_s": round(nbytes / ms / 1e6, 1)})
         print(rows[-1], flush=True)

@@ -58,13 +58,13 @@ class Exported:
         return TorchRunner.for_adapter(self.model, self.adapter, self.processor)
 
 
-def _export(family: str, out: Path, fusion: bool, prepare=None) -> Exported:
+def _export(family: str, out: Path, fusion: bool, prepare=None, **options: Any) -> Exported:
     model, processor = tiny_model(family)
     adapter = get_adapter(family).bind(model)
     if prepare is not None:
         model = prepare(model, adapter, processor)
         adapter = get_adapter(family).bind(model)
-    result = export_onnx(model, adapter, processor, out, fusion=fusion)
+    result = export_onnx(model, adapter, processor, out, fusion=fusion, **options)
     return Exported(family, out, model, adapter, processor, result)
 
 
@@ -380,9 +380,11 @@ def test_providers_and_folder_errors(tmp_path: Path, llava: Exported):
         read_meta(broken)
 
 
-def test_weight_only_int8_computes_in_float_in_onnxruntime(tmp_path: Path):
-    """ORT fuses DQ(int8) -> MatMul to MatMulNBits, which by default quantizes activations to int8: the
-    export records the session setting that keeps W8A16 in float, and the runner applies it."""
+@pytest.mark.parametrize("level", [1, 4])
+def test_weight_only_int8_accuracy_level_reaches_onnxruntime(tmp_path: Path, level: int):
+    """ORT fuses DQ(int8) -> MatMul to MatMulNBits: the export records the accuracy level W8A16 computes at and
+    the runner applies it. Level 1 keeps the quantize stage's float numbers; level 4 (int8 activations per
+    block, ~20x faster decode on CPU) measurably does not on outlier activations."""
     from compress.zoo.outliers import add_outliers
 
     def w8a16(model: nn.Module, adapter: Any, processor: Any) -> nn.Module:
@@ -390,13 +392,16 @@ def test_weight_only_int8_computes_in_float_in_onnxruntime(tmp_path: Path):
         quantize_linears(model, select_modules(model, adapter, Targets(components=["language"])), WeightQuant())
         return model
 
-    exp = _export("llava", tmp_path / "w8a16", fusion=True, prepare=w8a16)
+    exp = _export("llava", tmp_path / "w8a16", fusion=True, prepare=w8a16, w8a16_accuracy_level=level)
     meta = read_meta(exp.out)
-    assert meta["session"]["config"] == {"session.qdq_matmulnbits_accuracy_level": "1"}
+    assert meta["session"]["config"] == {"session.qdq_matmulnbits_accuracy_level": str(level)}
     assert runtime_ops(exp.out / "decoder.onnx").get("MatMulNBits", 0) > 0
     batch = exp.inputs()
     want = exp.torch_runner().logits(batch.inputs)
     got = OrtRunner.from_dir(exp.out).logits(batch.inputs)
     keep = batch.inputs["attention_mask"].bool()
-    # With ORT's default (int8 activations inside MatMulNBits) this error is ~0.12, 280x the bound.
-    assert (got - want)[keep].abs().max() < 1e-3 * want.abs().max()
+    err = (got - want)[keep].abs().max()
+    if level == 1:
+        assert err < 1e-3 * want.abs().max()
+    else:  # ~0.12 here, 280x the float bound: the setting took effect
+        assert 1e-2 * want.abs().max() < err < want.abs().max()

@@ -302,10 +302,17 @@ def export_modules(model: nn.Module, quantize: bool = True,
 # ORT's CPU provider only turns DQ -> MatMul into MatMulIntegerToFloat when that Q -> DQ pair feeds this one
 # MatMul; its common-subexpression pass would merge the per-consumer copies `unshare_qdq` makes again.
 QDQ_SESSION_DISABLED_OPTIMIZERS = ("CommonSubexpressionElimination",)
-# ORT fuses a weight-only DQ(int8) -> MatMul into MatMulNBits, whose default accuracy level (4) quantizes the
-# *activations* to int8 per block: W8A16 silently becomes W8A8, and on outlier activations that costs accuracy
-# (measured on zoo:shapes-vqa-outliers: KL 8e-4 instead of 2.6e-6). Level 1 computes in fp32 from the int8 weights.
-WEIGHT_ONLY_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
+# ORT fuses a weight-only DQ(int8) -> MatMul into an 8-bit MatMulNBits (block 32) at session load, computing
+# at the accuracy level this session setting names (ORT's own default: 4). Level 4 quantizes the *activations*
+# to int8 per block: W8A16 becomes W8A8, which on outlier activations costs accuracy (zoo:shapes-vqa-outliers:
+# KL 8e-4 instead of 2.6e-6). Level 1 computes in fp32 from the int8 weights, the quantize stage's numbers,
+# but onnxruntime 1.32's CPU kernel for 8 bits at level 1 is a reference loop: ~0.9 GB/s of weights against
+# ~27 at level 4 (benchmarks/bench_kernels.py), 384 vs 18 ms per decode step on the realistic decoder.
+W8A16_LEVEL_KEY = "session.qdq_matmulnbits_accuracy_level"
+
+
+def weight_only_session_config(level: int) -> dict[str, str]:
+    return {W8A16_LEVEL_KEY: str(level)}
 
 
 def unshare_qdq(proto: Any) -> int:

@@ -12,6 +12,7 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from compress.checkpoint import save_processor
+from compress.errors import ConfigError
 from compress.registry import register_stage
 from compress.stages.base import StageConfig, StageContext, StageResult, Strict
 
@@ -68,6 +69,12 @@ class ExportConfig(StageConfig):
         0, description="INT4 layers (com.microsoft MatMulNBits): 0/1 compute in float32 from the int4 weights "
         "(the quantize stage's numbers); 4 quantizes activations to int8 per block on CPU (faster, not exact; "
         "the gate measures it)")
+    w8a16_accuracy_level: Literal[1, 4] = Field(
+        1, description="INT8 weight-only (W8A16) layers, which ONNX Runtime fuses into 8-bit MatMulNBits: 1 computes "
+        "in float32 from the int8 weights (the quantize stage's numbers) through onnxruntime's reference kernel, "
+        "~20x slower than 4 on CPU (384 vs 18 ms per decode step on the realistic decoder, slower than the fp32 "
+        "export); 4 quantizes activations to int8 per block of 32 (not exact on outlier activations; the gate "
+        "measures it)")
     int4_prefill: Literal["int4", "int8"] = Field(
         "int4", description="int8: also write prefill.onnx, the decoder with its INT4 projections (lm_head "
         "excepted) as 7-bit int8 GEMMs with per-token activations, which the runner uses for prompts: ~0.65x the "
@@ -155,11 +162,13 @@ def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> Stage
                          int8_kernels="vnni" if tensorrt else cfg.int8_kernels,
                          int4_accuracy_level=cfg.int4_accuracy_level,
                          group_query_attention=cfg.optimize.fusion and cfg.optimize.group_query_attention
-                         and not tensorrt, select_logits=not tensorrt, int4_prefill=cfg.int4_prefill)
+                         and not tensorrt, select_logits=not tensorrt, int4_prefill=cfg.int4_prefill,
+                         w8a16_accuracy_level=cfg.w8a16_accuracy_level)
     if tensorrt:
         from compress.export.files import read_meta, write_meta
         from compress.export.fuse import count_ops
         from compress.export.nbits import QDQ_OPSET, export_to_dequantize
+        from compress.export.qdq import W8A16_LEVEL_KEY
 
         int4 = export_to_dequantize(out)  # MatMulNBits -> blocked int4 DequantizeLinear + MatMul (opset 21)
         meta = {**read_meta(out), "target": "tensorrt"}
@@ -169,7 +178,11 @@ def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> Stage
                              for g, f in meta["graphs"].items() if g != "embed"}
         if int4:  # ORT fuses DQ -> MatMul back into MatMulNBits; it computes at the stage's accuracy level
             meta.update(opset=max(meta["opset"], QDQ_OPSET), int4_dequantize_linear=int4)
-            meta["session"]["config"]["session.qdq_matmulnbits_accuracy_level"] = str(cfg.int4_accuracy_level)
+            config = meta["session"]["config"]
+            if config.get(W8A16_LEVEL_KEY, str(cfg.int4_accuracy_level)) != str(cfg.int4_accuracy_level):
+                raise ConfigError("export: this model has INT4 and INT8 weight-only layers, which ONNX Runtime fuses "
+                                  "under one session setting: make int4_accuracy_level and w8a16_accuracy_level equal")
+            config[W8A16_LEVEL_KEY] = str(cfg.int4_accuracy_level)
         write_meta(out, meta)
         result.meta = meta
     save_processor(ctx.processor, out)  # the folder answers questions on its own: graphs + processor
