@@ -307,12 +307,13 @@ QDQ_SESSION_DISABLED_OPTIMIZERS = ("CommonSubexpressionElimination",)
 # to int8 per block: W8A16 becomes W8A8, which on outlier activations costs accuracy (zoo:shapes-vqa-outliers:
 # KL 8e-4 instead of 2.6e-6). Level 1 computes in fp32 from the int8 weights, the quantize stage's numbers,
 # but onnxruntime 1.32's CPU kernel for 8 bits at level 1 is a reference loop: ~0.9 GB/s of weights against
-# ~27 at level 4 (benchmarks/bench_kernels.py), 384 vs 18 ms per decode step on the realistic decoder.
-W8A16_LEVEL_KEY = "session.qdq_matmulnbits_accuracy_level"
+# 26-33 at level 4 (benchmarks/bench_kernels.py), 384 vs 18 ms per decode step on the realistic decoder.
+# The same setting covers every DQ -> MatMul ORT fuses into MatMulNBits (INT4 of a tensorrt-target export too).
+NBITS_FUSION_LEVEL_KEY = "session.qdq_matmulnbits_accuracy_level"
 
 
 def weight_only_session_config(level: int) -> dict[str, str]:
-    return {W8A16_LEVEL_KEY: str(level)}
+    return {NBITS_FUSION_LEVEL_KEY: str(level)}
 
 
 def unshare_qdq(proto: Any) -> int:

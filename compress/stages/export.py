@@ -168,7 +168,7 @@ def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> Stage
         from compress.export.files import read_meta, write_meta
         from compress.export.fuse import count_ops
         from compress.export.nbits import QDQ_OPSET, export_to_dequantize
-        from compress.export.qdq import W8A16_LEVEL_KEY
+        from compress.export.qdq import NBITS_FUSION_LEVEL_KEY
 
         int4 = export_to_dequantize(out)  # MatMulNBits -> blocked int4 DequantizeLinear + MatMul (opset 21)
         meta = {**read_meta(out), "target": "tensorrt"}
@@ -178,11 +178,13 @@ def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> Stage
                              for g, f in meta["graphs"].items() if g != "embed"}
         if int4:  # ORT fuses DQ -> MatMul back into MatMulNBits; it computes at the stage's accuracy level
             meta.update(opset=max(meta["opset"], QDQ_OPSET), int4_dequantize_linear=int4)
-            config = meta["session"]["config"]
-            if config.get(W8A16_LEVEL_KEY, str(cfg.int4_accuracy_level)) != str(cfg.int4_accuracy_level):
+            config, level = meta["session"]["config"], str(cfg.int4_accuracy_level)
+            kind = lambda v: "float" if v in ("0", "1") else v  # noqa: E731  levels 0 and 1 both compute in float32
+            if kind(config.get(NBITS_FUSION_LEVEL_KEY, level)) != kind(level):
                 raise ConfigError("export: this model has INT4 and INT8 weight-only layers, which ONNX Runtime fuses "
-                                  "under one session setting: make int4_accuracy_level and w8a16_accuracy_level equal")
-            config[W8A16_LEVEL_KEY] = str(cfg.int4_accuracy_level)
+                                  "under one session setting: give int4_accuracy_level and w8a16_accuracy_level the "
+                                  "same kind (0/1: float, 4: int8 activations)")
+            config[NBITS_FUSION_LEVEL_KEY] = level
         write_meta(out, meta)
         result.meta = meta
     save_processor(ctx.processor, out)  # the folder answers questions on its own: graphs + processor
