@@ -25,15 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from compress.bench import median_ms
+
 SHAPES = ((1024, 2048), (1024, 1024), (1024, 5632), (2816, 1024))  # (K, N) per layer
 HEADS, KV_HEADS, HEAD_DIM = 16, 8, 64
+WARMUP, RUNS = 3, 30
 rng = np.random.default_rng(0)
 
 
@@ -43,17 +44,6 @@ def _session(model: Any) -> Any:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def _median_ms(run: Any, n: int = 30) -> float:
-    for _ in range(3):
-        run()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
 
 
 def projections(layers: int, kind: str, block: int = 128, level: int = 4) -> tuple[Any, int]:
@@ -95,7 +85,7 @@ def time_projections(layers: int) -> list[dict[str, Any]]:
                                ("int8", 0, 0), ("nbits8", 32, 4), ("nbits8", 32, 1)):
         model, nbytes = projections(layers, kind, block, level)
         session = _session(model)
-        ms = _median_ms(lambda s=session: s.run(None, feeds))
+        ms = median_ms(lambda s=session: s.run(None, feeds), WARMUP, RUNS)
         label = {"int4": f"INT4 MatMulNBits block {block} level {level}", "int8": "INT8 DynamicQuantizeMatMul",
                  "nbits8": f"8-bit MatMulNBits block {block} level {level} (W8A16 as ORT fuses it)"}[kind]
         rows.append({"kernel": label, "weights_mb": round(nbytes / 1e6, 1), "ms": round(ms, 2),
@@ -141,7 +131,7 @@ def time_attention(layers: int) -> list[dict[str, Any]]:
                 buffers.append(buffer)
                 binding.bind_ortvalue_input(f"past_{kv}{layer}", buffer)
                 binding.bind_ortvalue_output(f"present_{kv}{layer}", buffer)
-        ms = _median_ms(lambda b=binding: session.run_with_iobinding(b))
+        ms = median_ms(lambda b=binding: session.run_with_iobinding(b), WARMUP, RUNS)
         cache = 2 * KV_HEADS * (past + 1) * HEAD_DIM * 4
         rows.append({"past": past, "us_per_layer": round(ms * 1000 / layers, 1),
                      "cache_gb_s": round(cache * layers / ms / 1e6, 1)})
@@ -162,7 +152,7 @@ def main() -> None:
     torch.set_num_threads(2)
     copy = memory_bandwidth()["copy_gb_s"]
     a = torch.ones(128 * 2**20)
-    read = max(a.numel() * 4 / (_median_ms(lambda: a.sum(), 5) / 1000) / 1e9 for _ in range(2))
+    read = max(a.numel() * 4 / (median_ms(lambda: a.sum(), WARMUP, 5) / 1000) / 1e9 for _ in range(2))
     print(f"copy {copy} GB/s, read-only sum {read:.1f} GB/s", flush=True)
     report = {"host": cpu_features(), "copy_gb_s": copy, "read_gb_s": round(read, 1), "layers": args.layers,
               "projections": time_projections(args.layers), "attention": time_attention(args.layers),

@@ -34,19 +34,24 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def _recipe(tmp_path: Path, built: Path, name: str, quant: dict) -> Path:
+def _stages_recipe(tmp_path: Path, built: Path, name: str, stages: list[dict]) -> Path:
+    """recipes/int8-smollm2.yaml on the built SmolLM2 VLM with `stages` instead of its own."""
     doc = yaml.safe_load((ROOT / "recipes" / "int8-smollm2.yaml").read_text())
-    doc["name"] = name
+    doc.update(name=name, stages=stages)
     doc["model"]["source"] = str(built / "model")
     doc["evaluation"]["source"] = str(built / "eval")
     doc["calibration"]["source"] = str(ROOT / "calibration" / "shapes-vqa" / "calib")
-    stage = {k: v for k, v in doc["stages"][0].items()
-             if k not in ("weights", "activations", "smoothquant", "keep_float")}
-    doc["stages"] = [{**stage, **quant}]
     doc.pop("output")
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+def _recipe(tmp_path: Path, built: Path, name: str, quant: dict) -> Path:
+    """The recipe's own quantize stage with `quant` as its weights / activations / smoothing."""
+    stage = yaml.safe_load((ROOT / "recipes" / "int8-smollm2.yaml").read_text())["stages"][0]
+    stage = {k: v for k, v in stage.items() if k not in ("weights", "activations", "smoothquant", "keep_float")}
+    return _stages_recipe(tmp_path, built, name, [{**stage, **quant}])
 
 
 def test_static_int8_collapses_on_smollm2_and_the_outlier_aware_recipe_holds(tmp_path: Path):
@@ -87,15 +92,7 @@ def test_gqa_and_int4_exports_of_real_weights_answer_as_torch(tmp_path: Path):
     keep = {"metric": "token_agreement", "min_retention": 0.5, "on_fail": "warn"}
 
     def run_stages(name: str, stages: list[dict]) -> list[dict]:
-        doc = yaml.safe_load((ROOT / "recipes" / "int8-smollm2.yaml").read_text())
-        doc.update(name=name, stages=stages)
-        doc["model"]["source"] = str(built / "model")
-        doc["evaluation"]["source"] = str(built / "eval")
-        doc["calibration"]["source"] = str(ROOT / "calibration" / "shapes-vqa" / "calib")
-        doc.pop("output")
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(doc, sort_keys=False))
-        result = run(path, out=tmp_path / name)
+        result = run(_stages_recipe(tmp_path, built, name, stages), out=tmp_path / name)
         assert result.ok, result.manifest["stages"]
         return result.manifest["stages"]
 
@@ -141,19 +138,11 @@ def test_weight_only_int8_levels_on_real_weights(tmp_path: Path):
     parity = {"atol": {"vision": 1e-4, "embed": 1e-6, "decoder": 2.0, "end_to_end": 2.0}, "rtol": 0.1}
     metrics = {}
     for level in (1, 4):
-        doc = yaml.safe_load((ROOT / "recipes" / "int8-smollm2.yaml").read_text())
-        doc.update(name=f"w8a16-level{level}", stages=[
+        result = run(_stages_recipe(tmp_path, built, f"w8a16-{level}", [
             {"type": "quantize", "name": "w8a16", "scheme": "int8", "targets": {"components": ["language"]},
              "activations": "none", "gate": keep},
             {"type": "export", "name": "onnx", "format": "onnx", "w8a16_accuracy_level": level, "parity": parity,
-             "gate": keep}])
-        doc["model"]["source"] = str(built / "model")
-        doc["evaluation"]["source"] = str(built / "eval")
-        doc["calibration"]["source"] = str(ROOT / "calibration" / "shapes-vqa" / "calib")
-        doc.pop("output")
-        path = tmp_path / f"w8a16-{level}.yaml"
-        path.write_text(yaml.safe_dump(doc, sort_keys=False))
-        result = run(path, out=tmp_path / f"w8a16-{level}")
+             "gate": keep}]), out=tmp_path / f"w8a16-{level}")
         assert result.ok, result.manifest["stages"]
         metrics["torch"], metrics[level] = (s["metrics"] for s in result.manifest["stages"])
         if level == 1:
