@@ -259,7 +259,7 @@ def test_attention_head_sizes_tensorrt_fuses(head_size, fused, tmp_path):
 def test_int4_and_weight_only_int8_share_one_ort_fusion_setting(tmp_path, capsys, w8a16_level, refused):
     """A tensorrt export with INT4 (language) and INT8 weight-only (vision) layers: ONNX Runtime fuses both
     DequantizeLinear forms into MatMulNBits under one session setting. Levels of the same kind (0 and 1: float)
-    share it; float INT4 with int8-activation W8A16 is refused with a clear error, nothing half-written kept."""
+    share it; float INT4 with int8-activation W8A16 is a recipe error, named with its line, nothing written."""
     w8a16 = {"type": "quantize", "name": "w8a16", "scheme": "int8", "targets": {"components": ["vision"]},
              "activations": "none", "gate": {"min_retention": 0.9}}
     int4 = {"type": "quantize", "name": "int4", "scheme": "int4", "targets": {"components": ["language"]},
@@ -267,12 +267,15 @@ def test_int4_and_weight_only_int8_share_one_ort_fusion_setting(tmp_path, capsys
     export = {**EXPORT, "int4_accuracy_level": 0, "w8a16_accuracy_level": w8a16_level, "gate": {"min_retention": 0.9},
               "parity": {"atol": 0.5, "rtol": 1.0e-2}}
     out = tmp_path / "run"
-    code = main(["run", str(_recipe(tmp_path, [w8a16, int4, export], samples=8)), "--out", str(out)])
-    manifest = json.loads((out / "manifest.json").read_text())
+    recipe = _recipe(tmp_path, [w8a16, int4, export], samples=8)
+    code = main(["run", str(recipe), "--out", str(out)])
     if refused:
-        assert code != 0 and "same kind (0/1: float, 4: int8 activations)" in capsys.readouterr().err
-        assert manifest["stages"][-1]["status"] != "completed"
+        err = capsys.readouterr().err
+        assert code != 0 and "same kind (0/1: float, 4: int8 activations)" in err
+        assert f"{recipe}:" in err and "w8a16_accuracy_level" in err and "Traceback" not in err
+        assert not out.exists()
     else:
         assert code == 0, capsys.readouterr().err
+        manifest = json.loads((out / "manifest.json").read_text())
         meta = json.loads((out / manifest["stages"][-1]["artifacts"] / "export.json").read_text())
         assert meta["session"]["config"] == {"session.qdq_matmulnbits_accuracy_level": "0"}

@@ -316,6 +316,13 @@ def weight_only_session_config(level: int) -> dict[str, str]:
     return {NBITS_FUSION_LEVEL_KEY: str(level)}
 
 
+def same_fusion_kind(a: int | str, b: int | str) -> bool:
+    """Whether two MatMulNBits accuracy levels compute alike (0 and 1 both in float32): one session setting
+    can then serve layers asking for either."""
+    kind = lambda v: "float" if str(v) in ("0", "1") else str(v)  # noqa: E731
+    return kind(a) == kind(b)
+
+
 def unshare_qdq(proto: Any) -> int:
     """Give every consumer of an activation Q -> DQ pair its own copy of the pair. Returns copies made.
 

@@ -124,6 +124,15 @@ class ExportConfig(StageConfig):
         trt = "TensorrtExecutionProvider" in self.providers or self.target == "tensorrt"
         if not trt or self.quantize != "from_stage":
             return None
+        from compress.export.qdq import same_fusion_kind
+
+        int4 = any(getattr(s, "scheme", None) == "int4" for s in earlier)
+        w8a16 = any(getattr(s, "scheme", None) == "int8" and getattr(s, "activations", None) == "none" for s in earlier)
+        if (self.target == "tensorrt" and int4 and w8a16
+                and not same_fusion_kind(self.int4_accuracy_level, self.w8a16_accuracy_level)):
+            return ("w8a16_accuracy_level: the tensorrt target exports INT4 and INT8 weight-only layers as "
+                    "DequantizeLinear, which ONNX Runtime fuses under one session setting: give int4_accuracy_level "
+                    "and w8a16_accuracy_level the same kind (0/1: float, 4: int8 activations)")
         for stage in earlier:
             if getattr(stage, "dynamic_activations", False):
                 return (f"TensorRT (target / provider) cannot run the dynamic INT8 activations of "
@@ -168,7 +177,7 @@ def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> Stage
         from compress.export.files import read_meta, write_meta
         from compress.export.fuse import count_ops
         from compress.export.nbits import QDQ_OPSET, export_to_dequantize
-        from compress.export.qdq import NBITS_FUSION_LEVEL_KEY
+        from compress.export.qdq import NBITS_FUSION_LEVEL_KEY, same_fusion_kind
 
         int4 = export_to_dequantize(out)  # MatMulNBits -> blocked int4 DequantizeLinear + MatMul (opset 21)
         meta = {**read_meta(out), "target": "tensorrt"}
@@ -178,9 +187,10 @@ def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> Stage
                              for g, f in meta["graphs"].items() if g != "embed"}
         if int4:  # ORT fuses DQ -> MatMul back into MatMulNBits; it computes at the stage's accuracy level
             meta.update(opset=max(meta["opset"], QDQ_OPSET), int4_dequantize_linear=int4)
+            # A recipe's own INT4 + W8A16 stages are checked when it loads (check_after); this catches W8A16
+            # layers the source checkpoint already had.
             config, level = meta["session"]["config"], str(cfg.int4_accuracy_level)
-            kind = lambda v: "float" if v in ("0", "1") else v  # noqa: E731  levels 0 and 1 both compute in float32
-            if kind(config.get(NBITS_FUSION_LEVEL_KEY, level)) != kind(level):
+            if not same_fusion_kind(config.get(NBITS_FUSION_LEVEL_KEY, level), level):
                 raise ConfigError("export: this model has INT4 and INT8 weight-only layers, which ONNX Runtime fuses "
                                   "under one session setting: give int4_accuracy_level and w8a16_accuracy_level the "
                                   "same kind (0/1: float, 4: int8 activations)")
