@@ -13,6 +13,9 @@ than of our graphs, so they are timed here without any graph of ours around them
   levels 4 and 1, INT8 per-channel `DynamicQuantizeMatMul` (the int8 GEMV kernel ORT's fused int8
   graphs run), and the 8-bit block-32 `MatMulNBits` ORT makes of a weight-only INT8 (W8A16) projection, at
   levels 4 and 1 (`w8a16_accuracy_level`). Reported as weight GB/s and as a multiple of the copy floor;
+- scaling: the copy and the INT4 block-128 projections on one thread and on two, and the same weight bytes as
+  one GEMV of the full width (what the kernel streams once per-op costs are gone): whether a second core
+  buys the kernel what it buys the copy;
 - attention: `GroupQueryAttention` for one new token over a past of 64 / 240 / 1000 positions, the cache
   bound as a shared past/present buffer as `OrtRunner` does, microseconds per layer (the cache of all
   layers fits this host's L3 here, so this is the kernel's best case).
@@ -38,22 +41,23 @@ WARMUP, RUNS = 3, 30
 rng = np.random.default_rng(0)
 
 
-def _session(model: Any) -> Any:
+def _session(model: Any, threads: int = 2) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
+    options.intra_op_num_threads = threads
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def projections(layers: int, kind: str, block: int = 128, level: int = 4) -> tuple[Any, int]:
-    """A graph of `layers` x SHAPES batch-1 GEMMs (4- or 8-bit MatMulNBits, or INT8 DynamicQuantizeMatMul) and
-    its weight bytes."""
+def projections(layers: int, kind: str, block: int = 128, level: int = 4,
+                shapes: tuple[tuple[int, int], ...] = SHAPES) -> tuple[Any, int]:
+    """A graph of `layers` x `shapes` batch-1 GEMMs (4- or 8-bit MatMulNBits, or INT8 DynamicQuantizeMatMul)
+    and its weight bytes."""
     from onnx import TensorProto, helper, numpy_helper
 
     nodes, inits, nbytes = [], [], 0
     for layer in range(layers):
-        for j, (k, n) in enumerate(SHAPES):
+        for j, (k, n) in enumerate(shapes):
             name = f"{layer}_{j}"
             x = "x_wide" if k != 1024 else "x"
             if kind in ("int4", "nbits8"):
@@ -92,6 +96,31 @@ def time_projections(layers: int) -> list[dict[str, Any]]:
                      "weight_gb_s": round(nbytes / ms / 1e6, 1)})
         print(rows[-1], flush=True)
         del session
+    return rows
+
+
+def time_scaling(layers: int) -> list[dict[str, Any]]:
+    """INT4 block-128 projections per layer and as one full-width GEMV of the same K=1024 bytes, and the copy,
+    on 1 and 2 threads."""
+    import torch
+
+    from compress.floor import memory_bandwidth
+
+    feeds = {name: rng.standard_normal((1, k), dtype=np.float32) for name, k in (("x", 1024), ("x_wide", 2816))}
+    width = sum(n for k, n in SHAPES if k == 1024) * layers
+    rows = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        row: dict[str, Any] = {"threads": threads, "copy_gb_s": memory_bandwidth()["copy_gb_s"]}
+        for key, (count, shapes) in {"per_layer_gb_s": (layers, SHAPES),
+                                     "one_gemv_gb_s": (1, ((1024, width),))}.items():
+            model, nbytes = projections(count, "int4", 128, 4, shapes)
+            session = _session(model, threads)
+            row[key] = round(nbytes / median_ms(lambda s=session: s.run(None, feeds), WARMUP, RUNS) / 1e6, 1)
+            del session
+        rows.append(row)
+        print(row, flush=True)
+    torch.set_num_threads(2)
     return rows
 
 
@@ -155,7 +184,8 @@ def main() -> None:
     read = max(a.numel() * 4 / (median_ms(lambda: a.sum(), WARMUP, 5) / 1000) / 1e9 for _ in range(2))
     print(f"copy {copy} GB/s, read-only sum {read:.1f} GB/s", flush=True)
     report = {"host": cpu_features(), "copy_gb_s": copy, "read_gb_s": round(read, 1), "layers": args.layers,
-              "projections": time_projections(args.layers), "attention": time_attention(args.layers),
+              "projections": time_projections(args.layers),
+              "scaling": time_scaling(args.layers), "attention": time_attention(args.layers),
               "copy_gb_s_after": memory_bandwidth()["copy_gb_s"]}
     # the floor divides by the faster copy: on a shared host the copy swings between minutes, the kernels less
     best = max(report["copy_gb_s"], report["copy_gb_s_after"])
@@ -168,6 +198,10 @@ def main() -> None:
              "|---|---|---|---|---|"]
     lines += [f"| {r['kernel']} | {r['weights_mb']} | {r['ms']} | {r['weight_gb_s']} | {r['x_floor']} |"
               for r in report["projections"]]
+    lines += ["", "| threads | copy GB/s | INT4 b128 per layer, weight GB/s | one full-width GEMV |",
+              "|---|---|---|---|"]
+    lines += [f"| {r['threads']} | {r['copy_gb_s']} | {r['per_layer_gb_s']} | {r['one_gemv_gb_s']} |"
+              for r in report["scaling"]]
     lines += ["", "| GroupQueryAttention, past | us per layer | cache GB/s |", "|---|---|---|"]
     lines += [f"| {r['past']} | {r['us_per_layer']} | {r['cache_gb_s']} |" for r in report["attention"]]
     (args.out / "kernels.md").write_text("\n".join(lines) + "\n")
