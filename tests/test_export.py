@@ -28,6 +28,7 @@ from compress.quant import ActQuant, Int8Linear, WeightQuant, quantize_linears
 from compress.runtime.ort_runner import OrtRunner, resolve_providers
 from compress.runtime.torch_runner import TorchRunner
 from compress.stages.base import Targets
+from compress.stages.export import speed_note
 
 pytest.importorskip("onnxscript")
 
@@ -381,7 +382,7 @@ def test_providers_and_folder_errors(tmp_path: Path, llava: Exported):
 
 
 @pytest.mark.parametrize("level", [1, 4])
-def test_weight_only_int8_accuracy_level_reaches_onnxruntime(tmp_path: Path, level: int):
+def test_weight_only_int8_accuracy_level_reaches_onnxruntime(tmp_path: Path, level: int, llava: Exported):
     """ORT fuses DQ(int8) -> MatMul to MatMulNBits: the export records the accuracy level W8A16 computes at and
     the runner applies it. Level 1 keeps the quantize stage's float numbers; level 4 (int8 activations per
     block, ~20x faster decode on CPU) measurably does not on outlier activations."""
@@ -395,6 +396,9 @@ def test_weight_only_int8_accuracy_level_reaches_onnxruntime(tmp_path: Path, lev
     exp = _export("llava", tmp_path / "w8a16", fusion=True, prepare=w8a16, w8a16_accuracy_level=level)
     meta = read_meta(exp.out)
     assert meta["session"]["config"] == {"session.qdq_matmulnbits_accuracy_level": str(level)}
+    # the stage's report names the slow kernel level 1 picks, and the setting that trades it
+    assert (speed_note(meta) is not None) == (level == 1)
+    assert speed_note({**meta, "target": "tensorrt"}) is None and speed_note(read_meta(llava.out)) is None
     assert runtime_ops(exp.out / "decoder.onnx").get("MatMulNBits", 0) > 0
     batch = exp.inputs()
     want = exp.torch_runner().logits(batch.inputs)
