@@ -33,12 +33,16 @@ STAGES: dict[str, list[dict]] = {
                   "activations": {"calibration": "minmax"}}],
     # INT4 is the one quantize scheme with its own ONNX op (MatMulNBits): quantized, then exported. The
     # float export of every family is tested on its own in test_export / test_family_exports / test_qwen_export.
-    "export": [{"type": "quantize", "scheme": "int4", "targets": LANGUAGE, "int4": {"group_size": 32}},
+    # AWQ folds into every family's norms (Gemma's scale by 1 + weight); the lm_head too, untied where the
+    # family ties it to the input embeddings.
+    "export": [{"type": "quantize", "scheme": "int4", "targets": {"components": ["language", "lm_head"]},
+                "int4": {"group_size": 32, "rounding": "awq"}},
                {"type": "export", "format": "onnx"}],
     "engine": [{"type": "export", "format": "onnx", "target": "tensorrt"},
                {"type": "engine", "compute_capabilities": ["sm86"],
                 "profiles": {"max_batch": 2, "max_prompt_tokens": 128, "max_new_tokens": 8}}],
 }
+TIED = {"gemma3", "paligemma"}  # tiny models whose lm_head is the input embedding table
 # What each family refuses (at load time, with the reason); everything else must run.
 REFUSED = {
     "qwen2_vl": {"shrink"},
@@ -99,6 +103,10 @@ def test_every_family_takes_every_stage_or_refuses_it_up_front(family, stage, mo
             if graph == "decoder":
                 assert fusion["attention_ops_in_mha"] == ops["Attention"]["nodes"], graph
         return
+    if stage == "export":
+        quantized = result.manifest["stages"][0]["details"]
+        assert ("untied" in quantized) == (family in TIED), quantized.get("untied")
+        assert quantized["awq"], "AWQ folded nothing"
     # Loaded back from disk and scored again, as a user would: the same answers as the stage's own gate.
     from compress.evaluate import evaluate
 

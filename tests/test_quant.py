@@ -45,6 +45,7 @@ class Tiny:
     adapter: Any
     batches: list[dict[str, torch.Tensor]]  # calibration
     inputs: dict[str, torch.Tensor]  # evaluation
+    processor: Any = None
 
     @torch.inference_mode()
     def loop(self, model: nn.Module) -> None:
@@ -74,7 +75,7 @@ def tiny(family: str) -> Tiny:
         return adapter.build_inputs(processor, [_image(g) for _ in questions], questions).inputs
 
     calib = [batch(["what color is it?", "which shape?"]), batch(["how many?", "is it round?"])]
-    return Tiny(model, adapter, calib, batch(["what is this?", "where is the square?"]))
+    return Tiny(model, adapter, calib, batch(["what is this?", "where is the square?"]), processor)
 
 
 def _linear_types(model: nn.Module) -> dict[str, type]:
@@ -491,3 +492,70 @@ def test_nf4_every_family(family, tmp_path: Path):
     out = t.logits(q)
     # a sanity bound on random weights: 4-bit everywhere in the tiny Gemma3 (scaled embeddings) measured 0.27
     assert not torch.equal(out, ref) and float((out - ref).abs().max()) < 0.5 * float(ref.abs().max())
+
+
+# ---- Gemma-family models: (1 + weight) norms, a pre-feedforward norm, a tied lm_head ------------------
+
+
+def test_norm_offset_is_probed_from_the_module():
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from compress.quant.smooth_rules import norm_offset
+
+    layer_norm = nn.LayerNorm(16)
+    with torch.no_grad():
+        layer_norm.weight.uniform_(0.5, 2.0)
+        layer_norm.bias.uniform_(-1.0, 1.0)
+    for norm, want in ((Gemma3RMSNorm(16), 1.0), (LlamaRMSNorm(16), 0.0), (layer_norm, 0.0)):
+        before = {k: v.clone() for k, v in norm.state_dict().items()}
+        assert norm_offset(norm) == want, type(norm).__name__
+        assert all(torch.equal(v, norm.state_dict()[k]) for k, v in before.items())  # probing restores them
+
+
+@pytest.mark.parametrize("method", ["smoothquant", "awq"])
+@pytest.mark.parametrize("family", ["gemma3", "paligemma"])
+def test_smoothing_folds_into_gemma_norms(family, method):
+    """Gemma's RMSNorm scales by (1 + weight): folding 1/s into the weight as for Llama moved the outputs and
+    the fold was refused. Gemma 2 / 3 also read the MLP from pre_feedforward_layernorm."""
+    from compress.quant.int4 import Int4Quant
+
+    t = tiny(family)
+    ref = t.logits()
+    mods = select_modules(t.model, t.adapter, LANGUAGE)
+    result = smooth(t.model, mods, t.loop, **({"int4": Int4Quant(group_size=32)} if method == "awq"
+                                              else {"alpha": 0.5}))
+    folded = {n: d["folded_into"] for n, d in result["modules"].items()}
+    assert any(n.endswith("q_proj") and "input_layernorm" in f for n, f in folded.items())
+    mlp_norm = "pre_feedforward_layernorm" if family == "gemma3" else "post_attention_layernorm"
+    assert any(n.endswith("gate_proj") and mlp_norm in f for n, f in folded.items()), folded
+    torch.testing.assert_close(t.logits(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_tied_lm_head_is_untied_then_quantized(scheme, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from compress.checkpoint import save_checkpoint
+    from compress.quant.int4 import Int4Quant
+    from compress.quant.linears import quantize_int4_linears
+    from compress.quant.untie import untie_heads
+
+    t = tiny("gemma3")
+    embed = t.model.get_input_embeddings().weight
+    assert t.model.get_output_embeddings().weight is embed  # Gemma 3 ties them
+    table = embed.detach().clone()
+    names = list(select_modules(t.model, t.adapter, ALL.model_copy(update={"components": ["language", "lm_head"]})))
+    assert untie_heads(t.model, names) == {"lm_head": "model.language_model.embed_tokens.weight"}
+    assert t.model.config.tie_word_embeddings is False and untie_heads(t.model, names) == {}
+    if scheme == "int8":
+        quantize_linears(t.model, names, WeightQuant())
+    else:
+        quantize_int4_linears(t.model, names, Int4Quant(group_size=32))
+    assert type(t.model.lm_head).__name__ == {"int8": "Int8Linear", "int4": "Int4Linear"}[scheme]
+    assert torch.equal(t.model.get_input_embeddings().weight, table)  # the table is not rounded
+    want = t.logits()
+    save_checkpoint(t.model, t.processor, tmp_path)
+    plain = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()  # what a user without us loads
+    assert torch.equal(plain.get_input_embeddings().weight, table)
+    torch.testing.assert_close(t.logits(plain), want, rtol=1e-5, atol=1e-5)

@@ -29,6 +29,7 @@ class Rule:
 RULES: tuple[Rule, ...] = (
     Rule("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "norm"),
     Rule("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "norm", unless="pre_feedforward_layernorm"),
+    Rule("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "norm"),  # Gemma 2 / 3
     Rule("layer_norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "norm"),  # CLIP, SigLIP
     Rule("layer_norm2", ("mlp.fc1",), "norm"),
     Rule("norm1", ("attn.qkv",), "norm"),  # Qwen2-VL vision
@@ -48,6 +49,7 @@ class Mapping:
     kind: str
     rows: slice  # the source rows that produce the targets' input (all, or the V third of a fused qkv)
     groups: tuple[int, int, int] | None = None  # heads: (kv heads, query heads per kv head, head_dim)
+    offset: float = 0.0  # norm: it scales by (offset + weight); Gemma's RMSNorm by (1 + weight)
 
 
 def _get(root: nn.Module, path: str) -> nn.Module | None:
@@ -92,7 +94,7 @@ def find_mappings(model: nn.Module, selected: set[str]) -> list[Mapping]:
                 w = getattr(src, "weight", None)
                 if type(src) is nn.Linear or not isinstance(w, torch.Tensor) or w.shape != (tgts[0].in_features,):
                     continue
-                mapping = Mapping(_join(prefix, rule.source), names, "norm", slice(None))
+                mapping = Mapping(_join(prefix, rule.source), names, "norm", slice(None), offset=norm_offset(src))
             elif type(src) is not nn.Linear:
                 continue
             elif rule.kind == "rows":
@@ -112,3 +114,24 @@ def find_mappings(model: nn.Module, selected: set[str]) -> list[Mapping]:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
+
+
+@torch.no_grad()
+def norm_offset(norm: nn.Module) -> float:
+    """c in y = n(x) * (c + weight) (+ bias): 0 for most norms, 1 for Gemma's RMSNorm. Probed on the module
+    (weight 0 and 1, bias 0, on a fixed input) rather than read from class names, so a family that stores
+    its scale as an offset is folded right without a rule of its own."""
+    weight, bias = norm.weight, getattr(norm, "bias", None)
+    saved = [t.detach().clone() for t in (weight, bias) if isinstance(t, torch.Tensor)]
+    x = torch.randn(1, 4, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    try:
+        if isinstance(bias, torch.Tensor):
+            bias.zero_()
+        weight.zero_()
+        y0 = norm(x).float()
+        weight.fill_(1.0)
+        n = norm(x).float() - y0
+    finally:
+        for t, v in zip([t for t in (weight, bias) if isinstance(t, torch.Tensor)], saved, strict=True):
+            t.copy_(v)
+    return round(float((y0 * n).sum() / (n * n).sum()), 6)

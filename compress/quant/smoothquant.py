@@ -227,8 +227,8 @@ def _fold(model: nn.Module, m: Mapping, factors: _Factors, alpha: float) -> None
         w.mul_(s_tgt.to(w.device, w.dtype)[None, :])
     src = model.get_submodule(m.source)
     inv = (1.0 / s_src).to(src.weight.device)
-    if m.kind == "norm":
-        src.weight.mul_(inv.to(src.weight.dtype))
+    if m.kind == "norm":  # scale (offset + w) by 1/s
+        src.weight.copy_(((m.offset + src.weight.float()) * inv - m.offset).to(src.weight.dtype))
         if getattr(src, "bias", None) is not None:
             src.bias.mul_(inv.to(src.bias.dtype))
     else:

@@ -247,10 +247,13 @@ def apply(model: torch.nn.Module, cfg: QuantizeConfig, ctx: StageContext) -> Sta
         model = quantize_nf4(model, names, nf4.blocksize, nf4.double_quant, nf4.compute_dtype, ctx.workdir)
         ctx.adapter.bind(model)
         details = {"modules": nf4_details(model, names)}
-    elif cfg.scheme == "int4":
-        details = _int4(model, names, cfg, ctx)
     else:
-        details = _int8(model, names, cfg, ctx)
+        from compress.quant.untie import untie_heads
+
+        untied = untie_heads(model, names)  # a tied lm_head gets its own copy; the embedding table stays float
+        details = _int4(model, names, cfg, ctx) if cfg.scheme == "int4" else _int8(model, names, cfg, ctx)
+        if untied:
+            details["untied"] = untied
     ctx.fault_point()
     after = model_bytes(model)
     a = cfg.activations
