@@ -121,17 +121,17 @@ def norm_offset(norm: nn.Module) -> float:
     """c in y = n(x) * (c + weight) (+ bias): 0 for most norms, 1 for Gemma's RMSNorm. Probed on the module
     (weight 0 and 1, bias 0, on a fixed input) rather than read from class names, so a family that stores
     its scale as an offset is folded right without a rule of its own."""
-    weight, bias = norm.weight, getattr(norm, "bias", None)
-    saved = [t.detach().clone() for t in (weight, bias) if isinstance(t, torch.Tensor)]
+    weight = norm.weight
+    params = [t for t in (weight, getattr(norm, "bias", None)) if isinstance(t, torch.Tensor)]
+    saved = [t.detach().clone() for t in params]
     x = torch.randn(1, 4, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
     try:
-        if isinstance(bias, torch.Tensor):
-            bias.zero_()
-        weight.zero_()
+        for t in params:  # weight 0, bias 0: what is left is c * n(x)
+            t.zero_()
         y0 = norm(x).float()
         weight.fill_(1.0)
         n = norm(x).float() - y0
     finally:
-        for t, v in zip([t for t in (weight, bias) if isinstance(t, torch.Tensor)], saved, strict=True):
+        for t, v in zip(params, saved, strict=True):
             t.copy_(v)
     return round(float((y0 * n).sum() / (n * n).sum()), 6)

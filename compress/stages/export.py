@@ -210,6 +210,7 @@ def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> Stage
     parity_check = CheckResult("parity", 0.0, worst, None, _max_tol(cfg.parity.atol), not failures)
     runner = OrtRunner.from_dir(out, providers=cfg.providers, session_options=session_options(ctx.threads))
     files = {name: {"file": path.name, "bytes": path.stat().st_size} for name, path in result.files.items()}
+    notes = {"note": speed_note(result.meta), "parity_note": parity_note(cfg, result.quantized, failures)}
     return StageResult(model, {
         "format": cfg.format,
         "target": cfg.target,
@@ -224,8 +225,7 @@ def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> Stage
         "host_cpu": cpu_features(),
         "parity_max_abs_error": parity,
         "parity_failures": failures,
-        **({"note": note} if (note := speed_note(result.meta)) else {}),
-        **({"parity_note": note} if (note := parity_note(cfg, result.quantized, failures)) else {}),
+        **{k: v for k, v in notes.items() if v},
     }, runner=runner, artifacts=out, checks=[parity_check])
 
 
