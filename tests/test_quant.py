@@ -545,7 +545,7 @@ def test_a_tied_lm_head_is_untied_then_quantized(scheme, tmp_path):
     embed = t.model.get_input_embeddings().weight
     assert t.model.get_output_embeddings().weight is embed  # Gemma 3 ties them
     table = embed.detach().clone()
-    names = list(select_modules(t.model, t.adapter, ALL.model_copy(update={"components": ["language", "lm_head"]})))
+    names = list(select_modules(t.model, t.adapter, Targets(components=["language", "lm_head"])))
     assert untie_heads(t.model, names) == {"lm_head": "model.language_model.embed_tokens.weight"}
     assert t.model.config.tie_word_embeddings is False and untie_heads(t.model, names) == {}
     if scheme == "int8":

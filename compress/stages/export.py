@@ -35,6 +35,11 @@ class DynamicConfig(Strict):
     sequence: Literal[True] = Field(True, description="dynamic sequence and past axes")
 
 
+# Why a tensorrt-target export refuses INT4 and W8A16 levels of different kinds (at recipe load and at export).
+SAME_FUSION_KIND = ("which ONNX Runtime fuses under one session setting: give int4_accuracy_level and "
+                    "w8a16_accuracy_level the same kind (0/1: float, 4: int8 activations)")
+
+
 class ParityConfig(Strict):
     atol: float | dict[Graph, float] = Field(1e-4, description="absolute tolerance vs PyTorch: one number or "
                                                                "per graph")
@@ -131,8 +136,7 @@ class ExportConfig(StageConfig):
         if (self.target == "tensorrt" and int4 and w8a16
                 and not same_fusion_kind(self.int4_accuracy_level, self.w8a16_accuracy_level)):
             return ("w8a16_accuracy_level: the tensorrt target exports INT4 and INT8 weight-only layers as "
-                    "DequantizeLinear, which ONNX Runtime fuses under one session setting: give int4_accuracy_level "
-                    "and w8a16_accuracy_level the same kind (0/1: float, 4: int8 activations)")
+                    f"DequantizeLinear, {SAME_FUSION_KIND}")
         for stage in earlier:
             if getattr(stage, "dynamic_activations", False):
                 return (f"TensorRT (target / provider) cannot run the dynamic INT8 activations of "
@@ -191,9 +195,7 @@ def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> Stage
             # layers the source checkpoint already had.
             config, level = meta["session"]["config"], str(cfg.int4_accuracy_level)
             if not same_fusion_kind(config.get(NBITS_FUSION_LEVEL_KEY, level), level):
-                raise ConfigError("export: this model has INT4 and INT8 weight-only layers, which ONNX Runtime fuses "
-                                  "under one session setting: give int4_accuracy_level and w8a16_accuracy_level the "
-                                  "same kind (0/1: float, 4: int8 activations)")
+                raise ConfigError(f"export: this model has INT4 and INT8 weight-only layers, {SAME_FUSION_KIND}")
             config[NBITS_FUSION_LEVEL_KEY] = level
         write_meta(out, meta)
         result.meta = meta
