@@ -28,8 +28,8 @@ import torch
 from realistic_models import BUILDERS, IMAGE_SIZE, random_image
 
 from compress.arch import get_adapter
-from compress.bench import machine
-from compress.export import export_onnx
+from compress.bench.timing import machine
+from compress.export.onnx import export_onnx
 from compress.quant.int4 import Int4Quant
 from compress.quant.linears import quantize_int4_linears
 from compress.runtime.ort_runner import OrtRunner

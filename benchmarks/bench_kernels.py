@@ -5,7 +5,7 @@
 The decode-floor bar (a step within 1.5x of weight bytes / copy bandwidth) is a property of two kernels more
 than of our graphs, so they are timed here without any graph of ours around them, in one process:
 
-- bandwidth: `compress.floor.memory_bandwidth` (the STREAM-style copy the floor divides by) and a read-only
+- bandwidth: `compress.bench.floor.memory_bandwidth` (the STREAM-style copy the floor divides by) and a read-only
   `torch.sum` over the same 512 MiB, both on the runtimes' two threads;
 - projections: one ONNX graph of the realistic LLaVA decoder's GEMMs at batch 1 (per layer a packed q/k/v
   1024x2048, o 1024x1024, packed gate/up 1024x5632, down 2816x1024; `--layers` of them, far beyond the L3
@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from compress.bench import median_ms
+from compress.bench.timing import median_ms
 
 SHAPES = ((1024, 2048), (1024, 1024), (1024, 5632), (2816, 1024))  # (K, N) per layer
 HEADS, KV_HEADS, HEAD_DIM = 16, 8, 64
@@ -104,7 +104,7 @@ def time_scaling(layers: int) -> list[dict[str, Any]]:
     on 1 and 2 threads."""
     import torch
 
-    from compress.floor import memory_bandwidth
+    from compress.bench.floor import memory_bandwidth
 
     feeds = {name: rng.standard_normal((1, k), dtype=np.float32) for name, k in (("x", 1024), ("x_wide", 2816))}
     width = sum(n for k, n in SHAPES if k == 1024) * layers
@@ -171,7 +171,7 @@ def time_attention(layers: int) -> list[dict[str, Any]]:
 def main() -> None:
     import torch
 
-    from compress.floor import memory_bandwidth
+    from compress.bench.floor import memory_bandwidth
     from compress.host import cpu_features
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

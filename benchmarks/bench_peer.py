@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from compress.bench import median_ms
+from compress.bench.timing import median_ms
 
 
 def save_causal_lm(model: Any, adapter: Any, processor: Any, out: Path) -> Path:

@@ -23,9 +23,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compress.bench import load_runner, machine, measure_one  # noqa: E402
+from compress.bench.measure import measure_one  # noqa: E402
+from compress.bench.timing import machine  # noqa: E402
 from compress.host import cpu_features  # noqa: E402
 from compress.pipeline import run  # noqa: E402
+from compress.runs import load_runner  # noqa: E402
 
 MODELS = {"bundled": "zoo:shapes-vqa", "outliers": "zoo:shapes-vqa-outliers"}
 STATIC = {"calibration": "percentile", "percentile": 99.99}
@@ -103,7 +105,7 @@ def main() -> None:
 
     # Speed, after all runs, in one process: e2e latency of each export, batch 4, 16 tokens.
     from compress.arch import adapter_for_source
-    from compress.bench import eval_inputs
+    from compress.bench.measure import eval_inputs
     from compress.zoo import resolve_source
 
     for row in rows:

@@ -1,6 +1,6 @@
 """Realistic-shape VLMs with random weights, built from config with in-memory tokenizers (no downloads):
 a LLaVA (ViT-B/16 CLIP tower + Llama decoder, ~0.44B) and a Qwen2-VL (768-wide tower with 2-D rotary
-positions, 2x2 merge, Qwen2 decoder with M-RoPE, ~0.42B). Speed depends on shapes and kernels, not on what
+positions, 2x2 merge, Qwen2 decoder with M-RoPE, ~0.43B). Speed depends on shapes and kernels, not on what
 the weights say. Used by bench_realistic.py.
 """
 

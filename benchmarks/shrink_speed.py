@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_recipes import one_stage_recipe  # noqa: E402
 
-from compress.bench import bench  # noqa: E402
+from compress.bench.run import bench  # noqa: E402
 from compress.pipeline import run  # noqa: E402
 
 

@@ -21,7 +21,8 @@ from compress.errors import CompressError, ConfigError
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"  # one writer per run folder (an OS lock on this file)
-DONE = ("completed", "warned", "rolled_back")
+KEPT = ("completed", "warned")  # stages whose outputs are part of the run
+DONE = (*KEPT, "rolled_back")  # stages a resumed run does not redo
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -41,7 +41,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from compress.bench import bench, markdown
+    from compress.bench.run import bench, markdown
 
     result = bench(args.run_dir, batch=args.batch, new_tokens=args.new_tokens, warmup=args.warmup,
                    repeats=args.repeats, providers=args.providers)
@@ -82,9 +82,9 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 def _cmd_zoo_tiny(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from compress.arch.tiny import FAMILIES, save_tiny
     from compress.artifacts import atomic_dir
     from compress.errors import ConfigError
+    from compress.zoo.tiny import FAMILIES, save_tiny
 
     out = Path(args.out)
     if args.family not in FAMILIES:

@@ -21,12 +21,6 @@ class ConfigError(CompressError):
     exit_code = 2
 
 
-class GateFailed(CompressError):
-    """A stage's accuracy gate failed with `on_fail: stop`."""
-
-    exit_code = 3
-
-
 class WriteError(CompressError):
     """A file could not be written (disk full, file too large, I/O error). Nothing partial is kept as an
     artifact; `--resume` after freeing space finishes the run."""

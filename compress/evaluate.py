@@ -9,45 +9,18 @@ baseline, and the data must be the very set the baseline was recorded on (checke
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from compress.errors import ConfigError
+from compress.runs import identify, load_runner, run_recipe
 
 OVERRIDABLE = ("source", "batch_size", "max_new_tokens", "num_samples", "prompt", "metrics")
 
 
-@dataclass(frozen=True)
-class Artifact:
-    path: Path
-    kind: str  # "torch" | "onnx"
-    model_type: str
-
-
-def identify(path: str | Path) -> Artifact:
-    """What PATH is, from its files alone (nothing heavy is loaded)."""
-    p = Path(path)
-    if not p.is_dir():
-        raise ConfigError(f"'{path}' is not a folder (expected a transformers model folder or an ONNX export folder)")
-    if (p / "export.json").is_file():
-        from compress.export.files import read_meta
-
-        return Artifact(p, "onnx", read_meta(p)["model_type"])
-    if (p / "config.json").is_file():
-        from compress.arch import adapter_for_source
-
-        return Artifact(p, "torch", adapter_for_source(str(p)).model_type)
-    if (p / "manifest.json").is_file():
-        raise ConfigError(f"'{path}' is a run folder; pass one of its artifacts, e.g. {p}/stages/<name>")
-    raise ConfigError(f"'{path}' has neither config.json (a transformers model) nor export.json (an ONNX export)")
-
-
 def _run_recipe(run_dir: Path) -> tuple[Any, dict[str, Any]]:
-    from compress.bench import run_recipe
-
     if not (run_dir / "manifest.json").is_file():
         raise ConfigError(f"--reference {run_dir}: not a run folder (no manifest.json)")
     return run_recipe(run_dir)
@@ -95,7 +68,6 @@ def evaluate(path: str | Path, data: str | None = None, recipe: str | None = Non
     from safetensors.torch import load_file
 
     from compress.arch import get_adapter
-    from compress.bench import load_runner
     from compress.checks.evaluator import Evaluator, Reference
     from compress.data import load_dataset
 
@@ -123,7 +95,7 @@ def evaluate(path: str | Path, data: str | None = None, recipe: str | None = Non
     if ref is None:
         ev.metrics = {k: v for k, v in ev.metrics.items() if k.startswith("exact_match")}
     return {
-        "artifact": str(artifact.path),
+        "artifact": artifact.path,
         "kind": artifact.kind,
         "backend": runner.backend,
         "model_type": artifact.model_type,

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from compress import provenance
 from compress.arch import adapter_for_source
-from compress.artifacts import DONE, RunDir, atomic_dir
+from compress.artifacts import DONE, KEPT, RunDir, atomic_dir
 from compress.checkpoint import load_checkpoint, save_checkpoint
 from compress.checks.evaluator import Evaluation, Evaluator, Reference
 from compress.checks.gate import run_checks
@@ -34,10 +34,10 @@ from compress.data import Dataset, load_dataset
 from compress.errors import CompressError, ConfigError, RecipeError
 from compress.failures import fault, record_run_error, record_stage_error
 from compress.recipe import LoadedRecipe, load_recipe, stage_name
-from compress.registry import get_stage
 from compress.report import summary_rows, table, write_report
 from compress.runtime.torch_runner import TorchRunner
 from compress.stages.base import StageContext
+from compress.stages.catalog import get_stage
 from compress.zoo import resolve_source
 
 REFERENCE = "baseline/reference.safetensors"
@@ -209,7 +209,7 @@ def _execute(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunDi
     # The latest kept state: the source, or on resume the last kept checkpoint.
     state_source = inputs.source
     for rec in m.get("stages", []):
-        if rec["status"] in ("completed", "warned") and rec.get("checkpoint"):
+        if rec["status"] in KEPT and rec.get("checkpoint"):
             state_source = str(run_dir.path(rec["checkpoint"]))
     baseline_recorded = resuming and "baseline" in m and run_dir.path(REFERENCE).exists()
     # The source is only needed when the baseline must be measured; otherwise load the latest state once.
@@ -270,7 +270,7 @@ def _execute(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunDi
                                "started": datetime.now(UTC).isoformat(timespec="seconds")}
         run_dir.set_stage_record(rec)
         t0 = time.time()
-        exports = [s["artifacts"] for s in m.get("stages", []) if s["status"] in ("completed", "warned")
+        exports = [s["artifacts"] for s in m.get("stages", []) if s["status"] in KEPT
                    and s.get("artifacts") and s["index"] < i]
         ctx = StageContext(adapter=adapter, processor=processor, workdir=run_dir.path(f".work/{name}"),
                            seed=r.seed, forward_loop=forward_loop, threads=threads,

@@ -17,10 +17,10 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
+from compress.config import StageConfig, Strict
 from compress.data.config import DataConfig
 from compress.errors import RecipeError
-from compress.registry import stages as registered_stages
-from compress.stages.base import StageConfig, Strict
+from compress.stages.catalog import stages as registered_stages
 
 Metric = Literal["exact_match", "token_agreement", "logit_kl"]
 

@@ -1,4 +1,8 @@
-"""The stage registry: a stage is one config class plus one `apply` function, keyed by `type`."""
+"""The stage registry: a stage is one config class plus one `apply` function, keyed by `type`.
+
+A leaf: stage modules register themselves here when imported; `compress.stages.catalog` imports the
+built-in ones, so the registry never imports a stage back.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import get_args
 
-from compress.stages.base import StageConfig, StageContext, StageResult
+from compress.config import StageConfig
+from compress.stages.base import StageContext, StageResult
 
 Apply = Callable[..., StageResult]
 
@@ -19,8 +24,6 @@ class StageSpec:
 
 
 _STAGES: dict[str, StageSpec] = {}
-BUILTIN_STAGES = ("compress.stages.prune", "compress.stages.shrink", "compress.stages.distill",
-                  "compress.stages.quantize", "compress.stages.export", "compress.stages.engine")
 
 
 def register_stage(config: type[StageConfig]) -> Callable[[Apply], Apply]:
@@ -36,14 +39,6 @@ def register_stage(config: type[StageConfig]) -> Callable[[Apply], Apply]:
     return wrap
 
 
-def stages() -> dict[str, StageSpec]:
-    import importlib
-
-    for module in BUILTIN_STAGES:  # importing a stage module registers it
-        importlib.import_module(module)
-
+def registered() -> dict[str, StageSpec]:
+    """Every stage registered so far (the built-in ones once `compress.stages.catalog` is imported)."""
     return dict(_STAGES)
-
-
-def get_stage(type_name: str) -> StageSpec:
-    return stages()[type_name]

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from compress.arch import ADAPTERS, adapter_for_source, get_adapter, select_modules, supported
-from compress.arch.tiny import FAMILIES, save_tiny, tiny_model
+from compress.config import Targets
 from compress.errors import ConfigError
 from compress.runtime.torch_runner import position_ids
-from compress.stages.base import Targets
+from compress.zoo.tiny import FAMILIES, save_tiny, tiny_model
 
 QUESTIONS = ["what color is it?", "is the shape round or square?"]
 ANSWERS = ["red", "a blue square"]

@@ -12,10 +12,12 @@ import pytest
 import yaml
 
 from compress.arch import get_adapter
-from compress.bench import Artifact, artifacts, chart, markdown, median_ms, timed
+from compress.bench.run import chart, markdown
+from compress.bench.timing import median_ms, timed
 from compress.checkpoint import load_checkpoint
 from compress.cli import main
 from compress.errors import CompressError
+from compress.runs import Artifact, artifacts
 from compress.runtime.ort_runner import OrtRunner
 from compress.runtime.torch_runner import TorchRunner
 from compress.zoo import MODELS, shapes
@@ -119,7 +121,8 @@ def test_artifacts_skip_failed_stages_and_markdown_reports_errors(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     arts = artifacts(tmp_path)
     assert [(a.name, a.kind, a.bytes) for a in arts[1:]] == [("a", "torch", 10)]
-    assert arts[0] == Artifact("source", "torch", str(MODELS["shapes-vqa"]), arts[0].bytes)
+    assert arts[0] == Artifact("source", "torch", str(MODELS["shapes-vqa"]), "llava")
+    assert arts[0].bytes > 1_000_000  # the bundled model's weights
 
     row = {"vision_ms_per_image": 2.0, "ttft_ms": 4.0, "decode_tokens_per_s": 100.0, "decode_ms_per_step": 10.0,
            "e2e_ms": 40.0, "peak_rss_mb": 400.0, "net_rss_mb": 40.0, "bytes": 8_000_000, "decode_x_floor": 2.5,
@@ -149,7 +152,7 @@ def test_bench_refuses_a_non_run_folder_and_bad_settings(tmp_path, capsys):
     assert "not a run folder" in capsys.readouterr().err
     assert main(["bench", str(tmp_path), "--new-tokens", "1"]) == 1
     assert "at least 2" in capsys.readouterr().err
-    from compress.bench import bench
+    from compress.bench.run import bench
 
     with pytest.raises(CompressError, match="at least 1"):
         bench(tmp_path, repeats=0)
@@ -161,7 +164,7 @@ def test_bench_builds_prompts_with_the_runs_evaluation_prompt(tmp_path):
     from test_recipe import VALID
 
     from compress.arch import get_adapter
-    from compress.bench import eval_inputs
+    from compress.bench.measure import eval_inputs
 
     doc = yaml.safe_load(VALID)
     doc["evaluation"]["prompt"] = "<image> question: {question} answer:"

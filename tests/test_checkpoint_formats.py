@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 
 from compress.arch import get_adapter
-from compress.arch.tiny import save_tiny
 from compress.checkpoint import load_checkpoint, save_checkpoint
-from compress.registry import get_stage
 from compress.stages.base import StageContext
+from compress.stages.catalog import get_stage
 from compress.stages.quantize import ActivationsConfig, Int4Config, QuantizeConfig, WeightsConfig
+from compress.zoo.tiny import save_tiny
 
 ALL = {"components": ["vision", "projector", "language"]}
 STATIC = {"calibration": "percentile", "percentile": 99.9}
@@ -120,8 +120,8 @@ def _stage_checkpoint(tmp_path: Path, key: str, family: str, extra: dict) -> Pat
     pattern = extra.pop("_prune", None)
     if pattern:
         from compress.arch import select_modules
-        from compress.sparsity import prune_linears
-        from compress.stages.base import Targets
+        from compress.config import Targets
+        from compress.prune.sparsity import prune_linears
 
         prune_linears(model, select_modules(model, adapter, Targets(**ALL)), "magnitude", 0.5, pattern, None)
     raw = {"type": "quantize", "scheme": scheme, "targets": ALL, "gate": {"min_retention": 0.5}, **extra}

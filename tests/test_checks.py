@@ -9,8 +9,8 @@ import torch
 
 from compress.checks import metrics as M
 from compress.checks.gate import retention, run_checks
+from compress.config import Gate
 from compress.report import retention_plot, summary_rows
-from compress.stages.base import Gate
 
 
 def test_normalize_and_exact_match():

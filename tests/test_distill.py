@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from compress.cli import main
 from compress.errors import RecipeError
+from compress.prune.sparsity import nm_valid
 from compress.recipe import load_recipe
-from compress.sparsity import nm_valid
 
 ROOT = Path(__file__).parent.parent
 PRUNE = {"type": "prune", "name": "wanda", "method": "wanda", "pattern": "2:4",

@@ -17,18 +17,18 @@ import torch
 from torch import nn
 
 from compress.arch import get_adapter, select_modules
-from compress.arch.tiny import tiny_model
+from compress.config import Targets
 from compress.errors import ConfigError
-from compress.export import copy_export, export_onnx, read_meta
+from compress.export.files import copy_export, read_meta
 from compress.export.fuse import count_ops, fuse_export, runtime_ops
-from compress.export.onnx import dummy_images
+from compress.export.onnx import dummy_images, export_onnx
 from compress.export.parity import ParityError, check_parity
 from compress.export.portable import ort_optimized
 from compress.quant import ActQuant, Int8Linear, WeightQuant, quantize_linears
 from compress.runtime.ort_runner import OrtRunner, resolve_providers
 from compress.runtime.torch_runner import TorchRunner
-from compress.stages.base import Targets
 from compress.stages.export import speed_note
+from compress.zoo.tiny import tiny_model
 
 pytest.importorskip("onnxscript")
 

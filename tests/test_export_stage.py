@@ -133,8 +133,8 @@ def test_tensorrt_provider_after_dynamic_int8_is_a_load_time_error(tmp_path):
 def test_a_quantized_export_missing_float_parity_says_why(tmp_path):
     """Default parity tolerances are float exports'; INT8 graphs computed by integer kernels can miss them by a
     rounding step. The stage says so (and where tolerances that fit are) when that is what happened."""
-    from compress.arch.tiny import save_tiny
     from compress.stages.export import ExportConfig, parity_note
+    from compress.zoo.tiny import save_tiny
 
     model = save_tiny("llava", tmp_path / "model")
     doc = {"name": "q", "model": {"source": str(model)},

@@ -15,12 +15,13 @@ import torch
 from PIL import Image
 
 from compress.arch import get_adapter
-from compress.arch.tiny import tiny_model
-from compress.export import export_onnx, read_meta
+from compress.export.files import read_meta
+from compress.export.onnx import export_onnx
 from compress.export.parity import check_parity
 from compress.runtime.ort_runner import OrtRunner
 from compress.runtime.torch_runner import TorchRunner
 from compress.runtime.vision_inputs import block_sequence_ids
+from compress.zoo.tiny import tiny_model
 
 pytest.importorskip("onnxscript")
 FAMILIES = ("paligemma", "gemma3", "internvl", "mllama")

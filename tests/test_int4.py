@@ -133,8 +133,8 @@ def test_gptq_and_awq_beat_round_to_nearest_on_real_outliers(tmp_path):
     import torch.nn.functional as F
 
     from compress.arch import get_adapter
-    from compress.registry import get_stage
     from compress.stages.base import StageContext
+    from compress.stages.catalog import get_stage
 
     model, processor, _, batches = _outlier_model_batches(6, 16)
     calib, held_out = batches[:4], batches[4:]
@@ -169,11 +169,11 @@ def test_the_toolkit_reads_its_int4_checkpoints_back_exactly(symmetric, tmp_path
     """Symmetric INT4 is written pack-quantized, with zero points int-quantized (see ct_checkpoint); both come
     back through transformers' loader as the same Int4Linear codes, scales and zero points."""
     from compress.arch import get_adapter, select_modules
-    from compress.arch.tiny import save_tiny
     from compress.checkpoint import load_checkpoint, save_checkpoint
+    from compress.config import Targets
     from compress.quant.int4 import Int4Quant
     from compress.quant.linears import quantize_int4_linears
-    from compress.stages.base import Targets
+    from compress.zoo.tiny import save_tiny
 
     adapter = get_adapter("llava")
     model, processor = load_checkpoint(save_tiny("llava", tmp_path / "src"), adapter)

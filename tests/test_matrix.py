@@ -15,11 +15,11 @@ import pytest
 import yaml
 
 from compress.arch import ADAPTERS, get_adapter
-from compress.arch.tiny import save_tiny
 from compress.cli import main
 from compress.errors import RecipeError
 from compress.pipeline import run
-from compress.registry import stages
+from compress.stages.catalog import stages
+from compress.zoo.tiny import save_tiny
 
 ROOT = Path(__file__).parent.parent
 GATE = {"max_kl": 1000.0, "on_fail": "warn"}  # random models: the gate passes; stage checks (parity) decide
@@ -142,8 +142,8 @@ def test_torch_runner_decodes_exactly_like_hf_generate(family):
     import torch
     from PIL import Image
 
-    from compress.arch.tiny import tiny_model
     from compress.runtime.torch_runner import TorchRunner
+    from compress.zoo.tiny import tiny_model
 
     model, processor = tiny_model(family)
     adapter = get_adapter(family).bind(model)

@@ -12,9 +12,10 @@ import yaml
 from safetensors.torch import load_file
 from torch import nn
 
+from compress.observe import Hessian
 from compress.pipeline import run
 from compress.quant import ActQuant, Int8Linear, KeepFloat, WeightQuant, quantize_linears, smooth
-from compress.quant.gptq import Hessian, gptq_quantize
+from compress.quant.gptq import gptq_quantize
 from compress.quant.int8 import dynamic_scale, fake_quant, quantize_weight
 from compress.quant.smooth_rules import Mapping
 from compress.quant.smoothquant import _Factors, int8_output, search_alpha
@@ -121,10 +122,10 @@ def test_keep_float_takes_the_most_sensitive_layers_within_its_budget():
 
 def test_outlier_aware_quantize_on_a_model_keeps_outputs_where_static_collapses():
     from compress.arch import get_adapter, select_modules
-    from compress.arch.tiny import tiny_model
+    from compress.config import Targets
     from compress.export.onnx import dummy_images
-    from compress.stages.base import Targets
     from compress.zoo.outliers import add_outliers
+    from compress.zoo.tiny import tiny_model
 
     model, processor = tiny_model("llava")
     add_outliers(model)

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from compress.arch import get_adapter, select_modules
-from compress.arch.tiny import tiny_model
-from compress.export import copy_export, export_onnx, read_meta
-from compress.export.onnx import dummy_images
+from compress.config import Targets
+from compress.export.files import copy_export, read_meta
+from compress.export.onnx import dummy_images, export_onnx
 from compress.export.portable import (
     make_portable,
     ort_optimized,
@@ -33,7 +33,7 @@ from compress.export.portable import (
 from compress.host import cpu_features
 from compress.quant import ActQuant, WeightQuant, quantize_linears
 from compress.runtime.ort_runner import OrtRunner
-from compress.stages.base import Targets
+from compress.zoo.tiny import tiny_model
 
 pytest.importorskip("onnxscript")
 

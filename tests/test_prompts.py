@@ -12,12 +12,12 @@ import yaml
 from torch import nn
 
 from compress.arch import get_adapter
-from compress.arch.tiny import tiny_model
 from compress.checkpoint import model_bytes
 from compress.cli import main
 from compress.errors import RecipeError
 from compress.recipe import ExtractConfig, load_recipe
 from compress.zoo import MODELS
+from compress.zoo.tiny import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL = str(ROOT / "calibration" / "shapes-vqa" / "eval")

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from compress.arch import select_modules
-from compress.arch.tiny import FAMILIES
+from compress.config import Targets
 from compress.errors import ConfigError
-from compress.sparsity import nm_mask, nm_valid, prune_linears, sparsegpt_prune, unstructured_mask
-from compress.stages.base import Targets
+from compress.prune.sparsity import nm_mask, nm_valid, prune_linears, sparsegpt_prune, unstructured_mask
+from compress.zoo.tiny import FAMILIES
 
 LANGUAGE = Targets(components=["language"])
 
@@ -48,7 +48,7 @@ def _tiny(family: str):
     from PIL import Image
 
     from compress.arch import get_adapter
-    from compress.arch.tiny import tiny_model
+    from compress.zoo.tiny import tiny_model
 
     model, processor = tiny_model(family)
     adapter = get_adapter(family).bind(model)

@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from compress.arch import get_adapter, select_modules
-from compress.arch.tiny import FAMILIES, tiny_model
+from compress.config import Targets
 from compress.errors import ConfigError
 from compress.quant import (
     ActQuant,
@@ -30,7 +30,7 @@ from compress.quant import (
     use_portable_nf4_kernel,
 )
 from compress.runtime.torch_runner import TorchRunner
-from compress.stages.base import Targets
+from compress.zoo.tiny import FAMILIES, tiny_model
 
 ALL = Targets(components=["vision", "projector", "language", "lm_head"])
 LANGUAGE = Targets(components=["language"])

@@ -12,13 +12,13 @@ import yaml
 from PIL import Image
 
 from compress.arch import get_adapter
-from compress.arch.tiny import FAMILIES, save_tiny
 from compress.checkpoint import load_checkpoint
 from compress.cli import main
 from compress.errors import ConfigError, RecipeError
 from compress.recipe import load_recipe
-from compress.registry import get_stage
 from compress.stages.base import StageContext
+from compress.stages.catalog import get_stage
+from compress.zoo.tiny import FAMILIES, save_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 

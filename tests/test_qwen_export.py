@@ -17,14 +17,15 @@ from PIL import Image
 from transformers import vision_utils
 
 from compress.arch import get_adapter
-from compress.arch.tiny import save_tiny, tiny_model
-from compress.export import export_onnx, read_meta
+from compress.export.files import read_meta
 from compress.export.fuse import runtime_ops
+from compress.export.onnx import export_onnx
 from compress.export.parity import check_parity
 from compress.pipeline import run
 from compress.runtime import mrope
 from compress.runtime.ort_runner import OrtRunner
 from compress.runtime.torch_runner import TorchRunner
+from compress.zoo.tiny import save_tiny, tiny_model
 
 pytest.importorskip("onnxscript")
 ROOT = Path(__file__).parent.parent

@@ -14,14 +14,14 @@ from test_checkpoint_formats import LOADER
 from test_prune import _tiny
 
 from compress.arch import get_adapter
-from compress.arch.tiny import FAMILIES
 from compress.checkpoint import save_checkpoint
 from compress.cli import main
 from compress.errors import ConfigError
-from compress.registry import get_stage
+from compress.prune.structured import kept_width
 from compress.stages.base import StageContext
+from compress.stages.catalog import get_stage
 from compress.stages.shrink import ShrinkConfig
-from compress.structured import kept_width
+from compress.zoo.tiny import FAMILIES
 
 ROOT = Path(__file__).parent.parent
 M_ROPE = ("qwen2_vl", "qwen2_5_vl")  # head_dim = hidden // heads: heads cannot be pruned
@@ -127,7 +127,7 @@ def test_every_family_reloads_in_plain_transformers(tmp_path):
 
 
 def _processor(family: str):
-    from compress.arch.tiny import tiny_model
+    from compress.zoo.tiny import tiny_model
 
     return tiny_model(family)[1]
 

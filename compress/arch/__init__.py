@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,10 +16,8 @@ from compress.arch.llava import LlavaAdapter
 from compress.arch.mllama import MllamaAdapter
 from compress.arch.paligemma import PaliGemmaAdapter
 from compress.arch.qwen2_vl import Qwen2VLAdapter
+from compress.config import Targets
 from compress.errors import ConfigError
-
-if TYPE_CHECKING:  # compress.stages imports this package; a runtime import would be circular.
-    from compress.stages.base import Targets
 
 __all__ = [
     "ADAPTERS",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from compress.stages.base import Gate
+from compress.config import Gate
 
 
 @dataclass(frozen=True)

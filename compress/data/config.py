@@ -7,17 +7,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from compress.config import Strict
 
 
-class Columns(BaseModel):
+class Columns(Strict):
     """Which source columns hold the image, the prompt and the reference answer.
 
     `answer: null` declares a set without reference answers (fine for calibration). In the
     folder format the image column defaults to `file_name` (the HF imagefolder convention).
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     image: str = Field("image", min_length=1, description="image column (folder format: `file_name`)")
     prompt: str = Field("prompt", min_length=1, description="question column")
@@ -31,10 +31,8 @@ class Columns(BaseModel):
         return self
 
 
-class DataConfig(BaseModel):
+class DataConfig(Strict):
     """A set of records and how much of it to use; loading is `compress.data.load_dataset`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     source: str = Field(
         min_length=1,

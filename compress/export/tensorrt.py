@@ -20,8 +20,6 @@ from compress.errors import CompressError, ConfigError
 from compress.export.trt_layers import fusion_summary, memory, parse_layers, source_ops
 
 BACKENDS = ("tensorrt", "tensorrt_rtx")
-# Compute capabilities TensorRT-RTX can target ahead of time (its ComputeCapability enum).
-RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
 # Which graph becomes which engine file (TensorRT Edge-LLM's layout).
 ENGINE_FILES = {"decoder": "llm.engine", "vision": "visual/visual.engine"}
 

@@ -121,7 +121,7 @@ def sparsity_config(modules: dict[str, Int8Linear], linears: list[str]) -> dict[
     INT8 layers 2:4 / 4:8 (every one of them) or at least 30% zeros; None otherwise."""
     from compressed_tensors.config import SparsityCompressionConfig
 
-    from compress.sparsity import nm_valid
+    from compress.prune.sparsity import nm_valid
 
     weights = {n: m.weight_int8 for n, m in modules.items()}
     zeros = sum(int((w == 0).sum()) for w in weights.values()) / max(sum(w.numel() for w in weights.values()), 1)

@@ -16,24 +16,6 @@ import torch
 from compress.errors import ConfigError
 
 
-class Hessian:
-    """Running H = 2/n * sum x^T x over every input row the layer sees (float64 for the sum)."""
-
-    def __init__(self, in_features: int):
-        self.h = torch.zeros(in_features, in_features, dtype=torch.float64)
-        self.rows = 0
-
-    def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-        self.h += 2.0 * x.T @ x
-        self.rows += x.shape[0]
-
-    def value(self) -> torch.Tensor:
-        if self.rows == 0:
-            raise ConfigError("GPTQ: the layer saw no calibration inputs")
-        return (self.h / self.rows).float()
-
-
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, qmax: int,
                   block_size: int = 128, damp: float = 0.01, qmin: int | None = None,
                   zero: torch.Tensor | None = None, group_size: int | None = None) -> torch.Tensor:

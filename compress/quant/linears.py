@@ -15,12 +15,13 @@ import torch
 from torch import nn
 
 from compress.errors import ConfigError
-from compress.quant.gptq import Hessian, gptq_quantize
+from compress.observe import Hessian, observe_inputs
+from compress.quant.gptq import gptq_quantize
 from compress.quant.int4 import Int4Linear, Int4Quant, int4_params, quantize_int4
 from compress.quant.int8 import ActQuant, Int8Linear, WeightQuant, quantize_weight
 from compress.quant.observers import make_observer
 from compress.quant.sensitivity import KeepFloat, RowSampler, layer_error
-from compress.quant.smoothquant import observe_inputs, selected_linears
+from compress.quant.smoothquant import selected_linears
 
 SENSITIVITY_SAMPLES = 256  # input rows per layer kept for the sensitivity ranking
 

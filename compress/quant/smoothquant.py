@@ -25,15 +25,11 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError, ConfigError
+from compress.observe import observe_inputs
 from compress.quant.smooth_rules import Mapping, find_mappings
 
 S_MIN, S_MAX = 1e-5, 1e5  # keep s (and 1/s) finite and away from zero
 FOLD_RTOL = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
-
-
-def input_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    """The input tensor of a Linear call, positional or `input=` keyword."""
-    return args[0] if args else kwargs["input"]
 
 
 def resolve(model: nn.Module, names: list[str] | dict[str, Any]) -> dict[str, nn.Module]:
@@ -123,38 +119,6 @@ class _Factors:
             return s
         kv, rep, hd = self.groups
         return s.view(kv, 1, hd).expand(kv, rep, hd).reshape(-1)
-
-
-def observe_inputs(
-    model: nn.Module,
-    modules: dict[str, nn.Module],
-    forward_loop: Callable[[nn.Module], None],
-    observe: Callable[[str, torch.Tensor], None],
-) -> None:
-    """Run `forward_loop` once, calling `observe(name, x)` on each module's input; every module must see
-    data, or nothing downstream may change."""
-    seen: set[str] = set()
-
-    def make_hook(name: str):
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            observe(name, input_of(args, kwargs).detach())
-            seen.add(name)
-
-        return hook
-
-    handles = [m.register_forward_pre_hook(make_hook(n), with_kwargs=True) for n, m in modules.items()]
-    try:
-        forward_loop(model)
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n in modules if n not in seen]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
-        raise ConfigError(
-            f"calibration observed no activations for {len(missing)} of {len(modules)} modules: {shown}; "
-            "the calibration set is empty or these modules are not used by the model's forward pass"
-        )
 
 
 ALPHA_GRID = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)

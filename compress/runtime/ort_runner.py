@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from compress.errors import ConfigError
 from compress.export.files import read_meta
@@ -73,7 +72,7 @@ def session_options(threads: int | None = None) -> Any:
 
 
 class OrtRunner:
-    """Runs an export folder written by `compress.export.export_onnx`. `backend` is "onnxruntime"."""
+    """Runs an export folder written by `compress.export.onnx.export_onnx`. `backend` is "onnxruntime"."""
 
     backend = "onnxruntime"
 
@@ -242,8 +241,13 @@ class OrtRunner:
 
     # ---- the runner contract ------------------------------------------------------------------------
 
-    def logits(self, inputs: dict[str, Any]) -> torch.Tensor:
-        """Teacher-forced logits for a full sequence (prompt and answer), float32 [B, T, V]."""
+    def logits(self, inputs: dict[str, Any]) -> Any:
+        """Teacher-forced logits for a full sequence (prompt and answer), a float32 torch tensor [B, T, V].
+
+        The evaluator's call, in the runner contract's type; torch is imported here, so generating with
+        an export folder never loads it."""
+        import torch
+
         mask = _numpy(inputs["attention_mask"]).astype(np.int64)
         embeds = self.prompt_embeds(inputs)
         logits, _ = self.decode(embeds, mask, self.positions(inputs, mask), self.empty_past(mask.shape[0]),

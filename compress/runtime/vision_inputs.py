@@ -8,10 +8,10 @@ image grid, and their output comes back in window order (`restore` puts it back 
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
-import torch
 
 from compress.errors import ConfigError
 from compress.runtime.mrope import VisionFeeds, VisionSpec, vision_feeds
@@ -58,7 +58,10 @@ def vision_feeds_for(family: str, inputs: dict[str, Any], dtype: Any, spec: Visi
 
 
 def numpy(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
+    """A processor output as numpy; a torch tensor can only exist once torch is loaded, so it is not
+    imported here (a deployment runs export folders without torch)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     return np.asarray(x)
 

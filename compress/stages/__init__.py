@@ -1,1 +1,1 @@
-"""Built-in stages; `compress.registry.BUILTIN_STAGES` lists the modules that register them."""
+"""Built-in stages, one module each (a config class + one registered `apply`); `catalog` imports them all."""

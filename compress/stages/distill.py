@@ -27,11 +27,12 @@ import torch.nn.functional as F
 from pydantic import Field
 from tqdm.auto import tqdm
 
+from compress.config import StageConfig, Strict
 from compress.data.config import DataConfig
 from compress.errors import ConfigError
 from compress.quant import ste
 from compress.registry import register_stage
-from compress.stages.base import StageConfig, StageContext, StageResult, Strict
+from compress.stages.base import StageContext, StageResult
 
 Frozen = Literal["vision", "projector", "embeddings", "lm_head"]
 

@@ -18,10 +18,11 @@ import torch
 from pydantic import Field, model_validator
 
 from compress.checkpoint import save_processor
+from compress.config import StageConfig, Strict
 from compress.errors import ConfigError
 from compress.export.tensorrt import ENGINE_FILES
 from compress.registry import register_stage
-from compress.stages.base import StageConfig, StageContext, StageResult, Strict
+from compress.stages.base import StageContext, StageResult
 
 Target = Literal["sm75", "sm80", "sm86", "sm89", "sm120", "sm121"]
 

@@ -12,9 +12,10 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from compress.checkpoint import save_processor
+from compress.config import StageConfig, Strict
 from compress.errors import ConfigError
 from compress.registry import register_stage
-from compress.stages.base import StageConfig, StageContext, StageResult, Strict
+from compress.stages.base import StageContext, StageResult
 
 Graph = Literal["vision", "embed", "decoder", "end_to_end"]
 
@@ -25,14 +26,6 @@ class OptimizeConfig(Strict):
         True, description="decoder self-attention as com.microsoft GroupQueryAttention (the kernel appends the KV "
         "cache and reads grouped heads; no per-step Concat/Expand of the cache); with fusion, for ONNX Runtime "
         "targets, on every family but Mllama")
-
-
-class DynamicConfig(Strict):
-    """Graphs are always exported with dynamic axes; the fields document it (static shapes: not yet)."""
-
-    batch: Literal[True] = Field(True, description="dynamic batch axis")
-    image_count: Literal[True] = Field(True, description="dynamic image-count axis")
-    sequence: Literal[True] = Field(True, description="dynamic sequence and past axes")
 
 
 # Why a tensorrt-target export refuses INT4 and W8A16 levels of different kinds (at recipe load and at export).
@@ -85,7 +78,6 @@ class ExportConfig(StageConfig):
         "excepted) as 7-bit int8 GEMMs with per-token activations, which the runner uses for prompts: ~0.65x the "
         "prefill time of MatMulNBits on CPU (realistic model), for the int8 copy of the projections in memory and "
         "on disk; decode steps keep INT4. The gate measures both graphs")
-    dynamic: DynamicConfig = Field(DynamicConfig(), description="dynamic axes (always on)")
     parity: ParityConfig = Field(ParityConfig(), description="tolerances of the parity check vs PyTorch")
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"], min_length=1,
                                  description="ONNX Runtime execution providers the gate's evaluation runs on; "
@@ -163,7 +155,8 @@ class ExportConfig(StageConfig):
 @register_stage(ExportConfig)
 def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> StageResult:
     from compress.checks.gate import CheckResult
-    from compress.export import ParityError, check_parity, export_onnx
+    from compress.export.onnx import export_onnx
+    from compress.export.parity import ParityError, check_parity
     from compress.host import cpu_features
     from compress.runtime.ort_runner import OrtRunner, session_options
 

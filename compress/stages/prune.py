@@ -1,7 +1,7 @@
 """`type: prune`: zeros in the weights, made permanent; unstructured or n:m, by magnitude, Wanda or SparseGPT.
 
 `l1_unstructured` is torch's L1 pruning (per module or one global threshold); `magnitude`, `wanda` and
-`sparsegpt` come from `compress.sparsity`, the last two calibrated on the recipe's calibration data.
+`sparsegpt` come from `compress.prune.sparsity`, the last two calibrated on the recipe's calibration data.
 The model stays dense (the zeros are stored), so checkpoints are plain transformers folders; 2:4 only
 pays off where sparse kernels run it (see docs/pruning.md).
 """
@@ -15,8 +15,9 @@ from pydantic import Field, model_validator
 from torch.nn.utils import prune as torch_prune
 
 from compress.arch import select_modules
+from compress.config import StageConfig, Strict, Targets
 from compress.registry import register_stage
-from compress.stages.base import StageConfig, StageContext, StageResult, Strict, Targets
+from compress.stages.base import StageContext, StageResult
 
 
 class SparseGPTConfig(Strict):
@@ -81,7 +82,7 @@ def _l1(modules: dict[str, torch.nn.Module], cfg: PruneConfig) -> None:
 
 @register_stage(PruneConfig)
 def apply(model: torch.nn.Module, cfg: PruneConfig, ctx: StageContext) -> StageResult:
-    from compress.sparsity import prune_linears
+    from compress.prune.sparsity import prune_linears
 
     modules = select_modules(model, ctx.adapter, cfg.targets, kinds=(torch.nn.Linear,))
     details: dict = {}

@@ -15,9 +15,10 @@ from pydantic import ConfigDict, Field, model_validator
 
 from compress.arch import select_modules
 from compress.checkpoint import model_bytes
+from compress.config import StageConfig, Strict, Targets
 from compress.errors import ConfigError
 from compress.registry import register_stage
-from compress.stages.base import StageConfig, StageContext, StageResult, Strict, Targets
+from compress.stages.base import StageContext, StageResult
 
 
 class GptqConfig(Strict):
@@ -28,7 +29,6 @@ class GptqConfig(Strict):
 class WeightsConfig(Strict):
     granularity: Literal["per_channel", "per_tensor"] = Field("per_channel", description="one scale per output "
                                                                                          "channel, or one per layer")
-    symmetric: Literal[True] = Field(True, description="int8 weights are symmetric (zero point 0); documents it")
     reduce_range: bool = Field(False, description="7-bit weights in [-64, 64]: exact with the fast U8S8 kernels "
                                                   "on every CPU, at one bit of precision")
     rounding: Literal["rtn", "gptq"] = Field("rtn", description="round to nearest, or GPTQ error compensation")

@@ -2,7 +2,7 @@
 
 MLP channels, query heads (or whole KV groups) and decoder layers go; the checkpoint is smaller, its
 config matches its weights and it reloads with plain `from_pretrained`. Importance comes from the
-calibration activations (or weight magnitude, as a baseline); see `compress.structured`. Structured
+calibration activations (or weight magnitude, as a baseline); see `compress.prune.structured`. Structured
 pruning without recovery loses accuracy: follow it with `type: distill`.
 """
 
@@ -14,9 +14,10 @@ import torch
 from pydantic import Field, model_validator
 
 from compress.checkpoint import model_bytes
+from compress.config import StageConfig
+from compress.prune.structured import activation_importance, layout, magnitude_importance, plan, rebuild
 from compress.registry import register_stage
-from compress.stages.base import StageConfig, StageContext, StageResult
-from compress.structured import activation_importance, layout, magnitude_importance, plan, rebuild
+from compress.stages.base import StageContext, StageResult
 
 
 class ShrinkConfig(StageConfig):

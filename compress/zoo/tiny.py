@@ -11,18 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from compress.errors import ConfigError
-
-IMAGE_SIZE = 32
-HIDDEN = 32
-VISION_HIDDEN = 32
-LAYERS = 2
-HEADS = 4
-KV_HEADS = 2
-PATCH = 8
+from compress.zoo import tiny_more
+from compress.zoo.tiny_parts import (
+    HEADS,
+    HIDDEN,
+    IMAGE_SIZE,
+    LAYERS,
+    PATCH,
+    VISION_HIDDEN,
+    byte_tokenizer,
+    text_kwargs,
+)
 
 FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma", "gemma3", "internvl", "mllama")
 
@@ -47,42 +48,6 @@ IDEFICS3_TEMPLATE = (
     "{% elif c['type'] == 'image' %}<image>{% endif %}{% endfor %}<end_of_utterance>\n"
     "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
 )
-
-
-def byte_tokenizer(
-    specials: list[str], *, bos: str | None, eos: str, pad: str, extra: dict[str, str] | None = None
-) -> PreTrainedTokenizerFast:
-    """Byte-level BPE with no merges: every byte is a token, so any text encodes (like GPT-2/Qwen)."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=bos,
-        eos_token=eos,
-        pad_token=pad,
-        padding_side="left",
-        extra_special_tokens=extra or {},
-    )
-    fast.add_special_tokens({"additional_special_tokens": specials})
-    return fast
-
-
-def _text_kwargs(tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
-    return {
-        "vocab_size": len(tokenizer),
-        "hidden_size": HIDDEN,
-        "intermediate_size": HIDDEN * 2,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS,
-        "max_position_embeddings": 512,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-        "tie_word_embeddings": False,
-    }
 
 
 def _llava() -> tuple[Any, Any]:
@@ -115,7 +80,7 @@ def _llava() -> tuple[Any, Any]:
     )
     config = LlavaConfig(
         vision_config=vision,
-        text_config=LlamaConfig(**_text_kwargs(tokenizer)),
+        text_config=LlamaConfig(**text_kwargs(tokenizer)),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
@@ -154,7 +119,7 @@ def _qwen(model_type: str) -> tuple[Any, Any]:
         image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE
     )
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
-    text = _text_kwargs(tokenizer)
+    text = text_kwargs(tokenizer)
     head_dim = HIDDEN // HEADS
     text["rope_parameters"] = {
         "rope_type": "default",
@@ -238,7 +203,7 @@ def _idefics3(model_type: str) -> tuple[Any, Any]:
         "image_size": IMAGE_SIZE,
         "patch_size": PATCH,
     }
-    text = {"model_type": "llama", **_text_kwargs(tokenizer)}
+    text = {"model_type": "llama", **text_kwargs(tokenizer)}
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     if model_type == "idefics3":
         from transformers import Idefics3Config as Config
@@ -283,8 +248,6 @@ def tiny_model(family: str, seed: int = 0) -> tuple[torch.nn.Module, Any]:
     elif family in ("qwen2_vl", "qwen2_5_vl"):
         model, processor = _qwen(family)
     elif family in ("paligemma", "gemma3", "internvl", "mllama"):
-        from compress.arch import tiny_more
-
         model, processor = getattr(tiny_more, family)()
     else:
         model, processor = _idefics3(family)

@@ -23,8 +23,7 @@ import torch
 from torch import nn
 
 from compress.errors import ConfigError
-from compress.quant.gptq import Hessian
-from compress.quant.smoothquant import observe_inputs
+from compress.observe import ColumnNorm, Hessian, observe_inputs
 
 _GROUP = re.compile(r"^(.*?\.(?:layers|blocks)\.\d+)\.")
 
@@ -114,19 +113,6 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     return w.to(weight.dtype)
 
 
-class _ColumnNorm:
-    """Running sum over tokens of x_j^2 per input column (Wanda's ||X_j||_2^2)."""
-
-    def __init__(self, in_features: int):
-        self.sq = torch.zeros(in_features, dtype=torch.float64)
-        self.rows = 0
-
-    def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-        self.sq += (x**2).sum(0)
-        self.rows += x.shape[0]
-
-
 def groups_in_order(names: list[str]) -> list[list[str]]:
     """The selected Linears grouped by decoder / encoder block (`...layers.N`), in model order."""
     groups: dict[str, list[str]] = {}
@@ -155,7 +141,7 @@ def prune_linears(model: nn.Module, modules: dict[str, nn.Linear], method: str, 
     for group in order:
         stats: dict[str, Any] = {}
         if calibrated:
-            stats = {n: (_ColumnNorm if method == "wanda" else Hessian)(modules[n].in_features) for n in group}
+            stats = {n: (ColumnNorm if method == "wanda" else Hessian)(modules[n].in_features) for n in group}
             observe_inputs(model, {n: modules[n] for n in group}, forward_loop,
                            lambda n, x, stats=stats: stats[n].update(x))
         for name in group:

@@ -1,5 +1,5 @@
 """Tiny PaliGemma, Gemma3 (SigLIP vision + Gemma text), InternVL and Mllama models, built offline like
-`compress.arch.tiny` (which dispatches here)."""
+`compress.zoo.tiny` (which dispatches here)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from compress.arch.tiny import HEADS, IMAGE_SIZE, LAYERS, PATCH, VISION_HIDDEN, _text_kwargs, byte_tokenizer
+from compress.zoo.tiny_parts import HEADS, IMAGE_SIZE, LAYERS, PATCH, VISION_HIDDEN, byte_tokenizer, text_kwargs
 
 GEMMA3_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
@@ -36,7 +36,7 @@ def paligemma() -> tuple[Any, Any]:
     image_processor = _image_processor()
     image_processor.image_seq_length = (IMAGE_SIZE // PATCH) ** 2
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)  # adds loc/seg tokens
-    text = {"model_type": "gemma", **_text_kwargs(processor.tokenizer), "head_dim": 8,
+    text = {"model_type": "gemma", **text_kwargs(processor.tokenizer), "head_dim": 8,
             "hidden_activation": "gelu_pytorch_tanh"}
     config = PaliGemmaConfig(vision_config=_siglip(), text_config=text, projection_dim=text["hidden_size"],
                              image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"),
@@ -59,7 +59,7 @@ def gemma3() -> tuple[Any, Any]:
         image_processor=Gemma3ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
                                                 do_convert_rgb=True, do_pan_and_scan=False),
         tokenizer=tokenizer, chat_template=GEMMA3_TEMPLATE, image_seq_length=tokens_per_image)
-    text = {"model_type": "gemma3_text", **_text_kwargs(tokenizer), "head_dim": 8, "sliding_window": 16,
+    text = {"model_type": "gemma3_text", **text_kwargs(tokenizer), "head_dim": 8, "sliding_window": 16,
             "layer_types": ["sliding_attention", "full_attention"], "query_pre_attn_scalar": 8,
             "hidden_activation": "gelu_pytorch_tanh"}
     config = Gemma3Config(vision_config=_siglip(), text_config=text, mm_tokens_per_image=tokens_per_image,
@@ -100,7 +100,7 @@ def internvl() -> tuple[Any, Any]:
     vision = {"model_type": "internvl_vision", "hidden_size": VISION_HIDDEN, "intermediate_size": VISION_HIDDEN * 2,
               "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "image_size": [IMAGE_SIZE, IMAGE_SIZE],
               "patch_size": [PATCH, PATCH]}
-    text = {"model_type": "qwen2", **_text_kwargs(tokenizer)}
+    text = {"model_type": "qwen2", **text_kwargs(tokenizer)}
     config = InternVLConfig(vision_config=vision, text_config=text, image_seq_length=seq,
                             image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), tie_word_embeddings=False)
     return InternVLForConditionalGeneration(config), processor
@@ -131,7 +131,7 @@ def mllama() -> tuple[Any, Any]:
               "attention_heads": HEADS, "intermediate_size": VISION_HIDDEN * 2, "image_size": IMAGE_SIZE,
               "patch_size": PATCH, "max_num_tiles": 4, "intermediate_layers_indices": [0],  # Llama 3.2's tiling
               "vision_output_dim": VISION_HIDDEN * 2}
-    text = {**_text_kwargs(tokenizer), "num_hidden_layers": 3, "cross_attention_layers": [1]}
+    text = {**text_kwargs(tokenizer), "num_hidden_layers": 3, "cross_attention_layers": [1]}
     config = MllamaConfig(vision_config=vision, text_config=text,
                           image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"))
     model = MllamaForConditionalGeneration(config)
