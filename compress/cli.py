@@ -22,10 +22,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from compress.pipeline import run, summary
+    from compress.pipeline import run
+    from compress.report import summary
 
     result = run(args.recipe, out=args.out, resume=args.resume, force=args.force, threads=args.threads)
-    print(summary(result))
+    print(summary(result.manifest))
     print(f"\nrun folder: {result.run_dir}  (report: {result.run_dir / 'report.md'})")
     if result.status == "error":
         failed = next(s for s in result.manifest["stages"] if s["status"] == "error")

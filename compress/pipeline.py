@@ -34,7 +34,7 @@ from compress.data import Dataset, load_dataset
 from compress.errors import CompressError, ConfigError, RecipeError
 from compress.failures import fault, record_run_error, record_stage_error
 from compress.recipe import LoadedRecipe, load_recipe, stage_name
-from compress.report import summary_rows, table, write_report
+from compress.report import write_report
 from compress.runtime.torch_runner import TorchRunner
 from compress.stages.base import StageContext
 from compress.stages.catalog import get_stage
@@ -180,7 +180,26 @@ def _execute(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunDi
     """Everything after the run folder is open (and locked): baseline, stages, report."""
     r = recipe.recipe
     _seed_everything(r.seed)
+    _start_manifest(recipe, inputs, adapter, run_dir, resuming, threads)
+    model, scoring, state_source = _baseline(recipe, inputs, adapter, run_dir, resuming)
+    forward_loop = (_forward_loop(adapter, scoring.processor, inputs.calibration, r.calibration.batch_size)
+                    if inputs.calibration else None)
+    status = _stages(model, scoring, inputs, state_source, forward_loop, threads)
     m = run_dir.manifest
+    shutil.rmtree(run_dir.path(".work"), ignore_errors=True)
+    m["status"] = status
+    m["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+    if r.output.report:
+        write_report(run_dir)
+    m["files"] = run_dir.file_entries()
+    run_dir.save_manifest()
+    return RunResult(run_dir.root, status, m)
+
+
+def _start_manifest(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunDir, resuming: bool,
+                    threads: int | None) -> None:
+    """A new run's manifest header and recipe copies, or a resumed run's manifest marked running again."""
+    r, m = recipe.recipe, run_dir.manifest
     if not resuming:
         m.update({
             **provenance.header(),
@@ -206,6 +225,12 @@ def _execute(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunDi
             m.pop(key, None)
     m["runtime"] = {"threads": torch.get_num_threads(), "threads_requested": threads}
 
+
+def _baseline(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunDir,
+              resuming: bool) -> tuple[torch.nn.Module, _Scoring, str]:
+    """(the model in its latest kept state, what stages are scored against, where that state was loaded
+    from): the baseline is measured on the source, or read back when a resumed run recorded it."""
+    r, m = recipe.recipe, run_dir.manifest
     # The latest kept state: the source, or on resume the last kept checkpoint.
     state_source = inputs.source
     for rec in m.get("stages", []):
@@ -230,8 +255,6 @@ def _execute(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunDi
                           parameters=sum(p.numel() for p in model.parameters()))
     evaluator = Evaluator(adapter, processor, inputs.evaluation, r.evaluation)
     m["prompt"] = _prompt_record(adapter, processor, inputs.evaluation)
-
-    # ---- baseline ---------------------------------------------------------------------------------
     if baseline_recorded:
         reference = Reference(**load_file(run_dir.path(REFERENCE)))
         baseline = m["baseline"]["metrics"]
@@ -247,17 +270,18 @@ def _execute(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunDi
         run_dir.save_manifest()
         log(f"baseline: {baseline}")
         fault("baseline")
-
-    # ---- a resumed run whose baseline had to be measured now moves to its latest kept state ---------
+    # A resumed run whose baseline had to be measured now moves to its latest kept state.
     if first != state_source:
         log(f"restoring model state from {state_source}")
         model, _ = load_checkpoint(state_source, adapter, r.model.dtype, r.model.trust_remote_code)
+    return model, _Scoring(run_dir, r, adapter, processor, evaluator, reference, baseline), state_source
 
-    forward_loop = (_forward_loop(adapter, processor, inputs.calibration, r.calibration.batch_size)
-                    if inputs.calibration else None)
 
-    # ---- stages -----------------------------------------------------------------------------------
-    scoring = _Scoring(run_dir, r, adapter, processor, evaluator, reference, baseline)
+def _stages(model: torch.nn.Module, scoring: _Scoring, inputs: _Inputs, state_source: str,
+            forward_loop: Any, threads: int | None) -> str:
+    """Every stage not done yet, in order; the run's status (completed, stopped or error)."""
+    run_dir, r = scoring.run_dir, scoring.recipe
+    m = run_dir.manifest
     status = "completed"
     for i, cfg in enumerate(r.stages):
         name = stage_name(cfg, i)
@@ -272,9 +296,9 @@ def _execute(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunDi
         t0 = time.time()
         exports = [s["artifacts"] for s in m.get("stages", []) if s["status"] in KEPT
                    and s.get("artifacts") and s["index"] < i]
-        ctx = StageContext(adapter=adapter, processor=processor, workdir=run_dir.path(f".work/{name}"),
-                           seed=r.seed, forward_loop=forward_loop, threads=threads,
-                           export_dir=run_dir.path(exports[-1]) if exports else None,
+        ctx = StageContext(adapter=scoring.adapter, processor=scoring.processor,
+                           workdir=run_dir.path(f".work/{name}"), seed=r.seed, forward_loop=forward_loop,
+                           threads=threads, export_dir=run_dir.path(exports[-1]) if exports else None,
                            calibration=inputs.stage_data.get(i, inputs.calibration),
                            baseline_source=inputs.source, dtype=r.model.dtype,
                            fault_point=lambda i=i: fault(f"mid:{i}"))
@@ -285,15 +309,7 @@ def _execute(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunDi
             status = "error"
         if status in ("stopped", "error"):
             break
-
-    shutil.rmtree(run_dir.path(".work"), ignore_errors=True)
-    m["status"] = status
-    m["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
-    if r.output.report:
-        write_report(run_dir)
-    m["files"] = run_dir.file_entries()
-    run_dir.save_manifest()
-    return RunResult(run_dir.root, status, m)
+    return status
 
 
 @dataclass
@@ -380,7 +396,3 @@ def _drop_older_checkpoints(run_dir: RunDir, keep_index: int) -> None:
             shutil.rmtree(run_dir.path(rec["checkpoint"]), ignore_errors=True)
             rec["checkpoint"] = None
             rec["files"] = []
-
-
-def summary(result: RunResult) -> str:
-    return table(summary_rows(result.manifest), ("stage", "status", "metric", "value", "retention", "pass"))

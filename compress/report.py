@@ -50,6 +50,11 @@ def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     return "\n".join([line(header), line(tuple("-" * w for w in widths)), *map(line, rows)])
 
 
+def summary(manifest: dict[str, Any]) -> str:
+    """The table `vlm-compress run` prints when a run ends."""
+    return table(summary_rows(manifest), ("stage", "status", "metric", "value", "retention", "pass"))
+
+
 def _png(fig: Any) -> bytes:
     """The figure as PNG bytes, without the Software tag (the file does not change with matplotlib)."""
     fig.tight_layout()

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
+from compress.arch.export_spec import ExportSpec
 from compress.errors import ConfigError, first_line
 
 DTYPES: dict[str, torch.dtype] = {
@@ -76,6 +77,8 @@ class Adapter:
     # Whether runners pass 1-D position ids (cumsum of the attention mask). Families with their own
     # multimodal positions (Qwen2-VL's 3-D M-RoPE) compute them inside the model instead.
     explicit_positions: ClassVar[bool] = True
+    # What the ONNX exporter builds for this family (None: not exportable); see compress.arch.export_spec.
+    export_spec: ClassVar[ExportSpec | None] = None
 
     def __init__(self, model_type: str | None = None):
         self.model_type = model_type or self.model_types[0]
@@ -118,6 +121,19 @@ class Adapter:
     def refuse(self, stage: Any) -> str | None:
         """Why this family cannot take `stage` (a stage config), or None; asked before any weights load."""
         return self.refused_stages.get(stage.type)
+
+    # ---- export ----------------------------------------------------------------------------------
+
+    def block_masks(self, block_sequence_ids: torch.Tensor, **mask_kwargs: Any) -> Any:
+        """The decoder's attention masks with bidirectional blocks (`export_spec.attention_blocks`), built by
+        the family's own masking functions so an exported graph computes what the model computes.
+        `mask_kwargs`: transformers' mask-function arguments (config, inputs_embeds, attention_mask, cache,
+        position_ids)."""
+        raise ConfigError(f"{self.name} declares no bidirectional attention blocks")
+
+    def cross_attention_tokens(self, model: torch.nn.Module) -> int:
+        """Vision states per tile that the decoder's cross-attention layers read (`export_spec.cross_attention`)."""
+        raise ConfigError(f"{self.name} has no cross-attention layers")
 
     # ---- text ------------------------------------------------------------------------------------
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
 from PIL import Image
 
 from compress.arch.base import Adapter
+from compress.arch.export_spec import ExportSpec
 
 
 class Gemma3Adapter(Adapter):
@@ -30,6 +32,14 @@ class Gemma3Adapter(Adapter):
     default_prompt = "<start_of_turn>user\n<start_of_image>{question}<end_of_turn>\n<start_of_turn>model\n"
     answer_join = ""  # the generation prompt ends with a newline
     end_of_turn = "<end_of_turn>"
+    # Each image's tokens form a bidirectional block.
+    export_spec = ExportSpec(vision="image_features", attention_blocks="images")
 
     def images_arg(self, images: list[Image.Image]) -> list[Any]:
         return [[image] for image in images]  # one list per prompt: the processor checks the grouping
+
+    def block_masks(self, block_sequence_ids: torch.Tensor, **mask_kwargs: Any) -> Any:
+        """Gemma3's own masks: image blocks in both its full-attention and sliding-window layers."""
+        from transformers.models.gemma3 import modeling_gemma3
+
+        return modeling_gemma3.create_masks_for_vision_model(block_sequence_ids=block_sequence_ids, **mask_kwargs)

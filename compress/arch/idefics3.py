@@ -9,6 +9,7 @@ from transformers import SmolVLMProcessor
 from transformers.processing_utils import ProcessorMixin
 
 from compress.arch.base import Adapter
+from compress.arch.export_spec import ExportSpec
 
 
 class ImageOnlySmolVLMProcessor(SmolVLMProcessor):
@@ -47,6 +48,8 @@ class Idefics3Adapter(Adapter):
     default_prompt = "User:<image>{question}<end_of_utterance>\nAssistant:"
     answer_join = " "
     end_of_turn = "<end_of_utterance>"
+    # Whole images at the export size (patch positions precomputed, no per-image Python loop in the trace).
+    export_spec = ExportSpec(vision="tiled_patches")
 
     def images_arg(self, images: list[Image.Image]) -> list[Any]:
         # Nested: one list of images per prompt, so the processor never has to guess the grouping.

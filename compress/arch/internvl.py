@@ -16,6 +16,7 @@ from transformers import InternVLProcessor
 from transformers.processing_utils import ProcessorMixin
 
 from compress.arch.base import Adapter
+from compress.arch.export_spec import ExportSpec
 
 
 class ImageOnlyInternVLProcessor(InternVLProcessor):
@@ -54,6 +55,8 @@ class InternVLAdapter(Adapter):
     default_prompt = "<|im_start|>user\n<IMG_CONTEXT>\n{question}<|im_end|>\n<|im_start|>assistant\n"
     answer_join = ""
     end_of_turn = "<|im_end|>"
+    # `get_image_features` is batched over tiles, each giving the same number of tokens.
+    export_spec = ExportSpec(vision="image_features")
 
     def images_arg(self, images: list) -> list[Any]:
         return [[image] for image in images]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from compress.arch.base import Adapter
+from compress.arch.export_spec import ExportSpec
 
 
 class LlavaAdapter(Adapter):
@@ -23,3 +24,6 @@ class LlavaAdapter(Adapter):
     default_prompt = "USER: <image>\n{question} ASSISTANT:"
     answer_join = " "
     end_of_turn = None  # the tokenizer's eos (</s>)
+    # The tower's hidden states at the configured feature layer(s) + projector, batched (not
+    # `get_image_features`, whose per-image list bakes the batch size into the trace); CLIP fusions.
+    export_spec = ExportSpec(vision="projected_tower", vision_optimizer="clip")

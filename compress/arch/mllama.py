@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from PIL import Image
 
 from compress.arch.base import Adapter
+from compress.arch.export_spec import ExportSpec
 
 
 class MllamaAdapter(Adapter):
@@ -36,6 +37,9 @@ class MllamaAdapter(Adapter):
         "shrink": "its cross-attention layers share the self-attention head count and sit at fixed layer indices "
                   "(cross_attention_layers); structured pruning does not handle them yet",
     }
+    # Tiles -> cross-attention states fed to every decoder call; the cross-attention layers do not go through
+    # the self-attention cache, so no GroupQueryAttention.
+    export_spec = ExportSpec(vision="tiled", cross_attention=True, group_query_attention=False)
 
     def images_arg(self, images: list[Image.Image]) -> list[Any]:
         return [[image] for image in images]
@@ -46,3 +50,7 @@ class MllamaAdapter(Adapter):
 
     def find_decoder_layer(self, model: Any) -> str:
         return type(self.component(model, "language").layers[0]).__name__
+
+    def cross_attention_tokens(self, model: Any) -> int:
+        """Patches per tile (+ class token): the vision states each tile gives the cross-attention layers."""
+        return int(self.component(model, "vision").num_patches)

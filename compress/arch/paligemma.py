@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from compress.arch.base import Adapter
+from compress.arch.export_spec import ExportSpec
 
 
 class PaliGemmaAdapter(Adapter):
@@ -33,6 +34,8 @@ class PaliGemmaAdapter(Adapter):
     native_prompt = True  # that is PaliGemma's documented format, not a guess
     answer_join = ""
     end_of_turn = None  # the tokenizer's eos
+    # Image + prompt form one bidirectional block (the prefix), the answer is causal.
+    export_spec = ExportSpec(vision="image_features", attention_blocks="prefix")
 
     def _encode_answers(self, processor: Any, images: list[Image.Image], prompts: list[str],
                         forced: list[str]) -> tuple[dict[str, torch.Tensor], list[int]]:
@@ -46,3 +49,14 @@ class PaliGemmaAdapter(Adapter):
 
     def _encode(self, processor: Any, images: list[Image.Image], texts: list[str]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in super()._encode(processor, images, texts).items() if k != "labels"}
+
+    def block_masks(self, block_sequence_ids: torch.Tensor, **mask_kwargs: Any) -> Any:
+        """The prefix block over a full-attention (Gemma) text model, or over the full-attention layers of a
+        hybrid (Gemma2) one, whose sliding layers stay causal as upstream builds them."""
+        from transformers import masking_utils
+
+        masks = masking_utils.create_causal_mask(**mask_kwargs, block_sequence_ids=block_sequence_ids)
+        if getattr(mask_kwargs["config"], "sliding_window", None) is not None:
+            masks = {"full_attention": masks,
+                     "sliding_attention": masking_utils.create_sliding_window_causal_mask(**mask_kwargs)}
+        return masks

@@ -12,6 +12,7 @@ import torch
 from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
 
 from compress.arch.base import Adapter
+from compress.arch.export_spec import ExportSpec
 
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
@@ -56,6 +57,9 @@ class Qwen2VLAdapter(Adapter):
     # The generation prompt already ends with a newline; the turn closes with <|im_end|>.
     answer_join = ""
     end_of_turn = "<|im_end|>"
+    # Patches of any image size in one flat batch (per-patch rotary positions and image/window segments
+    # from the runner), 3-D M-RoPE positions for the decoder.
+    export_spec = ExportSpec(vision="flat_patches", positions="mrope")
 
     @staticmethod
     def decode_positions(model: Any, mask: torch.Tensor) -> dict[str, torch.Tensor]:

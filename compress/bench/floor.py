@@ -5,13 +5,13 @@ it cannot beat (bytes read per token) / (memory bandwidth). Both halves are meas
   runtimes use (torch's intra-op pool), best of several passes; copy moves 2 bytes per byte copied
   (read + write), and that is what it reports, as STREAM does. Taken more than once through a benchmark
   and the fastest kept (`best_bandwidth`): on a shared host the memory bus's share moves by half between
-  minutes (29-50 GB/s within one session here) while the decode kernels' throughput does not, so one copy
-  taken at a slow minute would set a floor the hardware beats;
+  minutes (29-50 GB/s on the 2-core host of docs/benchmarks.md) while the decode kernels' throughput
+  does not, so one copy taken at a slow minute would set a floor the hardware beats;
 - bytes per token: the decoder graph's initializers (what a step reads; the embedding is one row and
   lives in its own graph) or a PyTorch model's language-model and lm_head parameters, plus the KV cache
   at the middle of the answer.
 
-A decode step at 1.0x the floor would be pure weight streaming; the issue's bar is 1.5x.
+A decode step at 1.0x the floor would be pure weight streaming; the speed target is 1.5x.
 """
 
 from __future__ import annotations

@@ -8,20 +8,18 @@ Every failure a user can fix is a `ConfigError` that names the source and the ro
 from __future__ import annotations
 
 import bisect
-import io
 import json
 import logging
 import math
 import os
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
 from compress.data.config import DataConfig
+from compress.data.images import to_image
 from compress.data.records import Dataset, Record, content_hash
 from compress.errors import ConfigError
 
@@ -350,7 +348,7 @@ def _from_hf(ds: Any, source: str, cfg: DataConfig, root: Path) -> tuple[str, st
 
 def _to_record(row: _Row, cfg: DataConfig, image_key: str, root: Path, source: str) -> Record:
     values = row.values
-    image = _to_image(values[image_key], row.where, root)
+    image = to_image(values[image_key], row.where, root)
     prompt = values[cfg.columns.prompt]
     if not isinstance(prompt, str):
         raise ConfigError(f"{row.where}: prompt column {cfg.columns.prompt!r} must be a string, "
@@ -364,47 +362,6 @@ def _to_record(row: _Row, cfg: DataConfig, image_key: str, root: Path, source: s
     used = {image_key, cfg.columns.prompt, cfg.columns.answer}
     meta = {k: v for k, v in values.items() if k not in used and _jsonable(v)}
     return Record(image=image, prompt=prompt, answer=answer, meta=meta)
-
-
-def _to_image(value: Any, where: str, root: Path) -> Image.Image:
-    """An eagerly decoded RGB image from a PIL image, {"bytes", "path"} dict, bytes, or a path."""
-    if isinstance(value, Image.Image):
-        return _decoded(lambda: value, where, close=False)
-    if isinstance(value, dict) and ("bytes" in value or "path" in value):
-        if value.get("bytes") is not None:
-            value = value["bytes"]
-        elif value.get("path"):
-            value = value["path"]
-        else:
-            raise ConfigError(f"{where}: image is empty (neither bytes nor path)")
-    if isinstance(value, bytes | bytearray | memoryview):
-        data = bytes(value)
-        return _decoded(lambda: Image.open(io.BytesIO(data)), where)
-    if isinstance(value, str | os.PathLike):
-        path = Path(value)
-        if not path.is_absolute():
-            path = root / path
-        if not path.is_file():
-            raise ConfigError(f"{where}: image file not found: {path}")
-        return _decoded(lambda: Image.open(path), f"{where} ({path})")
-    if value is None:
-        raise ConfigError(f"{where}: image is missing (null)")
-    raise ConfigError(f"{where}: cannot read an image from a {type(value).__name__}; expected an image, "
-                      f"a {{bytes, path}} dict, raw bytes or a path")
-
-
-def _decoded(open_image: Callable[[], Image.Image], where: str, close: bool = True) -> Image.Image:
-    """Decode now (not lazily) and detach from the file, so later failures cannot surprise a stage."""
-    try:
-        img = open_image()
-        try:
-            img.load()
-            return img.convert("RGB") if img.mode != "RGB" else img.copy()
-        finally:
-            if close:
-                img.close()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ConfigError(f"{where}: unreadable or corrupt image ({type(e).__name__}: {e})") from None
 
 
 def _jsonable(v: Any) -> bool:

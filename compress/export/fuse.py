@@ -8,9 +8,10 @@ Five passes per graph, in this order (the third followed by a clean-up):
    (decoder, with the additive mask as attention_bias) or Attention (vision, q/k/v packed), and
    erf-GELU + bias -> BiasGelu.
 2. `onnxruntime.transformers.optimizer.optimize_model` with a model_type per graph ("clip" for CLIP
-   towers, "vit" for SigLIP-style towers, "gpt2" for Llama-style decoders), opt_level 0 (offline
-   pattern fusions only, so the result stays portable across execution providers). It adds what the
-   first pass lacks, e.g. QuickGelu (x * sigmoid(1.702 x), CLIP's activation).
+   towers, "vit" for SigLIP-style towers: the adapter's `export_spec.vision_optimizer`; "gpt2" for
+   Llama-style decoders), opt_level 0 (offline pattern fusions only, so the result stays portable
+   across execution providers). It adds what the first pass lacks, e.g. QuickGelu (x * sigmoid(1.702 x),
+   CLIP's activation).
 3. `compress.export.rotary`: rotate-half rotary embeddings become com.microsoft RotaryEmbedding on the
    projections' [batch, seq, heads * d] outputs, tables computed per step from position_ids.
    Then `compress.export.views` drops the Reshape round trips left around the fused ops.
@@ -62,8 +63,6 @@ FUSED_OP_TYPES = (
     "QuantizeLinear",
     "DequantizeLinear",
 )
-# onnxruntime.transformers model_type per (exporter family, graph).
-ORT_MODEL_TYPES = {("llava", "vision"): "clip", ("idefics3", "vision"): "vit"}
 DECODER_MODEL_TYPE = "gpt2"
 
 
@@ -189,17 +188,19 @@ def fuse_export(out_dir: str | Path) -> dict[str, Any]:
 
     The embed graph is a single Gather and is left alone. Returns {graph: fuse_graph(...) result}.
     """
+    from compress.arch import get_adapter
+
     out_dir = Path(out_dir)
     meta = read_meta(out_dir)
-    family = meta["family"]
     results: dict[str, Any] = {}
     for name, file in meta["graphs"].items():
         if name == "embed":
             continue
         if name == "decoder":
             model_type, heads, hidden = DECODER_MODEL_TYPE, meta["num_heads"], meta["hidden_size"]
-        else:
-            model_type = ORT_MODEL_TYPES.get((family, name), "vit")
+        else:  # the vision graph: which tower it is, the family's adapter says
+            spec = get_adapter(meta["model_type"]).export_spec
+            model_type = spec.vision_optimizer if spec is not None else "vit"
             heads, hidden = meta.get("vision_num_heads", 0), meta.get("vision_hidden_size", 0)
         results[name] = fuse_graph(out_dir / file, model_type, heads, hidden)
     meta["fused"] = True

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 ATTENTION = "compress_gqa"
-# Families whose decoder layers all call transformers' attention interface with a self-attention cache.
-FAMILIES = ("llava", "idefics3", "qwen2_vl", "internvl", "paligemma", "gemma3")
+# Which families' decoders can take it (every layer calls transformers' attention interface with a
+# self-attention cache) is their adapter's `export_spec.group_query_attention`.
 _ACTIVE: contextvars.ContextVar[Any] = contextvars.ContextVar("compress_gqa_cache", default=None)
 
 

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from compress.arch.export_spec import ExportSpec
 from compress.errors import ConfigError
 from compress.export import gqa
 from compress.export.files import (
@@ -45,11 +46,11 @@ from compress.export.fuse import fuse_export
 from compress.export.portable import Int8Kernels, portable_export
 from compress.export.trace import DUMMY_BATCH, export_decoder, export_embed, export_vision
 from compress.export.wrappers import (
-    BLOCK_FAMILIES,
+    DecoderWithPast,
     QwenVision,
-    check_exportable,
     decoder_facts,
     decoder_module,
+    exportable_adapter,
     model_type_of,
     vision_module,
 )
@@ -97,9 +98,6 @@ def image_token_id(model: nn.Module) -> int:
     raise ConfigError(f"{model_type_of(model)} config has no image_token_id / image_token_index")
 
 
-# ---- wrappers with explicit tensor signatures --------------------------------------------------------
-
-
 # ---- inputs the runner sees ---------------------------------------------------------------------------
 
 
@@ -109,6 +107,18 @@ def dummy_images(n: int, size: int = 64, seed: int = 0) -> list[Image.Image]:
 
 
 # ---- the export --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Traced:
+    """What tracing wrote, for export.json: the graph files, the quantization carried into them, and the facts
+    only the traced wrappers know."""
+
+    files: dict[str, Path] = field(default_factory=dict)
+    quantized: dict[str, Any] = field(default_factory=dict)
+    tokens_per_image: int | None = None  # None: no vision graph, or the image size decides (or no image tokens)
+    vision_inputs: dict[str, int | None] | None = None
+    decoder: DecoderWithPast | None = None
 
 
 def export_onnx(
@@ -139,88 +149,130 @@ def export_onnx(
     (1: float, the stage's numbers; 4: int8 activations, ~20x faster on CPU; `compress.export.qdq`).
     The decoder graph always comes with the embed graph.
     """
-    from compress.export import qdq
-
-    family = check_exportable(model)
+    family_adapter = exportable_adapter(model)  # the family's export facts: nothing here names a family
     unknown = set(components) - set(COMPONENTS)
     if unknown or not components:
         raise ConfigError(f"export components must be a non-empty subset of {COMPONENTS}, got {list(components)}")
     if opset < 18:
         raise ConfigError(f"ONNX export needs opset >= 18 (dynamo exporter, per-axis QDQ), got {opset}")
     dtype = model_dtype(model)
-    facts = decoder_facts(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
 
     probe = adapter.build_inputs(processor, dummy_images(DUMMY_BATCH), ["what is this?"] * DUMMY_BATCH).inputs
-    mrope = family == "qwen2_vl"  # M-RoPE: [3, batch, seq] positions computed by the runner
-    files: dict[str, Path] = {}
-    tokens_per_image, vision_spec = None, None
-    pixels = _numpy(probe["pixel_values"]) if mrope else vision_pixels(family, probe)
+    flat_patches = _spec(family_adapter).vision == "flat_patches"  # fed as they come, any image size
+    pixels = _numpy(probe["pixel_values"]) if flat_patches else vision_pixels(family_adapter.name, probe)
+    traced = _trace_graphs(model, adapter, family_adapter, probe, pixels, out, dtype, opset, components, quantize,
+                           int4_accuracy_level, group_query_attention, select_logits)
+    meta = _meta(model, adapter, processor, family_adapter, traced, pixels, dtype, opset, quantize,
+                 w8a16_accuracy_level)
+    write_meta(out, meta)
+    files = traced.files
+    result = ExportResult(out_dir=out, files=files, quantized=traced.quantized, meta=meta)
+    if fusion:
+        result.fused_ops = fuse_export(out)
+    if _has_int8_gemm(traced.quantized):
+        portable_export(out, int8_kernels)
+    if int4_prefill == "int8" and "decoder" in files:
+        from compress.export.prefill import write_int8_prefill
+
+        write_int8_prefill(out)
+        files["prefill"] = out / GRAPH_FILES["prefill"]
+    result.meta = describe_files(out)
+    return result
+
+
+def _spec(family_adapter: Any) -> ExportSpec:
+    spec = family_adapter.export_spec
+    assert spec is not None  # exportable_adapter refuses a family without one
+    return spec
+
+
+def _trace_graphs(model: nn.Module, adapter: Any, family_adapter: Any, probe: dict[str, Any], pixels: np.ndarray,
+                  out: Path, dtype: torch.dtype, opset: int, components: Sequence[str], quantize: bool,
+                  int4_accuracy_level: int, group_query_attention: bool, select_logits: bool) -> _Traced:
+    """Trace and write the graphs `components` asks for; remove graphs of components not exported this time."""
+    from compress.export import qdq
+
+    spec = _spec(family_adapter)
+    traced = _Traced()
 
     def write(name: str, proto: Any) -> None:
+        qdq.unshare_qdq(proto)
         written = save_model(proto, out / GRAPH_FILES[name])
-        files[name] = written[0]
+        traced.files[name] = written[0]
         if len(written) > 1:
-            files[f"{name}.data"] = written[1]
+            traced.files[f"{name}.data"] = written[1]
 
-    decoder = None
     with qdq.export_modules(model, quantize, int4_accuracy_level) as (quantized, table):
+        traced.quantized = quantized
         if "vision" in components:
             vision = vision_module(model, adapter, pixels.shape)
-            vision_spec = vision.spec() if isinstance(vision, QwenVision) else None
-            fed = vision_feeds_for(family, probe, pixels.dtype, VisionSpec(**vision_spec) if vision_spec else None)
-            proto = export_vision(vision, fed.feeds, dtype, opset, table)
-            qdq.unshare_qdq(proto)
-            write("vision", proto)
-            if family not in ("qwen2_vl", "mllama"):  # Qwen: the image size decides; Mllama: no image tokens
+            traced.vision_inputs = vision.spec() if isinstance(vision, QwenVision) else None
+            spec_in = VisionSpec(**traced.vision_inputs) if traced.vision_inputs else None
+            fed = vision_feeds_for(family_adapter.name, probe, pixels.dtype, spec_in)
+            write("vision", export_vision(vision, fed.feeds, dtype, opset, table))
+            if spec.fixed_image_tokens:  # not where the image size decides, nor without image tokens
                 with torch.no_grad():
-                    tokens_per_image = int(vision(torch.from_numpy(pixels[:1]).to(dtype)).shape[1])
+                    traced.tokens_per_image = int(vision(torch.from_numpy(pixels[:1]).to(dtype)).shape[1])
         if "decoder" in components:
             write("embed", export_embed(model, adapter, dtype, opset))
-            decoder = decoder_module(model, adapter)
-            decoder.gqa = group_query_attention and family in gqa.FAMILIES
+            decoder = traced.decoder = decoder_module(model, adapter)
+            decoder.gqa = group_query_attention and spec.group_query_attention
             decoder.select_logits = select_logits
             with gqa.traced_with_gqa(decoder.language) if decoder.gqa else contextlib.nullcontext():
-                proto = export_decoder(decoder, facts, dtype, opset, {**table, **gqa.TRANSLATIONS} if decoder.gqa
-                                       else table, mrope)
-            qdq.unshare_qdq(proto)
-            write("decoder", proto)
+                write("decoder", export_decoder(decoder, decoder_facts(model), dtype, opset,
+                                                {**table, **gqa.TRANSLATIONS} if decoder.gqa else table,
+                                                spec.positions == "mrope"))
     for name, file in GRAPH_FILES.items():  # a component not exported this time must not linger
-        if name not in files:
+        if name not in traced.files:
             for stale in (out / file, out / (file + ".data")):
                 stale.unlink(missing_ok=True)
+    return traced
 
+
+def _modules_quantized(quantized: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(quantized.get("modules", {}).values())
+
+
+def _has_int8_gemm(quantized: dict[str, Any]) -> bool:
+    """Whether some projection runs as an integer GEMM (W8A8: QDQ or MatMulInteger)."""
+    return any(info["onnx"].startswith(("QuantizeLinear", "MatMulInteger")) for info in _modules_quantized(quantized))
+
+
+def _meta(model: nn.Module, adapter: Any, processor: Any, family_adapter: Any, traced: _Traced, pixels: np.ndarray,
+          dtype: torch.dtype, opset: int, quantize: bool, w8a16_accuracy_level: int) -> dict[str, Any]:
+    """export.json: what the runner needs to feed the graphs, and how they were made."""
+    from compress.export import qdq
+
+    spec = _spec(family_adapter)
+    files, decoder = traced.files, traced.decoder
     vision_cfg = getattr(model.config, "vision_config", None)
-    has_qdq = any(info["onnx"].startswith("QuantizeLinear") for info in quantized.get("modules", {}).values())
-    has_weight_only = any(info.get("scheme") == "w8a16" for info in quantized.get("modules", {}).values())
-    has_int8_gemm = has_qdq or any(info["onnx"].startswith("MatMulInteger")
-                                   for info in quantized.get("modules", {}).values())
-    meta: dict[str, Any] = {
+    has_qdq = any(info["onnx"].startswith("QuantizeLinear") for info in _modules_quantized(traced.quantized))
+    has_weight_only = any(info.get("scheme") == "w8a16" for info in _modules_quantized(traced.quantized))
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "family": family,
+        "family": family_adapter.name,
         "model_type": model_type_of(model),
         "opset": opset,
         "dtype": ONNX_DTYPES[dtype],
         "graphs": {name: files[name].name for name in GRAPH_FILES if name in files},
         "image_token_id": image_token_id(model),
-        "image_tokens_per_image": tokens_per_image if "vision" in files and not mrope else None,
+        "image_tokens_per_image": traced.tokens_per_image,
         "pixel_shape": list(pixels.shape[1:]),
         "eos_token_ids": adapter.eos_token_ids(model, processor),
         "pad_token_id": adapter.pad_token_id(processor),
         # "explicit": [batch, seq] positions = cumsum(mask) - 1; "mrope": [3, batch, seq] from the image grid.
-        "positions": "mrope" if mrope else "explicit",
-        "explicit_positions": True,
-        "vision_inputs": vision_spec if "vision" in files else None,
-        # Mllama: image features reach the decoder as cross-attention states, not as image-token embeddings.
-        "cross_attention": family == "mllama",
-        "cross_attention_tokens": int(model.model.vision_model.num_patches) if family == "mllama" else None,
+        "positions": spec.positions,
+        "vision_inputs": traced.vision_inputs if "vision" in files else None,
+        # Image features that reach the decoder as cross-attention states, not as image-token embeddings.
+        "cross_attention": spec.cross_attention,
+        "cross_attention_tokens": family_adapter.cross_attention_tokens(model) if spec.cross_attention else None,
         # Bidirectional attention blocks of a prompt, from the processor's token_type_ids (runtime.blocks).
-        "attention_blocks": {"paligemma": "prefix", "gemma3": "images"}.get(family) if family in BLOCK_FAMILIES
-        else None,
-        **facts,
+        "attention_blocks": spec.attention_blocks,
+        **decoder_facts(model),
         # The tower's own width and heads (Qwen2-VL names them embed_dim / num_heads; its hidden_size is the
         # merger's output), which the attention fusion needs.
         "vision_num_heads": int(getattr(vision_cfg, "num_attention_heads", None) or getattr(vision_cfg, "num_heads", 0)
@@ -230,7 +282,7 @@ def export_onnx(
         # the accuracy level weight-only int8 (fused to MatMulNBits) computes at.
         "session": {"disabled_optimizers": list(qdq.QDQ_SESSION_DISABLED_OPTIMIZERS) if has_qdq else [],
                     "config": qdq.weight_only_session_config(w8a16_accuracy_level) if has_weight_only else {}},
-        "quantized": quantized,
+        "quantized": traced.quantized,
         "quantize": quantize,
         # Self-attention as com.microsoft GroupQueryAttention (KV appended in the kernel), or as traced.
         "decoder_attention": "GroupQueryAttention" if decoder is not None and decoder.gqa else "traced",
@@ -242,19 +294,6 @@ def export_onnx(
         "fused_ops": {},
         "versions": _versions(),
     }
-    write_meta(out, meta)
-    result = ExportResult(out_dir=out, files=files, quantized=quantized, meta=meta)
-    if fusion:
-        result.fused_ops = fuse_export(out)
-    if has_int8_gemm:
-        portable_export(out, int8_kernels)
-    if int4_prefill == "int8" and "decoder" in files:
-        from compress.export.prefill import write_int8_prefill
-
-        write_int8_prefill(out)
-        files["prefill"] = out / GRAPH_FILES["prefill"]
-    result.meta = describe_files(out)
-    return result
 
 
 def _versions() -> dict[str, str]:
@@ -269,9 +308,3 @@ def _versions() -> dict[str, str]:
     except ImportError:
         pass
     return versions
-
-
-
-
-
-

@@ -151,50 +151,13 @@ def _vision_pair(model: torch.nn.Module, adapter: Any, processor: Any, runner: A
     return runner.sessions["vision"].run(["image_features"], {"pixel_values": pixels})[0], ref
 
 
-def check_parity(
-    model: torch.nn.Module,
-    adapter: Any,
-    processor: Any,
-    out_dir: str | Path,
-    atol: float | dict[str, float] = DEFAULT_ATOL,
-    rtol: float | dict[str, float] = DEFAULT_RTOL,
-    samples: list[tuple[Image.Image, str]] | None = None,
-    decode_steps: int = 3,
-    providers: Any = None,
-    seed: int = 0,
-    record: bool = True,
-    session_options: Any = None,
-) -> dict[str, float]:
-    """Max abs error per graph output (keys like "decoder.prefill.logits"); raises ParityError on a miss.
+def _check_decoder(check: _Checker, decoder: DecoderWithPast, embedding: torch.nn.Module, runner: Any,
+                   meta: dict[str, Any], rng: np.random.Generator, decode_steps: int) -> None:
+    """Decoder graph vs wrapper: a left-padded prefill on an empty past, then `decode_steps` greedy steps, the
+    graph feeding back its own presents (so cache drift accumulates as it would in generation)."""
+    from compress.runtime.ort_runner import position_ids
 
-    `atol` / `rtol` are one number or a dict by graph name (vision, embed, decoder, end_to_end).
-    `samples` are (image, question) pairs for the end-to-end check (default: 3 random images with
-    questions of different lengths). `record=True` also stores the errors in export.json.
-    `session_options` (an onnxruntime.SessionOptions) e.g. lowers the optimization level to compare
-    the graph's float QDQ semantics instead of ORT's integer kernels.
-    """
-    from compress.runtime.ort_runner import OrtRunner, position_ids
-    from compress.runtime.torch_runner import TorchRunner
-
-    meta = read_meta(out_dir)
-    runner = OrtRunner.from_dir(out_dir, providers=providers, session_options=session_options)
-    check = _Checker(atol, rtol)
-    rng = np.random.default_rng(seed)
     np_dtype = runner.dtype
-    model.eval()
-
-    if samples is None:
-        samples = list(zip(_sample_images(runner.mrope, seed + 1), QUESTIONS, strict=True))
-    if "vision" in runner.sessions:
-        check.compare("vision", "image_features", *_vision_pair(model, adapter, processor, runner, samples, rng))
-
-    embedding = adapter.component(model, "language").get_input_embeddings()
-    ids = rng.integers(0, meta["vocab_size"], (3, 7))
-    with torch.no_grad():
-        ref = embedding(torch.from_numpy(ids)).float().numpy()
-    check.compare("embed", "inputs_embeds", runner.embed(ids), ref)
-
-    decoder = decoder_module(model, adapter)
     lengths, total = [6, 9, 4], 9
     mask = _left_padded_mask(lengths, total)
     ids = rng.integers(0, meta["vocab_size"], (3, total))
@@ -229,6 +192,51 @@ def check_parity(
         for got, ref in zip(past, ref_past, strict=True):
             check.compare("decoder", "decode.present", got, ref.float().numpy(), _valid_kv(mask, got))
         next_tok = ref_logits[:, -1].argmax(-1).numpy()
+
+
+def check_parity(
+    model: torch.nn.Module,
+    adapter: Any,
+    processor: Any,
+    out_dir: str | Path,
+    atol: float | dict[str, float] = DEFAULT_ATOL,
+    rtol: float | dict[str, float] = DEFAULT_RTOL,
+    samples: list[tuple[Image.Image, str]] | None = None,
+    decode_steps: int = 3,
+    providers: Any = None,
+    seed: int = 0,
+    record: bool = True,
+    session_options: Any = None,
+) -> dict[str, float]:
+    """Max abs error per graph output (keys like "decoder.prefill.logits"); raises ParityError on a miss.
+
+    `atol` / `rtol` are one number or a dict by graph name (vision, embed, decoder, end_to_end).
+    `samples` are (image, question) pairs for the end-to-end check (default: 3 random images with
+    questions of different lengths). `record=True` also stores the errors in export.json.
+    `session_options` (an onnxruntime.SessionOptions) e.g. lowers the optimization level to compare
+    the graph's float QDQ semantics instead of ORT's integer kernels.
+    """
+    from compress.runtime.ort_runner import OrtRunner
+    from compress.runtime.torch_runner import TorchRunner
+
+    meta = read_meta(out_dir)
+    runner = OrtRunner.from_dir(out_dir, providers=providers, session_options=session_options)
+    check = _Checker(atol, rtol)
+    rng = np.random.default_rng(seed)
+    model.eval()
+
+    if samples is None:
+        samples = list(zip(_sample_images(runner.mrope, seed + 1), QUESTIONS, strict=True))
+    if "vision" in runner.sessions:
+        check.compare("vision", "image_features", *_vision_pair(model, adapter, processor, runner, samples, rng))
+
+    embedding = adapter.component(model, "language").get_input_embeddings()
+    ids = rng.integers(0, meta["vocab_size"], (3, 7))
+    with torch.no_grad():
+        ref = embedding(torch.from_numpy(ids)).float().numpy()
+    check.compare("embed", "inputs_embeds", runner.embed(ids), ref)
+
+    _check_decoder(check, decoder_module(model, adapter), embedding, runner, meta, rng, decode_steps)
 
     if "vision" in runner.sessions:
         images, questions = [s[0] for s in samples], [s[1] for s in samples]

@@ -1,49 +1,51 @@
 """The torch modules the exporter traces: vision tower + projector, and a decoder with a flat KV cache.
 
 Each wrapper has plain tensor inputs and outputs, so the traced graph's signature is the runner contract.
+Which wrapper a model gets is its adapter's `export_spec` (compress.arch.export_spec); nothing here
+compares family names, so a new family with a known graph form needs no change in this module.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.arch.base import text_config
+from compress.arch import get_adapter, supported
+from compress.arch.base import Adapter, text_config
+from compress.arch.export_spec import ExportSpec, VisionForm
 from compress.errors import ConfigError
 from compress.runtime.cache import cache_kwargs, output_cache
-
-# Families whose graphs this exporter can build, by config.model_type.
-SUPPORTED = {"llava": "llava", "idefics3": "idefics3", "smolvlm": "idefics3", "qwen2_vl": "qwen2_vl",
-             "qwen2_5_vl": "qwen2_vl", "internvl": "internvl", "paligemma": "paligemma", "gemma3": "gemma3",
-             "mllama": "mllama"}
-# Families whose prompt attends bidirectionally within blocks (the decoder graph takes block_sequence_ids).
-BLOCK_FAMILIES = ("paligemma", "gemma3")
 
 
 def model_type_of(model: nn.Module) -> str:
     return str(getattr(getattr(model, "config", None), "model_type", type(model).__name__))
 
 
-def check_exportable(model: nn.Module) -> str:
-    """The exporter family of `model`, or a ConfigError naming the architecture and why not."""
-    from compress.arch import get_adapter, supported
-
+def exportable_adapter(model: nn.Module) -> Adapter:
+    """The adapter of `model`'s family, which declares its export facts; a ConfigError naming the
+    architecture and why not (its adapter refuses export, or no adapter declares an `export_spec`)."""
     model_type = model_type_of(model)
     if model_type in supported():  # the adapter says why its family cannot be exported (one source)
         adapter = get_adapter(model_type)
         reason = adapter.refused_stages.get("export")
         if reason:
             raise ConfigError(f"{adapter.name} ({model_type}) cannot be exported to ONNX yet: {reason}")
-    if model_type not in SUPPORTED:
-        raise ConfigError(
-            f"ONNX export does not support architecture '{model_type}'; supported: {', '.join(sorted(SUPPORTED))}"
-        )
-    return SUPPORTED[model_type]
+        if adapter.export_spec is not None:
+            return adapter
+    exportable = [mt for mt in supported() if get_adapter(mt).export_spec is not None]
+    raise ConfigError(f"ONNX export does not support architecture '{model_type}'; supported: {', '.join(exportable)}")
+
+
+def export_spec(model: nn.Module) -> ExportSpec:
+    """What the exporter builds for `model` (its adapter's `export_spec`), or a ConfigError."""
+    spec = exportable_adapter(model).export_spec
+    assert spec is not None  # exportable_adapter refuses families without one
+    return spec
 
 
 def decoder_facts(model: nn.Module) -> dict[str, int]:
@@ -264,11 +266,12 @@ class DecoderWithBlocks(DecoderWithPast):
     """A decoder whose prompt attends bidirectionally within blocks: PaliGemma's prefix (image + prompt),
     Gemma3's images. `block_sequence_ids` [batch, seq] names each token's block (-1: causal), as the
     family's model derives it from token_type_ids at a prefill; decode steps pass -1. The masks are
-    built by the family's own functions, so the graph computes what the model computes."""
+    built by the family's own functions (`masks`: its adapter's `block_masks`), so the graph computes
+    what the model computes."""
 
-    def __init__(self, language: nn.Module, lm_head: nn.Module, num_layers: int, family: str):
+    def __init__(self, language: nn.Module, lm_head: nn.Module, num_layers: int, masks: Callable[..., Any]):
         super().__init__(language, lm_head, num_layers)
-        self.family = family
+        self.masks = masks
 
     def forward(  # type: ignore[override]
         self,
@@ -279,20 +282,9 @@ class DecoderWithBlocks(DecoderWithPast):
         past: tuple[torch.Tensor, ...],
         logits_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
-        from transformers import masking_utils
-
         cache = self._cache(past, attention_mask, inputs_embeds)
-        kwargs = {"config": self.language.config, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
-                  "cache": cache, "position_ids": position_ids}
-        if self.family == "gemma3":
-            from transformers.models.gemma3 import modeling_gemma3
-
-            masks = modeling_gemma3.create_masks_for_vision_model(block_sequence_ids=block_sequence_ids, **kwargs)
-        else:  # PaliGemma: the prefix block over a full-attention (Gemma) or hybrid (Gemma2) text model
-            masks = masking_utils.create_causal_mask(**kwargs, block_sequence_ids=block_sequence_ids)
-            if getattr(self.language.config, "sliding_window", None) is not None:
-                masks = {"full_attention": masks,
-                         "sliding_attention": masking_utils.create_sliding_window_causal_mask(**kwargs)}
+        masks = self.masks(block_sequence_ids, config=self.language.config, inputs_embeds=inputs_embeds,
+                           attention_mask=attention_mask, cache=cache, position_ids=position_ids)
         return self._run(inputs_embeds, masks, position_ids, cache, logits_index=logits_index)
 
 
@@ -329,28 +321,32 @@ class DecoderWithCrossAttention(DecoderWithPast):
                          full_text_row_masked_out_mask=rows)
 
 
+# The vision wrapper per graph form: (model, adapter, pixel shape the graph is exported at) -> module.
+VISION_WRAPPERS: dict[VisionForm, Callable[[nn.Module, Any, Sequence[int]], nn.Module]] = {
+    "projected_tower": lambda model, adapter, shape: LlavaVision(model, adapter),
+    "image_features": lambda model, adapter, shape: ImageFeatures(model),
+    "tiled": lambda model, adapter, shape: MllamaVision(model),
+    "tiled_patches": lambda model, adapter, shape: Idefics3Vision(model, adapter, int(shape[-2]), int(shape[-1])),
+    "flat_patches": lambda model, adapter, shape: QwenVision(model, adapter),
+}
+
+
 def vision_module(model: nn.Module, adapter: Any, pixel_shape: Sequence[int]) -> nn.Module:
-    family = check_exportable(model)
-    if family == "llava":
-        return LlavaVision(model, adapter).eval()
-    if family == "qwen2_vl":
-        return QwenVision(model, adapter).eval()
-    if family in ("internvl", "paligemma", "gemma3"):
-        return ImageFeatures(model).eval()
-    if family == "mllama":
-        return MllamaVision(model).eval()
-    return Idefics3Vision(model, adapter, int(pixel_shape[-2]), int(pixel_shape[-1])).eval()
+    """The vision wrapper the adapter's `export_spec.vision` names, in eval mode."""
+    return VISION_WRAPPERS[export_spec(model).vision](model, adapter, pixel_shape).eval()
 
 
 def decoder_module(model: nn.Module, adapter: Any) -> DecoderWithPast:
-    family = check_exportable(model)
+    """The decoder wrapper for the adapter's `export_spec`: with attention blocks, with cross-attention states,
+    or the plain flat-cache decoder."""
+    spec = export_spec(model)
     facts = decoder_facts(model)
     language, lm_head = adapter.component(model, "language"), adapter.component(model, "lm_head")
-    if family in BLOCK_FAMILIES:
-        return DecoderWithBlocks(language, lm_head, facts["num_layers"], family).eval()
-    if family == "mllama":
+    if spec.attention_blocks is not None:
+        return DecoderWithBlocks(language, lm_head, facts["num_layers"], adapter.block_masks).eval()
+    if spec.cross_attention:
         return DecoderWithCrossAttention(language, lm_head, facts["num_layers"], facts["cache_layers"],
-                                         model.model.vision_model.num_patches).eval()
+                                         adapter.cross_attention_tokens(model)).eval()
     return DecoderWithPast(language, lm_head, facts["num_layers"]).eval()
 
 

@@ -283,28 +283,9 @@ def smooth(
     details: dict[str, dict[str, Any]] = {}
     plan = []
     for name, m in first.items():
-        weights = [model.get_submodule(t).weight for t in m.targets]
-        factors = _Factors(m, stat[name], weights, rule)
-        searched: dict[float, float] = {}
-        chosen = float(alpha) if not auto else 0.0
-        if auto:
-            chosen, searched = search_alpha(factors, weights, samplers[name].rows(), quantized, grid)
+        factors, chosen, info = _plan_one(model, m, stat[name], samplers[name].rows(), alpha if not auto else None,
+                                          quantized, rule, grid, "mean" if int4 is not None else "amax")
         plan.append((m, factors, chosen))
-        before = stat[name].cpu()
-        s = factors.target(chosen).cpu()
-        kind = "mean" if int4 is not None else "amax"
-        info = {
-            "alpha": chosen,
-            "folded_into": f"{m.source} ({m.kind})",
-            "outlier_ratio_before": _finite(outlier_ratio(before)),
-            "outlier_ratio_after": _finite(outlier_ratio(before / s)),
-            f"act_{kind}_before": float(before.max()),
-            f"act_{kind}_after": float((before / s).max()),
-            "smooth_min": float(s.min()),
-            "smooth_max": float(s.max()),
-        }
-        if auto:
-            info["alpha_errors"] = {str(a): round(e, 8) for a, e in searched.items()}
         details.update({t: info for t in m.targets})
 
     originals = {k: v.detach().clone() for k, v in model.state_dict().items()
@@ -313,6 +294,34 @@ def smooth(
         _fold(model, m, factors, chosen)
     _check_fold(model, call, originals, method)
     return {"modules": details, "not_smoothed": not_smoothed}
+
+
+def _plan_one(model: nn.Module, m: Mapping, stat: torch.Tensor, rows: torch.Tensor, alpha: float | None,
+              quantized: Quantized, rule: Callable, grid: tuple[float, ...],
+              kind: str) -> tuple[_Factors, float, dict[str, Any]]:
+    """One mapping's factors and alpha (`alpha`, or searched over `grid` when None), with what the manifest
+    records about them."""
+    weights = [model.get_submodule(t).weight for t in m.targets]
+    factors = _Factors(m, stat, weights, rule)
+    searched: dict[float, float] = {}
+    chosen = float(alpha) if alpha is not None else 0.0
+    if alpha is None:
+        chosen, searched = search_alpha(factors, weights, rows, quantized, grid)
+    before = stat.cpu()
+    s = factors.target(chosen).cpu()
+    info = {
+        "alpha": chosen,
+        "folded_into": f"{m.source} ({m.kind})",
+        "outlier_ratio_before": _finite(outlier_ratio(before)),
+        "outlier_ratio_after": _finite(outlier_ratio(before / s)),
+        f"act_{kind}_before": float(before.max()),
+        f"act_{kind}_after": float((before / s).max()),
+        "smooth_min": float(s.min()),
+        "smooth_max": float(s.max()),
+    }
+    if alpha is None:
+        info["alpha_errors"] = {str(a): round(e, 8) for a, e in searched.items()}
+    return factors, chosen, info
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ import math
 import random
 import resource
 import time
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
@@ -159,49 +160,37 @@ def _lr_factor(step: int, warm: int, steps: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
 
 
-@register_stage(DistillConfig)
-def apply(model: torch.nn.Module, cfg: DistillConfig, ctx: StageContext) -> StageResult:
-    from compress.checkpoint import load_checkpoint
+def _encode(batch: list, teacher: torch.nn.Module, cfg: DistillConfig,
+            ctx: StageContext) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """(inputs, answer positions, answer labels) of one batch, teacher-forcing each record's answer (the
+    teacher's own greedy answer where a record has none)."""
+    answers = [r.answer for r in batch]
+    if any(a is None for a in answers):
+        from compress.runtime.torch_runner import TorchRunner
 
-    if ctx.calibration is None or not len(ctx.calibration):
-        raise ConfigError("distill needs records to train on: a 'calibration' section or the stage's 'data'")
-    source = ctx.baseline_source if cfg.teacher == "baseline" else cfg.teacher
-    teacher, _ = load_checkpoint(source, ctx.adapter, ctx.dtype)
-    teacher.eval().requires_grad_(False)
-    torch.manual_seed(ctx.seed)
-    records = list(ctx.calibration.records)
+        enc = ctx.adapter.build_inputs(ctx.processor, [r.image for r in batch], [r.prompt for r in batch])
+        out = TorchRunner.for_adapter(teacher, ctx.adapter, ctx.processor).generate(enc.inputs, cfg.max_answer_tokens)
+        made = ctx.processor.tokenizer.batch_decode(out, skip_special_tokens=True)
+        answers = [a if a is not None else m.strip() for a, m in zip(answers, made, strict=True)]
+    enc = ctx.adapter.build_inputs(ctx.processor, [r.image for r in batch], [r.prompt for r in batch], answers,
+                                   cfg.max_answer_tokens)
+    labels = enc.inputs["input_ids"][:, 1:][enc.answer_positions[:, :-1]]
+    return enc.inputs, enc.answer_positions, labels
+
+
+def _train(model: torch.nn.Module, teacher: torch.nn.Module, params: list, masks: dict[str, torch.Tensor],
+           encode: Callable[[list], tuple[dict, torch.Tensor, torch.Tensor]], stream: Iterator[list],
+           cfg: DistillConfig, ctx: StageContext) -> list[float]:
+    """`cfg.steps` optimizer steps of the student against the teacher; pruned weights stay zero after every
+    step. Returns the loss of each step."""
     hidden = cfg.loss.hidden_mse > 0
-
-    def encode(batch: list) -> tuple[dict, torch.Tensor, torch.Tensor]:
-        answers = [r.answer for r in batch]
-        if any(a is None for a in answers):  # the teacher's own greedy answers where a record has none
-            from compress.runtime.torch_runner import TorchRunner
-
-            enc = ctx.adapter.build_inputs(ctx.processor, [r.image for r in batch], [r.prompt for r in batch])
-            out = TorchRunner.for_adapter(teacher, ctx.adapter, ctx.processor).generate(enc.inputs,
-                                                                                        cfg.max_answer_tokens)
-            made = ctx.processor.tokenizer.batch_decode(out, skip_special_tokens=True)
-            answers = [a if a is not None else m.strip() for a, m in zip(answers, made, strict=True)]
-        enc = ctx.adapter.build_inputs(ctx.processor, [r.image for r in batch], [r.prompt for r in batch], answers,
-                                       cfg.max_answer_tokens)
-        labels = enc.inputs["input_ids"][:, 1:][enc.answer_positions[:, :-1]]
-        return enc.inputs, enc.answer_positions, labels
-
-    held = [encode(records[i:i + cfg.batch_size])[:2] for i in range(0, min(len(records), 4 * cfg.batch_size),
-                                                                       cfg.batch_size)]
-    model.eval()
-    int8 = ste.wrap(model)  # INT8 layers train through their frozen grid
-    params = _trainable(model, cfg, ctx)
-    masks = _masks(model)
-    before = _agreement(model, teacher, held)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = max(1, cfg.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warm, cfg.steps, cfg.schedule))
     linears = dict(model.named_modules())
     image_id = ctx.processor.tokenizer.convert_tokens_to_ids(ctx.adapter.image_fill_token or ctx.adapter.image_token)
-    t0, losses = time.time(), []
+    losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc="distill", leave=False)
-    stream = _batches(records, cfg, ctx.seed)
     for step in bar:
         if step == cfg.steps // 2:
             ctx.fault_point()
@@ -222,6 +211,33 @@ def apply(model: torch.nn.Module, cfg: DistillConfig, ctx: StageContext) -> Stag
                 linears[name].weight.masked_fill_(mask, 0.0)
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
+    return losses
+
+
+@register_stage(DistillConfig)
+def apply(model: torch.nn.Module, cfg: DistillConfig, ctx: StageContext) -> StageResult:
+    from compress.checkpoint import load_checkpoint
+
+    if ctx.calibration is None or not len(ctx.calibration):
+        raise ConfigError("distill needs records to train on: a 'calibration' section or the stage's 'data'")
+    source = ctx.baseline_source if cfg.teacher == "baseline" else cfg.teacher
+    teacher, _ = load_checkpoint(source, ctx.adapter, ctx.dtype)
+    teacher.eval().requires_grad_(False)
+    torch.manual_seed(ctx.seed)
+    records = list(ctx.calibration.records)
+
+    def encode(batch: list) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        return _encode(batch, teacher, cfg, ctx)
+
+    held = [encode(records[i:i + cfg.batch_size])[:2] for i in range(0, min(len(records), 4 * cfg.batch_size),
+                                                                       cfg.batch_size)]
+    model.eval()
+    int8 = ste.wrap(model)  # INT8 layers train through their frozen grid
+    params = _trainable(model, cfg, ctx)
+    masks = _masks(model)
+    before = _agreement(model, teacher, held)
+    t0 = time.time()
+    losses = _train(model, teacher, params, masks, encode, _batches(records, cfg, ctx.seed), cfg, ctx)
     wall = time.time() - t0
     model.requires_grad_(False)
     codes_changed = ste.unwrap(model, int8)
@@ -249,3 +265,4 @@ def apply(model: torch.nn.Module, cfg: DistillConfig, ctx: StageContext) -> Stag
         "wall_s": round(wall, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     })
+
