@@ -5,7 +5,8 @@
 Loads the folder with `AutoModelForImageTextToText` / `AutoProcessor`, formats each question with
 the processor's chat template (or PROMPT_TEMPLATE, a `{question}` template, as a recipe's prompt
 does), answers greedily with `generate` (KV cache), and prints one JSON line: loading info, exact
-match (case, white space and trailing punctuation ignored) and the answers.
+match (case, white space and trailing punctuation ignored) and the answers. Tests run it through
+`helpers.score_in_fresh_process`; a script, never imported, so it stays a file of its own.
 """
 
 from __future__ import annotations
@@ -53,21 +54,6 @@ def main() -> None:
         "answers": answers,
         "imported_compress": any(m == "compress" or m.startswith("compress.") for m in sys.modules),
     }))
-
-
-def score_in_fresh_process(model_dir: Path, eval_dir: Path, max_new_tokens: int, prompt: str | None = None) -> dict:
-    """Run this file as a script (a new interpreter that never imports `compress`); its JSON result."""
-    import os
-    import subprocess
-
-    args = [str(model_dir), str(eval_dir), str(max_new_tokens), *([prompt] if prompt else [])]
-    proc = subprocess.run([sys.executable, __file__, *args],
-                          capture_output=True, text=True, timeout=900, cwd=model_dir,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["imported_compress"] is False
-    return result
 
 
 if __name__ == "__main__":

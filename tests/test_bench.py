@@ -6,9 +6,12 @@ Speed is measured, never asserted: these tests check what is measured and writte
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import onnxruntime
 import pytest
+import torch
 import yaml
 
 from compress.arch import get_adapter
@@ -88,8 +91,9 @@ def test_bench_measures_every_artifact(run_dir, capsys):
     assert rows[2]["providers"] == ["CPUExecutionProvider"]
     assert result["settings"] == {"batch": 2, "new_tokens": 3, "warmup": 1, "repeats": 2,
                                   "providers": ["CPUExecutionProvider"], "ignore_eos": True, "statistic": "median"}
-    mach = result["machine"]
-    assert mach["cores"] >= 1 and mach["cpu"] and mach["torch"] and mach["onnxruntime"]
+    mach = result["machine"]  # this process's machine and libraries, not placeholders
+    assert mach["cores"] == os.cpu_count() and mach["cpu"]
+    assert mach["torch"] == torch.__version__ and mach["onnxruntime"] == onnxruntime.__version__
 
 
 def test_ignore_eos_gives_exact_lengths_and_timings_on_both_runners(run_dir):
@@ -99,13 +103,20 @@ def test_ignore_eos_gives_exact_lengths_and_timings_on_both_runners(run_dir):
     enc = adapter.build_inputs(processor, [s.image for s in batch], [s.question for s in batch]).inputs
     torch_runner = TorchRunner.for_adapter(model, adapter, processor)
     ort_runner = OrtRunner.from_dir(run_dir / "stages/01-export")
+    features = []
     for runner in (torch_runner, ort_runner):
         assert [len(t) for t in runner.generate(enc, 40, ignore_eos=True)] == [40] * 3
         assert runner.timings["decode_steps"] == 39
         assert runner.timings["first_token_s"] > 0 and runner.timings["decode_s"] > 0
         default = runner.generate(enc, 40)  # default behaviour: stop at eos (short answers)
         assert max(len(t) for t in default) < 40
-        assert runner.image_features({"pixel_values": enc["pixel_values"][:1]}) is not None
+        features.append(runner.image_features({"pixel_values": enc["pixel_values"][:1]}))
+    # The vision hook bench times: one image's projected tokens, as many as the prompt has image tokens, the
+    # same through both runners (the prune stage left the vision tower and projector alone).
+    (ours,), (exported,) = features[0].pooler_output, features[1]
+    image_tokens = int((enc["input_ids"][0] == model.config.image_token_index).sum())
+    assert ours.shape == exported.shape == (image_tokens, model.config.text_config.hidden_size)
+    assert torch.allclose(ours.detach(), torch.from_numpy(exported), atol=1e-4)
     # Same answers both ways: the timing hooks do not change what is generated.
     assert torch_runner.generate(enc, 24) == ort_runner.generate(enc, 24)
 
@@ -140,11 +151,27 @@ def test_artifacts_skip_failed_stages_and_markdown_reports_errors(tmp_path):
     assert chart(result)[:4] == b"\x89PNG"
 
 
-def test_timer_excludes_warmup():
-    calls = []
-    assert len(timed(lambda: calls.append(1), warmup=2, repeats=5)) == 5
-    assert len(calls) == 7
-    assert median_ms(lambda: None, 0, 3) >= 0
+def test_timer_excludes_warmup(monkeypatch):
+    """On a scripted clock: the warm-up calls (slow, as lazy initialisation is) are run but not timed, and
+    median_ms is the median of the timed calls, in milliseconds."""
+    from compress.bench import timing
+
+    now = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+
+    def calls(seconds: list[float]):
+        left = iter(seconds)
+
+        def call() -> None:
+            now[0] += next(left)
+        return call
+
+    call = calls([5.0, 4.0, 0.003, 0.001, 0.002, 0.010, 0.004])
+    assert timed(call, warmup=2, repeats=5) == pytest.approx([0.003, 0.001, 0.002, 0.010, 0.004])
+    with pytest.raises(StopIteration):  # exactly 2 + 5 calls were made
+        call()
+    assert median_ms(calls([5.0, 0.003, 0.001, 0.002]), 1, 3) == pytest.approx(2.0)
+    assert median_ms(calls([0.004, 0.001]), 0, 2) == pytest.approx(2.5)  # even count: the mean of the middle two
 
 
 def test_bench_refuses_a_non_run_folder_and_bad_settings(tmp_path, capsys):
@@ -160,10 +187,8 @@ def test_bench_refuses_a_non_run_folder_and_bad_settings(tmp_path, capsys):
 
 def test_bench_builds_prompts_with_the_runs_evaluation_prompt(tmp_path):
     """A run whose recipe sets evaluation.prompt (no chat template fits) is benchmarked with that prompt."""
-    import yaml
-    from test_recipe import VALID
+    from helpers import VALID
 
-    from compress.arch import get_adapter
     from compress.bench.measure import eval_inputs
 
     doc = yaml.safe_load(VALID)

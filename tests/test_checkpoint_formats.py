@@ -11,11 +11,11 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import typing
 from pathlib import Path
 
 import torch
+from helpers import LOADER
 from PIL import Image
 
 from compress.arch import get_adapter
@@ -50,35 +50,6 @@ CASES: dict[str, tuple[str, dict]] = {
     "nf4": ("llava", {"nf4": {"blocksize": 32},
                       "targets": {"components": ["language"], "exclude": ["*k_proj", "*v_proj"]}}),
 }
-
-LOADER = textwrap.dedent("""
-    import json, sys
-    import torch
-    from transformers import AutoModelForImageTextToText
-    results = {}
-    for folder in sys.argv[1:]:
-        model, info = AutoModelForImageTextToText.from_pretrained(folder, output_loading_info=True)
-        saved = torch.load(folder + "/expected.pt")
-        with torch.no_grad():
-            logits = model.eval()(**saved["inputs"]).logits
-        r = {**{k: sorted(map(str, v))[:5] for k, v in info.items() if k != "error_msgs"},
-             "max_abs_diff": float((logits - saved["logits"]).abs().max()), "scale": float(logits.abs().max())}
-        # bitsandbytes computes NF4 in bf16 on AVX512-BF16 CPUs; its float path shows the weights are exact.
-        bf16 = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
-        if bf16:
-            model = AutoModelForImageTextToText.from_pretrained(folder)
-            for m in model.modules():
-                if hasattr(m, "support_avx512bf16_for_cpu"):
-                    m.support_avx512bf16_for_cpu = False
-            with torch.no_grad():
-                logits = model.eval()(**saved["inputs"]).logits
-            r["bnb_bf16_kernel"] = True
-            r["float_kernel_max_abs_diff"] = float((logits - saved["logits"]).abs().max())
-        results[folder] = r
-    results["imported_compress"] = any(m == "compress" or m.startswith("compress.") for m in sys.modules)
-    print(json.dumps(results))
-""")
-
 
 def test_every_registered_scheme_is_covered():
     schemes = set(typing.get_args(QuantizeConfig.model_fields["scheme"].annotation))

@@ -74,7 +74,9 @@ def test_distill_data_replaces_calibration_and_is_read_before_anything_is_writte
     from compress.stages.distill import _lr_factor
 
     data = {"source": str(ROOT / "calibration/shapes-vqa/distill"), "num_samples": 64}
-    assert load_recipe(_recipe(tmp_path, [{**DISTILL, "data": data}], calibration=False))  # no calibration needed
+    loaded = load_recipe(_recipe(tmp_path, [{**DISTILL, "data": data}], calibration=False)).recipe
+    assert loaded.calibration is None  # no calibration needed: the stage trains on its own set
+    assert loaded.stages[0].data.source == data["source"] and loaded.stages[0].data.num_samples == 64
     out = tmp_path / "run"
     missing = {**DISTILL, "data": {"source": str(tmp_path / "nowhere")}}
     assert main(["run", str(_recipe(tmp_path, [missing], calibration=False)), "--out", str(out)]) != 0

@@ -409,3 +409,41 @@ def test_weight_only_int8_accuracy_level_reaches_onnxruntime(tmp_path: Path, lev
         assert err < 1e-3 * want.abs().max()
     else:  # ~0.12 here, 280x the float bound: the setting took effect
         assert 1e-2 * want.abs().max() < err < want.abs().max()
+
+
+NO_TORCH_RUN = """
+import json, sys
+sys.modules["torch"] = None  # as on a deployment host without torch: importing it fails
+from PIL import Image
+from transformers import AutoProcessor
+from compress.runtime.ort_runner import OrtRunner
+folder, prompts, images = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+processor = AutoProcessor.from_pretrained(folder)
+processor.tokenizer.padding_side = "left"
+enc = processor(images=[Image.open(p) for p in images], text=prompts, return_tensors="np", padding=True)
+tokens = OrtRunner.from_dir(folder).generate(dict(enc), 8)
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "onnx") and sys.modules[m] is not None)
+print(json.dumps({"tokens": tokens, "loaded": loaded, "exporter": sorted(
+    m for m in sys.modules if m.startswith("compress.export.") and m != "compress.export.files")}))
+"""
+
+
+def test_an_export_folder_answers_on_a_host_without_torch(llava: Exported, tmp_path: Path):
+    """Deploying an export folder needs numpy + onnxruntime + the processor: the folder answers in a process
+    where torch cannot be imported, with the same tokens as in the toolkit's own process."""
+    import subprocess
+    import sys
+
+    folder = copy_export(llava.out, tmp_path / "onnx")
+    llava.processor.save_pretrained(folder)
+    images = dummy_images(3, seed=7)
+    paths = [str(tmp_path / f"{i}.png") for i in range(len(images))]
+    for image, path in zip(images, paths, strict=True):
+        image.save(path)
+    prompts = [llava.adapter.format_prompt(llava.processor, q) for q in QUESTIONS]
+    want = OrtRunner.from_dir(folder).generate(llava.inputs().inputs, 8)
+    out = subprocess.run([sys.executable, "-c", NO_TORCH_RUN, str(folder), json.dumps(prompts), json.dumps(paths)],
+                         capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["loaded"] == [] and got["exporter"] == []
+    assert got["tokens"] == want

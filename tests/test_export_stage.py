@@ -40,7 +40,7 @@ def _recipe(tmp_path: Path, stages: list[dict], name: str = "e") -> Path:
         ([{**EXPORT, "opset": 23}], "stages[0].opset: opset 23 needs target: tensorrt"),
         ([{**EXPORT, "target": "tensorrt", "int4_prefill": "int8"}], "stages[0].int4_prefill: int4_prefill: int8"),
         ([{**EXPORT, "int4_prefill": "int8"}], "no earlier quantize stage has scheme: int4"),
-        ([{**EXPORT, "dynamic": {"batch": False}}], "stages[0].dynamic.batch"),
+        ([{**EXPORT, "dynamic": {"batch": False}}], "stages[0].dynamic"),  # axes are always dynamic: no such field
         ([{**EXPORT, "parity": {"atol": {"audio": 1.0}}}], "stages[0].parity.atol"),
     ],
 )
@@ -70,9 +70,18 @@ def test_onnx_fp32_recipe(tmp_path):
     listed = {f["path"] for f in m["files"]}
     assert "stages/onnx/decoder.onnx" in listed
     assert not (out / ".work").exists()
-    # The folder is self-describing: it runs on its own.
+    # The folder is self-describing: its graphs and processor alone answer the task's questions.
+    from transformers import AutoProcessor
+
+    from compress.arch import get_adapter
+    from compress.zoo import shapes
+
     runner = OrtRunner.from_dir(art)
     assert runner.backend == "onnxruntime"
+    processor = AutoProcessor.from_pretrained(art)
+    batch = [shapes.sample(s) for s in range(4)]
+    enc = get_adapter("llava").build_inputs(processor, [s.image for s in batch], [s.question for s in batch]).inputs
+    assert [processor.tokenizer.decode(t) for t in runner.generate(enc, 24)] == [s.answer for s in batch]
 
 
 def test_export_after_int8_carries_the_integers_and_verifies(tmp_path, capsys):
@@ -97,7 +106,7 @@ def test_export_after_int8_carries_the_integers_and_verifies(tmp_path, capsys):
     assert (out / "stages/01-export/decoder.onnx").stat().st_size < 0.5 * (
         (out / "stages/00-quantize/model.safetensors").stat().st_size * 4)
     # What ships is what the manifest describes: verify passes it and catches each kind of damage.
-    from verify_damage import assert_verify_catches_damage
+    from helpers import assert_verify_catches_damage
 
     assert_verify_catches_damage(out, tmp_path, capsys)
 

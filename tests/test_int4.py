@@ -85,20 +85,18 @@ def test_matmulnbits_computes_the_int4_layer(symmetric, group):
     assert 0 < err < 0.05  # int8 activations per block: close, not exact
 
 
-def test_int4_config_errors_name_the_field(tmp_path):
-    from tests.test_recipe import recipe_error
-
+def test_int4_config_errors_name_the_field(recipe_error):
     def stage(scheme: str, **fields) -> list[dict]:
         return [{"type": "quantize", "scheme": scheme, "targets": {"components": ["language"]},
                  "gate": {"min_retention": 0.9}, **fields}]
 
-    msg = recipe_error(tmp_path, stage("int4", int4={"group_size": 48}))
+    msg = recipe_error(stage("int4", int4={"group_size": 48}))
     assert "stages[0].int4.group_size" in msg and "32, 64 or 128" in msg.replace("'", "")
-    msg = recipe_error(tmp_path, stage("int4", activations={"dynamic": "per_token"}))
+    msg = recipe_error(stage("int4", activations={"dynamic": "per_token"}))
     assert "weight-only" in msg
-    msg = recipe_error(tmp_path, stage("int8", activations="none", int4={"group_size": 32}))
+    msg = recipe_error(stage("int8", activations="none", int4={"group_size": 32}))
     assert "only apply to scheme int4" in msg
-    msg = recipe_error(tmp_path, stage("int4", int4={"rounding": "awq"}), calibration=False)
+    msg = recipe_error(stage("int4", int4={"rounding": "awq"}), calibration=False)
     assert "calibration" in msg
 
 

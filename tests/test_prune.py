@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_with_batch
 from torch import nn
 
 from compress.arch import select_modules
@@ -44,31 +45,12 @@ def test_sparsegpt_compensates_where_magnitude_cannot():
         assert err(sparse) < 0.7 * err(magnitude), nm
 
 
-def _tiny(family: str):
-    from PIL import Image
-
-    from compress.arch import get_adapter
-    from compress.zoo.tiny import tiny_model
-
-    model, processor = tiny_model(family)
-    adapter = get_adapter(family).bind(model)
-    g = torch.Generator().manual_seed(1)
-    images = [Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()) for _ in range(2)]
-    batch = adapter.build_inputs(processor, images, ["what color is it?", "how many?"]).inputs
-
-    def loop(m: nn.Module) -> None:
-        with torch.no_grad():
-            m(**batch)
-
-    return model, adapter, batch, loop
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_method_and_pattern_on_every_family(family):
     errors: dict[tuple[str, str], float] = {}
     for method in ("magnitude", "wanda", "sparsegpt"):
         for pattern in ("unstructured", "2:4", "4:8"):
-            model, adapter, batch, loop = _tiny(family)
+            model, adapter, batch, loop = tiny_with_batch(family)
             with torch.no_grad():
                 ref = model(**batch).logits
             mods = select_modules(model, adapter, LANGUAGE)
@@ -85,7 +67,7 @@ def test_every_method_and_pattern_on_every_family(family):
 
 
 def test_calibrated_methods_need_data_and_n_m_needs_divisible_inputs():
-    model, adapter, _, _ = _tiny("llava")
+    model, adapter, _, _ = tiny_with_batch("llava")
     mods = select_modules(model, adapter, LANGUAGE)
     with pytest.raises(ConfigError, match="needs a 'calibration'"):
         prune_linears(model, mods, "wanda", 0.5, "unstructured", None)
@@ -106,7 +88,5 @@ BASE = {"type": "prune", "targets": {"components": ["language"]}, "gate": {"min_
     ({"method": "wanda", "sparsity": 0.5}, False, "needs a 'calibration' section"),
     ({"method": "sparsegpt", "pattern": "3:4"}, True, "stages[0].pattern"),
 ])
-def test_prune_recipe_errors(tmp_path, stage, calibration, needle):
-    from test_recipe import recipe_error
-
-    assert needle in recipe_error(tmp_path, [{**BASE, **stage}], calibration)
+def test_prune_recipe_errors(recipe_error, stage, calibration, needle):
+    assert needle in recipe_error([{**BASE, **stage}], calibration)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import lost_fields
 from PIL import Image
 
 from compress.arch import get_adapter
@@ -78,13 +79,24 @@ def test_quantize_recipe_errors(tmp_path, stages, calibration, needle):
 
 
 def test_valid_orders(tmp_path):
+    """Orders and combinations the rules allow load, and load as written: every field of every stage is in
+    the resolved recipe with the written value (what the stage then runs with)."""
     weight_only = {**INT8, "activations": "none"}
-    for stages in ([weight_only, INT8], [weight_only], [{**INT8, "smoothquant": {"alpha": 0.8}}],
-                   [{**INT8, "smoothquant": {"alpha": "auto"}, "weights": {"rounding": "gptq", "reduce_range": True},
-                     "keep_float": {"budget": 0.1}}]):
-        load_recipe(_recipe(tmp_path, stages))
+    tuned = {**INT8, "smoothquant": {"alpha": "auto"}, "weights": {"rounding": "gptq", "reduce_range": True},
+             "keep_float": {"budget": 0.1}}
+    for stages in ([weight_only, INT8], [weight_only], [{**INT8, "smoothquant": {"alpha": 0.8}}], [tuned]):
+        loaded = load_recipe(_recipe(tmp_path, stages))
+        assert lost_fields(stages, loaded.resolved()["stages"]) == [], stages
+    first = load_recipe(_recipe(tmp_path, [weight_only, INT8])).recipe.stages
+    assert first[0].activations == "none" and first[1].activations.calibration == "minmax"
+    (stage,) = load_recipe(_recipe(tmp_path, [tuned])).recipe.stages
+    assert stage.smoothquant.alpha == "auto" and stage.weights.rounding == "gptq" and stage.weights.reduce_range
+    assert stage.keep_float.budget == 0.1
     dynamic = {**INT8, "activations": {"dynamic": "per_token"}}  # no calibration data needed
-    load_recipe(_recipe(tmp_path, [dynamic], calibration=False))
+    loaded = load_recipe(_recipe(tmp_path, [dynamic], calibration=False))
+    assert loaded.recipe.calibration is None
+    assert loaded.recipe.stages[0].activations.dynamic == "per_token"
+    assert loaded.recipe.stages[0].activations.calibration is None
 
 
 # ---- every scheme on every family's tiny model, through the registered stage ----------------------
@@ -317,7 +329,7 @@ def test_mixed_recipe_gives_each_component_its_scheme(tmp_path):
 
 def _plain_transformers_scores(folder: Path, stage: dict) -> None:
     """A process that never imports this project loads the folder with every weight and scores the same."""
-    from hf_answers import score_in_fresh_process
+    from helpers import score_in_fresh_process
 
     result = score_in_fresh_process(folder, ROOT / "calibration/shapes-vqa/eval", max_new_tokens=24)
     assert result["loading"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}

@@ -72,7 +72,7 @@ def test_static_int8_collapses_on_smollm2_and_the_outlier_aware_recipe_holds(tmp
     metrics = rec["metrics"]
     assert metrics["token_agreement"] >= 0.9 and metrics["logit_kl"] < 0.05
     # The compressed-tensors stage folder, in plain transformers (a process that never imports us).
-    from hf_answers import score_in_fresh_process
+    from helpers import score_in_fresh_process
 
     doc = yaml.safe_load((ROOT / "recipes" / "int8-smollm2.yaml").read_text())
     plain = score_in_fresh_process(aware.run_dir / rec["checkpoint"], built / "eval",
@@ -158,7 +158,7 @@ def test_a_tied_head_is_untied_on_real_weights(tmp_path: Path):
     weight-only INT8 copy, float table), keeps the model's answers, and the checkpoint loads in plain
     transformers with every key in place (measured here, INT4 RTN g64 language model: token agreement 0.599 ->
     0.602; with AWQ on 64 questions 0.718 -> 0.723, while the same head at INT4 costs 0.11: docs/quantization.md)."""
-    from hf_answers import score_in_fresh_process
+    from helpers import score_in_fresh_process
 
     from compress.zoo.smollm2 import build
 

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_checkpoint_formats import LOADER
-from test_prune import _tiny
+from helpers import LOADER, tiny_with_batch
 
 from compress.arch import get_adapter
 from compress.checkpoint import save_checkpoint
@@ -25,7 +24,7 @@ from compress.zoo.tiny import FAMILIES
 
 ROOT = Path(__file__).parent.parent
 M_ROPE = ("qwen2_vl", "qwen2_5_vl")  # head_dim = hidden // heads: heads cannot be pruned
-# Mllama's cross-attention layers are refused by its adapter (before any weights load; see test_matrix).
+# Mllama's cross-attention layers are refused by its adapter (before any weights load; see helpers.REFUSED).
 SHRINKABLE = [f for f in FAMILIES if "shrink" not in get_adapter(f).refused_stages]
 GATE = {"min_retention": 0.01, "on_fail": "warn"}
 
@@ -54,7 +53,7 @@ def _kill(model, adapter, family: str) -> None:
 
 @pytest.mark.parametrize("family", SHRINKABLE)
 def test_dead_parts_are_found_and_removed_exactly(family, tmp_path):
-    model, adapter, batch, loop = _tiny(family)
+    model, adapter, batch, loop = tiny_with_batch(family)
     _kill(model, adapter, family)
     with torch.no_grad():
         ref = model(**batch).logits
@@ -74,7 +73,7 @@ def test_dead_parts_are_found_and_removed_exactly(family, tmp_path):
 
 @pytest.mark.parametrize("family", [f for f in SHRINKABLE if f not in M_ROPE])
 def test_magnitude_removes_query_heads_within_each_group(family, tmp_path):
-    model, adapter, batch, _ = _tiny(family)
+    model, adapter, batch, _ = tiny_with_batch(family)
     with torch.no_grad():
         for layer in adapter.component(model, "language").layers:
             a = layer.self_attn
@@ -90,7 +89,7 @@ def test_magnitude_removes_query_heads_within_each_group(family, tmp_path):
 
 
 def test_m_rope_heads_are_refused_with_the_reason(tmp_path):
-    model, adapter, _, loop = _tiny("qwen2_vl")
+    model, adapter, _, loop = tiny_with_batch("qwen2_vl")
     with pytest.raises(ConfigError, match="derives head_dim from hidden_size // num_attention_heads"):
         _shrink(model, adapter, loop, tmp_path, heads=0.5)
 
@@ -98,7 +97,7 @@ def test_m_rope_heads_are_refused_with_the_reason(tmp_path):
 def test_every_family_reloads_in_plain_transformers(tmp_path):
     folders = {}
     for family in SHRINKABLE:
-        model, adapter, batch, loop = _tiny(family)
+        model, adapter, batch, loop = tiny_with_batch(family)
         heads = {} if family in M_ROPE else {"heads": 0.5}
         r = _shrink(model, adapter, loop, tmp_path / f"{family}.work", mlp=0.5, layers=0.5, **heads)
         folder = tmp_path / family
@@ -151,14 +150,12 @@ BASE = {"type": "shrink", "gate": {"min_retention": 0.5}}
        "gate": {"min_retention": 0.5}}, {**BASE, "mlp": 0.5}], True,
      "'shrink' stage cannot run after a 'quantize' stage"),
 ])
-def test_shrink_recipe_errors(tmp_path, stages, calibration, needle):
-    from test_recipe import recipe_error
-
-    assert needle in recipe_error(tmp_path, stages, calibration)
+def test_shrink_recipe_errors(recipe_error, stages, calibration, needle):
+    assert needle in recipe_error(stages, calibration)
 
 
 def test_ratios_that_remove_nothing_fail_the_stage(tmp_path):
-    model, adapter, _, loop = _tiny("llava")
+    model, adapter, _, loop = tiny_with_batch("llava")
     with pytest.raises(ConfigError, match="removes nothing"):
         _shrink(model, adapter, loop, tmp_path, mlp=0.01)
     with pytest.raises(ConfigError, match="query heads per KV group keeps 2"):
@@ -185,7 +182,7 @@ def test_shrink_recipe_end_to_end(tmp_path):
 
 def test_tied_embeddings_stay_tied(tmp_path):
     """SmolLM2-style tie_word_embeddings: one tensor before and after, so nothing doubles on disk."""
-    model, adapter, _, loop = _tiny("llava")
+    model, adapter, _, loop = tiny_with_batch("llava")
     model.config.tie_word_embeddings = model.config.text_config.tie_word_embeddings = True
     model.tie_weights()
     assert model.lm_head.weight is model.get_input_embeddings().weight

@@ -31,7 +31,6 @@ from compress.export.onnx import dummy_images
 from compress.export.wrappers import DecoderWithPast, decoder_module, vision_module
 from compress.host import cpu_features
 
-GRAPHS = ("vision", "embed", "decoder", "end_to_end")
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
 QUESTIONS = ("what is it?", "what color is the largest shape in this picture?", "where?")

@@ -128,8 +128,11 @@ class OrtRunner:
         options = session_options or ort.SessionOptions()
         for key, value in meta.get("session", {}).get("config", {}).items():  # what the export was measured with
             options.add_session_config_entry(key, value)
-        if (meta.get("int8_kernels") or {}).get("requires") and not cpu_features()["u8s8_exact"]:
-            # A `vnni` export on a host whose U8S8 kernels saturate: have ORT use its exact U8U8 kernels.
+        if ((meta.get("int8_kernels") or {}).get("requires") and not cpu_features()["u8s8_exact"]
+                and meta.get("precision") != "fp16"):
+            # A `vnni` export on a host whose U8S8 kernels saturate: have ORT use its exact U8U8 kernels. Not
+            # for fp16 graphs (an engine's source graphs): their Q/DQ run as dequantize + fp16 math, with no
+            # integer GEMM to saturate, and ORT 1.32's S8 -> U8 rewrite breaks per-axis fp16 DequantizeLinear.
             options.add_session_config_entry("session.x64quantprecision", "1")
         disabled = list(meta.get("session", {}).get("disabled_optimizers", []))
         sessions = {
