@@ -24,7 +24,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from compress import provenance
+from compress import memory, provenance
 from compress.arch import adapter_for_source
 from compress.artifacts import DONE, KEPT, RunDir, atomic_dir
 from compress.checkpoint import load_checkpoint, save_checkpoint
@@ -99,17 +99,20 @@ def _out_dir(recipe: LoadedRecipe, out: str | Path | None) -> Path:
     return Path(out if out is not None else recipe.recipe.output.dir)
 
 
-def _forward_loop(adapter, processor, data: Dataset, batch_size: int):
-    """The calibration loop handed to stages: real image + prompt batches through the whole model."""
+def _calibration_batches(adapter, processor, data: Dataset, batch_size: int) -> list[dict[str, Any]]:
+    """The calibration set as model inputs, one dict per batch, built once: every layer-sequential sweep of
+    every stage replays these real image + prompt batches."""
+    total = -(-len(data) // batch_size)
+    return [adapter.build_inputs(processor, [r.image for r in batch], [r.prompt for r in batch]).inputs
+            for batch in tqdm(data.batches(batch_size), total=total, desc="calibration inputs", leave=False)]
 
-    @torch.inference_mode()
-    def loop(model: torch.nn.Module) -> None:
-        total = -(-len(data) // batch_size)
-        for batch in tqdm(data.batches(batch_size), total=total, desc="calibration", leave=False):
-            enc = adapter.build_inputs(processor, [r.image for r in batch], [r.prompt for r in batch])
-            model(**enc.inputs)
 
-    return loop
+def _activation_budget(recipe: Any) -> int:
+    """Bytes of calibration activations a stage may keep in memory: half of what the budget leaves beside
+    the process as it stands (the model resident), the other half for the algorithms' own statistics."""
+    limit = recipe.resources.max_memory_gb
+    total = int(limit * 2**30) if limit is not None else memory.available_bytes() + memory.rss_bytes()
+    return max(0, (total - memory.rss_bytes()) // 2)
 
 
 def _prompt_record(adapter: Any, processor: Any, data: Dataset) -> dict[str, str]:
@@ -182,9 +185,9 @@ def _execute(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunDi
     _seed_everything(r.seed)
     _start_manifest(recipe, inputs, adapter, run_dir, resuming, threads)
     model, scoring, state_source = _baseline(recipe, inputs, adapter, run_dir, resuming)
-    forward_loop = (_forward_loop(adapter, scoring.processor, inputs.calibration, r.calibration.batch_size)
-                    if inputs.calibration else None)
-    status = _stages(model, scoring, inputs, state_source, forward_loop, threads)
+    batches = (_calibration_batches(adapter, scoring.processor, inputs.calibration, r.calibration.batch_size)
+               if inputs.calibration else None)
+    status = _stages(model, scoring, inputs, state_source, batches, threads)
     m = run_dir.manifest
     shutil.rmtree(run_dir.path(".work"), ignore_errors=True)
     m["status"] = status
@@ -223,7 +226,9 @@ def _start_manifest(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir
         m["status"] = "running"
         for key in ("message", "exit_code", "finished"):  # what the attempt before this one ended with
             m.pop(key, None)
-    m["runtime"] = {"threads": torch.get_num_threads(), "threads_requested": threads}
+    m["runtime"] = {"threads": torch.get_num_threads(), "threads_requested": threads,
+                    "max_memory_gb": r.resources.max_memory_gb,
+                    "available_memory_gb": round(memory.available_bytes() / 2**30, 2)}
 
 
 def _baseline(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunDir,
@@ -261,12 +266,13 @@ def _baseline(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunD
         log(f"baseline (recorded): {baseline}")
     else:
         t0 = time.time()
-        ev = evaluator.evaluate(TorchRunner.for_adapter(model, adapter, processor), desc="baseline")
+        with memory.PeakWindow() as window:
+            ev = evaluator.evaluate(TorchRunner.for_adapter(model, adapter, processor), desc="baseline")
         reference = ev.reference
         with atomic_dir(run_dir.path("baseline")) as tmp:
             save_file(reference.tensors(), str(tmp / "reference.safetensors"))
         baseline = ev.metrics
-        m["baseline"] = {**_record_eval(ev), "wall_s": round(time.time() - t0, 2)}
+        m["baseline"] = {**_record_eval(ev), "wall_s": round(time.time() - t0, 2), **window.record()}
         run_dir.save_manifest()
         log(f"baseline: {baseline}")
         fault("baseline")
@@ -278,7 +284,7 @@ def _baseline(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunD
 
 
 def _stages(model: torch.nn.Module, scoring: _Scoring, inputs: _Inputs, state_source: str,
-            forward_loop: Any, threads: int | None) -> str:
+            batches: list[dict[str, Any]] | None, threads: int | None) -> str:
     """Every stage not done yet, in order; the run's status (completed, stopped or error)."""
     run_dir, r = scoring.run_dir, scoring.recipe
     m = run_dir.manifest
@@ -297,14 +303,19 @@ def _stages(model: torch.nn.Module, scoring: _Scoring, inputs: _Inputs, state_so
         exports = [s["artifacts"] for s in m.get("stages", []) if s["status"] in KEPT
                    and s.get("artifacts") and s["index"] < i]
         ctx = StageContext(adapter=scoring.adapter, processor=scoring.processor,
-                           workdir=run_dir.path(f".work/{name}"), seed=r.seed, forward_loop=forward_loop,
+                           workdir=run_dir.path(f".work/{name}"), seed=r.seed, calibration_batches=batches,
+                           layer_inputs=r.calibration.layer_inputs if r.calibration else "compressed",
+                           activation_budget=_activation_budget(r),
                            threads=threads, export_dir=run_dir.path(exports[-1]) if exports else None,
                            calibration=inputs.stage_data.get(i, inputs.calibration),
                            baseline_source=inputs.source, dtype=r.model.dtype,
                            fault_point=lambda i=i: fault(f"mid:{i}"))
+        window = memory.PeakWindow()
         try:
-            model, state_source, status = _run_stage(model, cfg, i, rec, ctx, scoring, state_source)
+            with window:
+                model, state_source, status = _run_stage(model, cfg, i, rec, ctx, scoring, state_source, window)
         except Exception as e:  # recorded, reported, and the run ends here; --resume retries the stage
+            rec.update(window.record())
             record_stage_error(run_dir, rec, e, ctx.workdir, time.time() - t0)
             status = "error"
         if status in ("stopped", "error"):
@@ -329,7 +340,7 @@ class _Scoring:
 
 
 def _run_stage(model: torch.nn.Module, cfg: Any, i: int, rec: dict[str, Any], ctx: StageContext, run: _Scoring,
-               state_source: str) -> tuple[torch.nn.Module, str, str]:
+               state_source: str, window: memory.PeakWindow) -> tuple[torch.nn.Module, str, str]:
     """apply -> evaluate -> gate -> keep / roll back / stop, for one stage. Returns (model, state, status)."""
     run_dir, r, name = run.run_dir, run.recipe, rec["name"]
     t0 = time.time()
@@ -376,6 +387,8 @@ def _run_stage(model: torch.nn.Module, cfg: Any, i: int, rec: dict[str, Any], ct
         rec.update(status="failed", message=f"gate failed ({_failed(checks)}); run stopped (on_fail: stop)")
         status = "stopped"
     rec["wall_s"] = round(time.time() - t0, 2)
+    window.stop()  # the peak so far: apply, evaluate, checkpoint
+    rec.update(window.record())
     run_dir.set_stage_record(rec)
     fault(f"recorded:{i}")  # a stage boundary: this stage is on record, the next not begun
     if rec.get("checkpoint"):

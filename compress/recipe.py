@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from compress.config import StageConfig, Strict
-from compress.data.config import DataConfig
+from compress.data.config import CalibrationConfig, DataConfig
 from compress.errors import RecipeError
 from compress.stages.catalog import stages as registered_stages
 
@@ -87,14 +87,22 @@ class OutputConfig(Strict):
     report: bool = Field(True, description="write report.md and retention.png")
 
 
+class ResourcesConfig(Strict):
+    max_memory_gb: float | None = Field(None, gt=0.0, description="memory the run plans against: calibration "
+                                        "activations beyond what the model leaves of it spill to the stage's work "
+                                        "folder (default: the memory available when the run starts)")
+
+
 class RecipeBase(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="shown in the report")
     seed: int = Field(0, description="seeds Python, NumPy and torch before any work")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch and ONNX Runtime (default: "
                                                          "torch's default); `run --threads` overrides it")
     model: ModelConfig = Field(description="what to compress")
-    calibration: DataConfig | None = Field(None, description="image + prompt batches for stages that calibrate "
-                                           "(static INT8 activations, SmoothQuant, GPTQ, keep_float)")
+    calibration: CalibrationConfig | None = Field(None, description="image + prompt batches for stages that "
+                                                  "calibrate (static INT8 activations, SmoothQuant, GPTQ, AWQ, "
+                                                  "Wanda, SparseGPT, keep_float, activation importance)")
+    resources: ResourcesConfig = Field(ResourcesConfig(), description="what the run may use")
     evaluation: EvaluationConfig = Field(description="the held-out set every check is scored on")
     output: OutputConfig = Field(OutputConfig(), description="where and what to keep")
 
@@ -126,9 +134,9 @@ class LoadedRecipe(BaseModel):
         return self.recipe.model_dump(mode="json")
 
     def sha256(self) -> str:
-        """Hash of the resolved recipe (defaults filled), so formatting changes do not matter; `threads`
-        changes speed, not results, so it is left out (a run may resume with other threads)."""
-        resolved = {k: v for k, v in self.resolved().items() if k != "threads"}
+        """Hash of the resolved recipe (defaults filled), so formatting changes do not matter; `threads` and
+        `resources` change speed and memory, not results, so they are left out (a run may resume with others)."""
+        resolved = {k: v for k, v in self.resolved().items() if k not in ("threads", "resources")}
         blob = json.dumps(resolved, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 

@@ -81,10 +81,7 @@ def _stage_checkpoint(tmp_path: Path, key: str, family: str, extra: dict) -> Pat
     model, processor = load_checkpoint(src, adapter)
     questions = ["what is it?", "which colour is this one?"]
 
-    def forward_loop(m):
-        with torch.no_grad():
-            for seed in (1, 2):
-                m(**adapter.build_inputs(processor, _images(2, seed), questions).inputs)
+    batches = [adapter.build_inputs(processor, _images(2, seed), questions).inputs for seed in (1, 2)]
 
     scheme = key.split("/")[0]
     extra = dict(extra)
@@ -98,7 +95,7 @@ def _stage_checkpoint(tmp_path: Path, key: str, family: str, extra: dict) -> Pat
     raw = {"type": "quantize", "scheme": scheme, "targets": ALL, "gate": {"min_retention": 0.5}, **extra}
     spec = get_stage("quantize")
     ctx = StageContext(adapter=adapter, processor=processor, workdir=tmp_path / "work", seed=0,
-                       forward_loop=forward_loop)
+                       calibration_batches=batches)
     q = spec.apply(model, spec.config.model_validate(raw), ctx).model
     out = tmp_path / key.replace("/", "-").replace(":", "of")
     save_checkpoint(q, processor, out)

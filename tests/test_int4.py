@@ -139,11 +139,6 @@ def test_gptq_and_awq_beat_round_to_nearest_on_real_outliers(tmp_path):
     with torch.no_grad():
         ref = [model(**b).logits.float() for b in held_out]
 
-    def loop(m: nn.Module) -> None:
-        with torch.no_grad():
-            for b in calib:
-                m(**b)
-
     spec = get_stage("quantize")
     errors = {}
     for rounding in ("rtn", "gptq", "awq"):
@@ -152,7 +147,7 @@ def test_gptq_and_awq_beat_round_to_nearest_on_real_outliers(tmp_path):
                                           "int4": {"group_size": 32, "rounding": rounding},
                                           "gate": {"min_retention": 0.5}})
         ctx = StageContext(adapter=get_adapter("llava").bind(m), processor=processor, workdir=tmp_path / rounding,
-                           seed=0, forward_loop=loop)
+                           seed=0, calibration_batches=calib)
         q = spec.apply(m, cfg, ctx).model
         with torch.no_grad():
             kl = [F.kl_div(q(**b).logits.float().log_softmax(-1), r.log_softmax(-1), log_target=True,

@@ -119,10 +119,7 @@ def test_stage_matrix(tmp_path, family, scheme):
     with torch.no_grad():
         reference = model(**batch.inputs).logits
 
-    def forward_loop(m):
-        for seed in range(2):
-            enc = adapter.build_inputs(processor, _images(3, seed + 1), questions)
-            m(**enc.inputs)
+    batches = [adapter.build_inputs(processor, _images(3, seed + 1), questions).inputs for seed in range(2)]
 
     spec = get_stage("quantize")
     raw = {"type": "quantize", "scheme": scheme, "targets": {"components": ["language"]},
@@ -133,7 +130,7 @@ def test_stage_matrix(tmp_path, family, scheme):
         raw["nf4"] = {"blocksize": 32}
     cfg = spec.config.model_validate(raw)
     ctx = StageContext(adapter=adapter, processor=processor, workdir=tmp_path / "work", seed=0,
-                       forward_loop=forward_loop)
+                       calibration_batches=batches)
     result = spec.apply(model, cfg, ctx)
     q = result.model
     kinds = {type(m).__name__ for m in adapter.component(q, "language").modules()}

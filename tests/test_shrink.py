@@ -29,9 +29,9 @@ SHRINKABLE = [f for f in FAMILIES if "shrink" not in get_adapter(f).refused_stag
 GATE = {"min_retention": 0.01, "on_fail": "warn"}
 
 
-def _shrink(model, adapter, loop, tmp: Path, **fields):
+def _shrink(model, adapter, batch, tmp: Path, **fields):
     cfg = ShrinkConfig(type="shrink", gate=GATE, **fields)
-    ctx = StageContext(adapter=adapter, processor=None, workdir=tmp, seed=0, forward_loop=loop)
+    ctx = StageContext(adapter=adapter, processor=None, workdir=tmp, seed=0, calibration_batches=[batch])
     return get_stage("shrink").apply(model, cfg, ctx)
 
 
@@ -53,12 +53,12 @@ def _kill(model, adapter, family: str) -> None:
 
 @pytest.mark.parametrize("family", SHRINKABLE)
 def test_dead_parts_are_found_and_removed_exactly(family, tmp_path):
-    model, adapter, batch, loop = tiny_with_batch(family)
+    model, adapter, batch, _ = tiny_with_batch(family)
     _kill(model, adapter, family)
     with torch.no_grad():
         ref = model(**batch).logits
     heads = {} if family in M_ROPE else {"heads": 0.5, "heads_from": "groups"}
-    r = _shrink(model, adapter, loop, tmp_path, mlp=0.5, layers=0.5, round_to=1, **heads)
+    r = _shrink(model, adapter, batch, tmp_path, mlp=0.5, layers=0.5, round_to=1, **heads)
     d = r.details
     assert d["layers"] == {"before": 2, "after": 1, "removed": [1]}
     assert d["mlp_width"] == {"before": 64, "after": 32}
@@ -89,17 +89,17 @@ def test_magnitude_removes_query_heads_within_each_group(family, tmp_path):
 
 
 def test_m_rope_heads_are_refused_with_the_reason(tmp_path):
-    model, adapter, _, loop = tiny_with_batch("qwen2_vl")
+    model, adapter, batch, _ = tiny_with_batch("qwen2_vl")
     with pytest.raises(ConfigError, match="derives head_dim from hidden_size // num_attention_heads"):
-        _shrink(model, adapter, loop, tmp_path, heads=0.5)
+        _shrink(model, adapter, batch, tmp_path, heads=0.5)
 
 
 def test_every_family_reloads_in_plain_transformers(tmp_path):
     folders = {}
     for family in SHRINKABLE:
-        model, adapter, batch, loop = tiny_with_batch(family)
+        model, adapter, batch, _ = tiny_with_batch(family)
         heads = {} if family in M_ROPE else {"heads": 0.5}
-        r = _shrink(model, adapter, loop, tmp_path / f"{family}.work", mlp=0.5, layers=0.5, **heads)
+        r = _shrink(model, adapter, batch, tmp_path / f"{family}.work", mlp=0.5, layers=0.5, **heads)
         folder = tmp_path / family
         save_checkpoint(r.model, _processor(family), folder)
         with torch.no_grad():
@@ -155,11 +155,11 @@ def test_shrink_recipe_errors(recipe_error, stages, calibration, needle):
 
 
 def test_ratios_that_remove_nothing_fail_the_stage(tmp_path):
-    model, adapter, _, loop = tiny_with_batch("llava")
+    model, adapter, batch, _ = tiny_with_batch("llava")
     with pytest.raises(ConfigError, match="removes nothing"):
-        _shrink(model, adapter, loop, tmp_path, mlp=0.01)
+        _shrink(model, adapter, batch, tmp_path, mlp=0.01)
     with pytest.raises(ConfigError, match="query heads per KV group keeps 2"):
-        _shrink(model, adapter, loop, tmp_path, heads=0.2)
+        _shrink(model, adapter, batch, tmp_path, heads=0.2)
 
 
 def test_shrink_recipe_end_to_end(tmp_path):
@@ -182,11 +182,11 @@ def test_shrink_recipe_end_to_end(tmp_path):
 
 def test_tied_embeddings_stay_tied(tmp_path):
     """SmolLM2-style tie_word_embeddings: one tensor before and after, so nothing doubles on disk."""
-    model, adapter, _, loop = tiny_with_batch("llava")
+    model, adapter, batch, _ = tiny_with_batch("llava")
     model.config.tie_word_embeddings = model.config.text_config.tie_word_embeddings = True
     model.tie_weights()
     assert model.lm_head.weight is model.get_input_embeddings().weight
-    r = _shrink(model, adapter, loop, tmp_path, mlp=0.5)
+    r = _shrink(model, adapter, batch, tmp_path, mlp=0.5)
     assert r.model.lm_head.weight is r.model.get_input_embeddings().weight
     lang = r.details["language_parameters"]["before"] - r.details["language_parameters"]["after"]
     assert r.details["parameters"]["before"] - r.details["parameters"]["after"] == lang

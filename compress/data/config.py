@@ -47,3 +47,12 @@ class DataConfig(Strict):
     seed: int = Field(0, description="shuffle seed")
     batch_size: int = Field(16, ge=1, description="batch size for calibration / evaluation")
     columns: Columns = Field(Columns(), description="column names")
+
+
+class CalibrationConfig(DataConfig):
+    """The calibration set, and what each block of a layer-by-layer calibration sees."""
+
+    layer_inputs: Literal["compressed", "original"] = Field(
+        "compressed", description="a block's calibration inputs come from the previous blocks as the stage left "
+        "them (compressed: the error propagates as at inference, as llm-compressor's sequential pipeline does) or "
+        "as they were (original); docs/scale.md has both measured")

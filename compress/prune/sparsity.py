@@ -113,6 +113,16 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     return w.to(weight.dtype)
 
 
+def check_pattern(modules: dict[str, nn.Linear], pattern: str) -> tuple[int, int] | None:
+    """The n:m of `pattern` (None: unstructured), if every module's in_features is a multiple of m."""
+    nm = parse_pattern(pattern)
+    if nm:
+        bad = [n for n, mod in modules.items() if mod.in_features % nm[1]]
+        if bad:
+            raise ConfigError(f"{pattern} sparsity needs in_features divisible by {nm[1]}: {', '.join(bad[:5])}")
+    return nm
+
+
 def groups_in_order(names: list[str]) -> list[list[str]]:
     """The selected Linears grouped by decoder / encoder block (`...layers.N`), in model order."""
     groups: dict[str, list[str]] = {}
@@ -127,13 +137,9 @@ def prune_linears(model: nn.Module, modules: dict[str, nn.Linear], method: str, 
                   pattern: str, forward_loop: Callable[[nn.Module], None] | None, block_size: int = 128,
                   damp: float = 0.01) -> dict[str, Any]:
     """Prune the named Linears in place (zeros in the weights); returns per-module details."""
-    nm = parse_pattern(pattern)
+    nm = check_pattern(modules, pattern)
     target = nm[1] - nm[0] if nm else None
     share = (target / nm[1]) if nm else sparsity
-    if nm:
-        bad = [n for n, mod in modules.items() if mod.in_features % nm[1]]
-        if bad:
-            raise ConfigError(f"{pattern} sparsity needs in_features divisible by {nm[1]}: {', '.join(bad[:5])}")
     calibrated = method in ("wanda", "sparsegpt")
     if calibrated and forward_loop is None:
         raise ConfigError(f"prune method {method} needs a 'calibration' data section")

@@ -77,6 +77,8 @@ def quantize_linears(
     forward_loop: Callable[[nn.Module], None] | None = None,
     keep_float: KeepFloat | None = None,
     seed: int = 0,
+    kept: set[str] | None = None,
+    swap: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Replace the named Linears by Int8Linear in place; returns per-module details for the manifest.
 
@@ -84,8 +86,10 @@ def quantize_linears(
     Hessians and the input samples sensitivity is measured on come from one run of `forward_loop`,
     through forward pre-hooks that are removed afterwards; only if every module saw data are modules
     swapped (a failed calibration leaves the model untouched). `keep_float` leaves the layers whose
-    INT8 error is worst in float, within its parameter budget. Modules are looked up by name in
-    `model`, so a dict from before `smooth()` still works.
+    INT8 error is worst in float, within its parameter budget, unless `kept` names them already (chosen
+    over the whole model when the stage runs block by block). `swap=False` changes nothing and only
+    reports (the sensitivity sweep). Modules are looked up by name in `model`, so a dict from before
+    `smooth()` still works.
     """
     weight = weight or WeightQuant()
     mods = selected_linears(model, modules, "INT8 quantization")
@@ -104,7 +108,8 @@ def quantize_linears(
         new[name] = Int8Linear.from_linear(m, weight.granularity, obs.scale() if obs else None,
                                            act.dynamic if act else None, quantized=(q, scale))
     sensitivity = {name: layer_error(mods[name], new[name], st.samples.rows()) for name, st in stats.items()}
-    kept = keep_float.choose(sensitivity, {n: m.weight.numel() for n, m in mods.items()}) if keep_float else set()
+    if kept is None:
+        kept = keep_float.choose(sensitivity, {n: m.weight.numel() for n, m in mods.items()}) if keep_float else set()
     details: dict[str, dict[str, Any]] = {}
     for name, q in new.items():
         w = mods[name].weight.detach().float()
@@ -127,9 +132,21 @@ def quantize_linears(
             "quantized_bytes": q.weight_int8.numel() * 4 if name in kept else _weight_bytes(q),
             "fp32_bytes": q.weight_int8.numel() * 4,
         }
-        if name not in kept:
+        if name not in kept and swap:
             model.set_submodule(name, q)
     return details
+
+
+def check_int4_shapes(model: nn.Module, modules: dict[str, nn.Module] | list[str],
+                      quant: Int4Quant) -> dict[str, nn.Linear]:
+    """The named Linears, if the group size divides every one's in_features (else a ConfigError)."""
+    mods = selected_linears(model, modules, "INT4 quantization")
+    bad = [f"{n} ({m.in_features})" for n, m in mods.items() if m.in_features % quant.group_size]
+    if bad:
+        raise ConfigError(f"int4 group_size {quant.group_size} must divide in_features; not: {', '.join(bad[:5])}"
+                          f"{f' (+{len(bad) - 5} more)' if len(bad) > 5 else ''}; pick a smaller group_size or "
+                          "exclude them from targets")
+    return mods
 
 
 def quantize_int4_linears(
@@ -145,12 +162,7 @@ def quantize_int4_linears(
     the original weight (and records each layer's output error on sampled inputs); `rtn` and `awq` round to
     nearest here (AWQ's scales are folded into the weights by `smooth(..., int4=...)` before).
     """
-    mods = selected_linears(model, modules, "INT4 quantization")
-    bad = [f"{n} ({m.in_features})" for n, m in mods.items() if m.in_features % quant.group_size]
-    if bad:
-        raise ConfigError(f"int4 group_size {quant.group_size} must divide in_features; not: {', '.join(bad[:5])}"
-                          f"{f' (+{len(bad) - 5} more)' if len(bad) > 5 else ''}; pick a smaller group_size or "
-                          "exclude them from targets")
+    mods = check_int4_shapes(model, modules, quant)
     gptq = quant.rounding == "gptq"
     if gptq and forward_loop is None:
         raise ConfigError("int4 rounding: gptq needs a 'calibration' data section")

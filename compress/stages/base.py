@@ -10,6 +10,8 @@ from typing import Any
 import torch
 
 from compress.arch.base import Adapter
+from compress.errors import ConfigError
+from compress.sequential import ActivationStore, Sequencer
 
 
 @dataclass
@@ -20,13 +22,22 @@ class StageContext:
     processor: Any
     workdir: Path
     seed: int
-    forward_loop: Callable[[torch.nn.Module], None] | None = None
+    calibration_batches: list[dict[str, Any]] | None = None  # the calibration set as model inputs, one per batch
+    layer_inputs: str = "compressed"  # a block calibrates on the compressed or the original previous blocks
+    activation_budget: int = 1 << 62  # bytes of calibration activations kept in memory; the rest spill to disk
     threads: int | None = None  # CPU threads for runtimes the stage creates (None: their default)
     export_dir: Path | None = None  # the latest kept export stage's folder (what an engine stage builds from)
     calibration: Any = None  # records a stage trains on: its own `data:` set, else the calibration set
     baseline_source: str | None = None  # the source model folder (a distillation teacher)
     dtype: str = "float32"
     fault_point: Callable[[], None] = lambda: None  # called midway through the work (tests kill the process here)
+
+    def sequencer(self, model: torch.nn.Module, what: str) -> Sequencer:
+        """A layer-sequential walk of `model` over the calibration set (`what` names the stage in errors)."""
+        if not self.calibration_batches:
+            raise ConfigError(f"{what} needs a 'calibration' data section")
+        store = ActivationStore(self.workdir / "activations", self.activation_budget)
+        return Sequencer(model, self.calibration_batches, store, self.layer_inputs)  # type: ignore[arg-type]
 
 
 @dataclass

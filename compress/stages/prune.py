@@ -80,6 +80,23 @@ def _l1(modules: dict[str, torch.nn.Module], cfg: PruneConfig) -> None:
         torch_prune.remove(m, "weight")  # folds weight_orig * mask into a plain parameter
 
 
+def _calibrated(model: torch.nn.Module, modules: dict[str, torch.nn.Module], cfg: PruneConfig,
+                ctx: StageContext) -> dict:
+    """Wanda / SparseGPT block by block: each block's statistics come from its own calibration inputs."""
+    from compress.prune.sparsity import check_pattern, prune_linears
+
+    check_pattern(modules, cfg.pattern)  # before anything changes
+    sg = cfg.sparsegpt or SparseGPTConfig()
+    details: dict = {}
+    seq = ctx.sequencer(model, f"prune method {cfg.method}")
+    for unit in seq.units(list(modules)):
+        found = prune_linears(unit.root, {n: unit.root.get_submodule(n) for n in unit.names}, cfg.method,
+                              cfg.sparsity or 0.0, cfg.pattern, unit.loop, sg.block_size, sg.damp)
+        details.update({unit.full(n): d for n, d in found.items()})
+        ctx.fault_point()
+    return {n: details[n] for n in modules}
+
+
 @register_stage(PruneConfig)
 def apply(model: torch.nn.Module, cfg: PruneConfig, ctx: StageContext) -> StageResult:
     from compress.prune.sparsity import prune_linears
@@ -89,9 +106,8 @@ def apply(model: torch.nn.Module, cfg: PruneConfig, ctx: StageContext) -> StageR
     if cfg.method == "l1_unstructured":
         _l1(modules, cfg)
     else:
-        sg = cfg.sparsegpt or SparseGPTConfig()
-        details = prune_linears(model, modules, cfg.method, cfg.sparsity or 0.0, cfg.pattern, ctx.forward_loop,
-                                sg.block_size, sg.damp)
+        details = _calibrated(model, modules, cfg, ctx) if cfg.needs_calibration else prune_linears(
+            model, modules, cfg.method, cfg.sparsity or 0.0, cfg.pattern, None)
     ctx.fault_point()
     per_module = {name: round(_zero_fraction(m.weight), 6) for name, m in modules.items()}
     total = sum(m.weight.numel() for m in modules.values())

@@ -179,56 +179,97 @@ class QuantizeConfig(StageConfig):
                 "precision use int8 W8A8 for one component and int8 weight-only (activations: none) for another")
 
 
-def _int8(model: torch.nn.Module, names: list[str], cfg: QuantizeConfig, ctx: StageContext) -> dict:
-    from compress.quant import ActQuant, KeepFloat, WeightQuant, quantize_linears, smooth
+def _prefixed(unit, found: dict) -> dict:
+    return {unit.full(n): v for n, v in found.items()}
 
-    details: dict = {}
-    act = None
+
+def _act(cfg: QuantizeConfig):
+    from compress.quant import ActQuant
+
     a = cfg.activations
-    if isinstance(a, ActivationsConfig):
-        if a.dynamic is not None:
-            act = ActQuant(dynamic=a.dynamic)
-        else:
-            params: dict = {} if a.calibration == "minmax" else {"bins": a.bins}
-            if a.calibration == "percentile":
-                params["percentile"] = a.percentile
-            act = ActQuant(observer=a.calibration, params=params)
+    if not isinstance(a, ActivationsConfig):
+        return None
+    if a.dynamic is not None:
+        return ActQuant(dynamic=a.dynamic)
+    params: dict = {} if a.calibration == "minmax" else {"bins": a.bins}
+    if a.calibration == "percentile":
+        params["percentile"] = a.percentile
+    return ActQuant(observer=a.calibration, params=params)
+
+
+def _smooth_unit(unit, cfg: QuantizeConfig, act, weight, seed: int, details: dict) -> None:
+    from compress.quant import smooth
+
+    sq = smooth(unit.root, unit.names, unit.loop, alpha=cfg.smoothquant.alpha, act=act, weight_qmax=weight.qmax,
+                samples=cfg.smoothquant.samples, seed=seed)
+    details["smoothquant"].update(_prefixed(unit, sq["modules"]))
+    details["not_smoothed"] += [unit.full(n) for n in sq["not_smoothed"]]  # no norm or Linear to fold 1/s into
+
+
+def _int8(model: torch.nn.Module, names: list[str], cfg: QuantizeConfig, ctx: StageContext) -> dict:
+    """Block by block over the calibration set: SmoothQuant folds, then observers / GPTQ / sensitivity and the
+    swap. `keep_float` ranks layers over the whole model first (one sweep that smooths and measures), then
+    quantizes in a second sweep."""
+    from compress.quant import KeepFloat, WeightQuant, quantize_linears
+
+    act = _act(cfg)
     gptq = cfg.weights.gptq or GptqConfig()
     weight = WeightQuant(cfg.weights.granularity, cfg.weights.reduce_range, cfg.weights.rounding,
                          gptq.block_size, gptq.damp)
-    if cfg.needs_calibration and ctx.forward_loop is None:
-        raise ConfigError("this INT8 stage needs a 'calibration' data section")
-    smoothed: dict = {}
-    if cfg.smoothquant is not None:
-        sq = smooth(model, names, ctx.forward_loop, alpha=cfg.smoothquant.alpha, act=act,
-                    weight_qmax=weight.qmax, samples=cfg.smoothquant.samples, seed=ctx.seed)
-        smoothed = sq["modules"]
-        details["smoothquant"] = smoothed
-        details["not_smoothed"] = sq["not_smoothed"]  # no norm or Linear before them to fold 1/s into
+    if not cfg.needs_calibration:  # dynamic or weight-only, round to nearest: nothing to observe
+        return {"modules": quantize_linears(model, names, weight, act, None, None, ctx.seed), "kept_float": []}
+    details: dict = {"smoothquant": {}, "not_smoothed": [], "modules": {}} if cfg.smoothquant else {"modules": {}}
     keep = KeepFloat(cfg.keep_float.budget, cfg.keep_float.samples) if cfg.keep_float else None
-    details["modules"] = quantize_linears(model, names, weight, act, ctx.forward_loop, keep, ctx.seed)
+    kept: set[str] | None = None
+    if keep is not None:
+        seq = ctx.sequencer(model, "this INT8 stage")
+        sensitivity: dict[str, float] = {}
+        for unit in seq.units(names):
+            if cfg.smoothquant is not None:
+                _smooth_unit(unit, cfg, act, weight, ctx.seed, details)
+            found = quantize_linears(unit.root, unit.names, weight, act, unit.loop, keep, ctx.seed, swap=False)
+            sensitivity.update({unit.full(n): d["output_rel_error"] for n, d in found.items()})
+        kept = keep.choose(sensitivity, {n: model.get_submodule(n).weight.numel() for n in names})
+    seq = ctx.sequencer(model, "this INT8 stage")
+    for unit in seq.units(names):
+        if cfg.smoothquant is not None and keep is None:
+            _smooth_unit(unit, cfg, act, weight, ctx.seed, details)
+        local = None if kept is None else {n for n in unit.names if unit.full(n) in kept}
+        found = quantize_linears(unit.root, unit.names, weight, act, unit.loop, keep, ctx.seed, kept=local)
+        details["modules"].update(_prefixed(unit, found))
+        ctx.fault_point()
+    details["modules"] = {n: details["modules"][n] for n in names}  # model order, as one pass reported it
+    smoothed = details.get("smoothquant", {})
     for name, d in details["modules"].items():
         d["smoothquant"] = name in smoothed
     details["kept_float"] = sorted(n for n, d in details["modules"].items() if d["kept_float"])
+    details["sequential"] = seq.stats()
     return details
 
 
 def _int4(model: torch.nn.Module, names: list[str], cfg: QuantizeConfig, ctx: StageContext) -> dict:
+    from compress.quant import smooth
     from compress.quant.int4 import Int4Quant
-    from compress.quant.linears import quantize_int4_linears
+    from compress.quant.linears import check_int4_shapes, quantize_int4_linears
 
     c = cfg.int4 or Int4Config()
     gptq = c.gptq or GptqConfig()
     quant = Int4Quant(c.group_size, c.symmetric, c.rounding, gptq.block_size, gptq.damp)
-    if cfg.needs_calibration and ctx.forward_loop is None:
-        raise ConfigError(f"int4 rounding: {c.rounding} needs a 'calibration' data section")
-    details: dict = {}
-    if c.rounding == "awq":
-        from compress.quant import smooth
-
-        found = smooth(model, names, ctx.forward_loop, int4=quant, seed=ctx.seed)
-        details["awq"], details["not_scaled"] = found["modules"], found["not_smoothed"]
-    details["modules"] = quantize_int4_linears(model, names, quant, ctx.forward_loop, ctx.seed)
+    check_int4_shapes(model, names, quant)  # before anything changes
+    if not cfg.needs_calibration:
+        return {"modules": quantize_int4_linears(model, names, quant, None, ctx.seed)}
+    details: dict = {"awq": {}, "not_scaled": [], "modules": {}} if c.rounding == "awq" else {"modules": {}}
+    seq = ctx.sequencer(model, f"int4 rounding: {c.rounding}")
+    for unit in seq.units(names):
+        if c.rounding == "awq":
+            found = smooth(unit.root, unit.names, unit.loop, int4=quant, seed=ctx.seed)
+            details["awq"].update(_prefixed(unit, found["modules"]))
+            details["not_scaled"] += [unit.full(n) for n in found["not_smoothed"]]
+        found = quantize_int4_linears(unit.root, unit.names, quant, unit.loop, ctx.seed)
+        details["modules"].update(_prefixed(unit, found))
+        ctx.fault_point()
+    details["modules"] = {n: details["modules"][n] for n in names}
+    details["sequential"] = seq.stats()
     return details
 
 

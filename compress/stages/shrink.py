@@ -58,9 +58,8 @@ def apply(model: torch.nn.Module, cfg: ShrinkConfig, ctx: StageContext) -> Stage
     language = ctx.adapter.component(model, "language")
     lay = layout(model, language)
     if cfg.importance == "activation":
-        if ctx.forward_loop is None:
-            raise ValueError("shrink with importance: activation needs calibration data")
-        imp = activation_importance(model, lay, ctx.forward_loop)
+        seq = ctx.sequencer(model, "shrink with importance: activation")
+        imp = activation_importance(model, lay, lambda m: seq.sweep())
     else:
         imp = magnitude_importance(lay)
     p = plan(lay, imp, cfg.mlp, cfg.heads, cfg.heads_from, cfg.layers, cfg.round_to)
