@@ -62,6 +62,13 @@ def available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def activation_budget(max_memory_gb: float | None) -> int:
+    """Bytes of calibration activations a stage may keep in memory: half of what the budget (else the memory
+    available now) leaves beside the process as it stands, the other half for the algorithms' statistics."""
+    total = int(max_memory_gb * 2**30) if max_memory_gb is not None else available_bytes() + rss_bytes()
+    return max(0, (total - rss_bytes()) // 2)
+
+
 class PeakWindow:
     """`with PeakWindow() as w: ...` then `w.record()`: the window's peak RSS for a manifest entry."""
 

@@ -22,20 +22,20 @@ import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from compress import memory, provenance
 from compress.arch import adapter_for_source
 from compress.artifacts import DONE, KEPT, RunDir, atomic_dir
-from compress.checkpoint import load_checkpoint, save_checkpoint
 from compress.checks.evaluator import Evaluation, Evaluator, Reference
 from compress.checks.gate import run_checks
 from compress.data import Dataset, load_dataset
 from compress.errors import CompressError, ConfigError, RecipeError
 from compress.failures import fault, record_run_error, record_stage_error
+from compress.plan import Plan, plan_run
 from compress.recipe import LoadedRecipe, load_recipe, stage_name
 from compress.report import write_report
-from compress.runtime.torch_runner import TorchRunner
+from compress.residency import Resident, holder
+from compress.sequential import calibration_batches
 from compress.stages.base import StageContext
 from compress.stages.catalog import get_stage
 from compress.zoo import resolve_source
@@ -99,22 +99,6 @@ def _out_dir(recipe: LoadedRecipe, out: str | Path | None) -> Path:
     return Path(out if out is not None else recipe.recipe.output.dir)
 
 
-def _calibration_batches(adapter, processor, data: Dataset, batch_size: int) -> list[dict[str, Any]]:
-    """The calibration set as model inputs, one dict per batch, built once: every layer-sequential sweep of
-    every stage replays these real image + prompt batches."""
-    total = -(-len(data) // batch_size)
-    return [adapter.build_inputs(processor, [r.image for r in batch], [r.prompt for r in batch]).inputs
-            for batch in tqdm(data.batches(batch_size), total=total, desc="calibration inputs", leave=False)]
-
-
-def _activation_budget(recipe: Any) -> int:
-    """Bytes of calibration activations a stage may keep in memory: half of what the budget leaves beside
-    the process as it stands (the model resident), the other half for the algorithms' own statistics."""
-    limit = recipe.resources.max_memory_gb
-    total = int(limit * 2**30) if limit is not None else memory.available_bytes() + memory.rss_bytes()
-    return max(0, (total - memory.rss_bytes()) // 2)
-
-
 def _prompt_record(adapter: Any, processor: Any, data: Dataset) -> dict[str, str]:
     """Which prompt format the run uses, with the first question formatted; warn when it is a guess."""
     source = ("recipe" if adapter.prompt_template is not None
@@ -157,10 +141,12 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
         if reason:
             raise RecipeError(f"{recipe.path}: stages[{i}]: a '{stage.type}' stage cannot run on {adapter.name} "
                               f"({adapter.model_type}) models: {reason}")
+    plan = plan_run(r, inputs.source, str(recipe.path))  # resident or streamed, from the headers alone
+    log(plan.describe())
     run_dir = RunDir(out_dir)
     resuming = run_dir.open(inputs.sha256(), resume=resume, force=force)  # locks the folder
     try:
-        return _execute(recipe, inputs, adapter, run_dir, resuming, threads)
+        return _execute(recipe, inputs, adapter, run_dir, resuming, threads, plan)
     except CompressError as e:  # named failures outside a stage: the manifest says so (unless nothing is kept)
         if run_dir.manifest:
             run_dir.manifest.update(status="error", message=str(e), exit_code=e.exit_code)
@@ -179,13 +165,15 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
 
 
 def _execute(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunDir, resuming: bool,
-             threads: int | None) -> RunResult:
+             threads: int | None, plan: Plan) -> RunResult:
     """Everything after the run folder is open (and locked): baseline, stages, report."""
     r = recipe.recipe
     _seed_everything(r.seed)
     _start_manifest(recipe, inputs, adapter, run_dir, resuming, threads)
-    model, scoring, state_source = _baseline(recipe, inputs, adapter, run_dir, resuming)
-    batches = (_calibration_batches(adapter, scoring.processor, inputs.calibration, r.calibration.batch_size)
+    run_dir.manifest["plan"] = plan.record()
+    hold = holder(plan.streamed, adapter, r)
+    model, scoring, state_source = _baseline(recipe, inputs, adapter, run_dir, resuming, hold)
+    batches = (calibration_batches(adapter, scoring.processor, inputs.calibration, r.calibration.batch_size)
                if inputs.calibration else None)
     status = _stages(model, scoring, inputs, state_source, batches, threads)
     m = run_dir.manifest
@@ -232,7 +220,7 @@ def _start_manifest(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir
 
 
 def _baseline(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunDir,
-              resuming: bool) -> tuple[torch.nn.Module, _Scoring, str]:
+              resuming: bool, hold: Resident) -> tuple[torch.nn.Module, _Scoring, str]:
     """(the model in its latest kept state, what stages are scored against, where that state was loaded
     from): the baseline is measured on the source, or read back when a resumed run recorded it."""
     r, m = recipe.recipe, run_dir.manifest
@@ -247,7 +235,7 @@ def _baseline(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunD
     if first != inputs.source:
         log(f"restoring model state from {first}")
     try:
-        model, processor = load_checkpoint(first, adapter, r.model.dtype, r.model.trust_remote_code)
+        model, processor = hold.load(first)
     except CompressError as e:  # corrupt or mismatched weights: leave nothing half-made behind
         if resuming:
             m.update(status="error", message=str(e))
@@ -259,6 +247,7 @@ def _baseline(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunD
         m["model"].update(model_type=model.config.model_type,
                           parameters=sum(p.numel() for p in model.parameters()))
     evaluator = Evaluator(adapter, processor, inputs.evaluation, r.evaluation)
+    evaluator.skip = set(m["plan"]["metrics_not_computed"])
     m["prompt"] = _prompt_record(adapter, processor, inputs.evaluation)
     if baseline_recorded:
         reference = Reference(**load_file(run_dir.path(REFERENCE)))
@@ -267,7 +256,9 @@ def _baseline(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunD
     else:
         t0 = time.time()
         with memory.PeakWindow() as window:
-            ev = evaluator.evaluate(TorchRunner.for_adapter(model, adapter, processor), desc="baseline")
+            runner = hold.baseline_runner(model, processor, evaluator, run_dir.path(".work/baseline"),
+                                          memory.activation_budget(r.resources.max_memory_gb))
+            ev = evaluator.evaluate(runner, desc="baseline")
         reference = ev.reference
         with atomic_dir(run_dir.path("baseline")) as tmp:
             save_file(reference.tensors(), str(tmp / "reference.safetensors"))
@@ -279,8 +270,8 @@ def _baseline(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunD
     # A resumed run whose baseline had to be measured now moves to its latest kept state.
     if first != state_source:
         log(f"restoring model state from {state_source}")
-        model, _ = load_checkpoint(state_source, adapter, r.model.dtype, r.model.trust_remote_code)
-    return model, _Scoring(run_dir, r, adapter, processor, evaluator, reference, baseline), state_source
+        model, _ = hold.load(state_source)
+    return model, _Scoring(run_dir, r, adapter, processor, evaluator, reference, baseline, hold), state_source
 
 
 def _stages(model: torch.nn.Module, scoring: _Scoring, inputs: _Inputs, state_source: str,
@@ -305,7 +296,7 @@ def _stages(model: torch.nn.Module, scoring: _Scoring, inputs: _Inputs, state_so
         ctx = StageContext(adapter=scoring.adapter, processor=scoring.processor,
                            workdir=run_dir.path(f".work/{name}"), seed=r.seed, calibration_batches=batches,
                            layer_inputs=r.calibration.layer_inputs if r.calibration else "compressed",
-                           activation_budget=_activation_budget(r),
+                           activation_budget=memory.activation_budget(r.resources.max_memory_gb),
                            threads=threads, export_dir=run_dir.path(exports[-1]) if exports else None,
                            calibration=inputs.stage_data.get(i, inputs.calibration),
                            baseline_source=inputs.source, dtype=r.model.dtype,
@@ -334,9 +325,7 @@ class _Scoring:
     evaluator: Evaluator
     reference: Reference
     baseline: dict[str, float]
-
-    def runner(self, model: torch.nn.Module) -> TorchRunner:
-        return TorchRunner.for_adapter(model, self.adapter, self.processor)
+    hold: Resident  # where the model lives (resident or streamed; compress.residency)
 
 
 def _run_stage(model: torch.nn.Module, cfg: Any, i: int, rec: dict[str, Any], ctx: StageContext, run: _Scoring,
@@ -347,10 +336,11 @@ def _run_stage(model: torch.nn.Module, cfg: Any, i: int, rec: dict[str, Any], ct
     status = "completed"
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     fault(f"apply:{i}")
+    run.hold.prepare(ctx, run.evaluator)
     result = get_stage(cfg.type).apply(model, cfg, ctx)
     model = result.model
     fault(f"after_apply:{i}")
-    scored = result.runner or run.runner(model)
+    scored = result.runner or run.hold.stage_runner(model, run.processor)
     ev = run.evaluator.evaluate(scored, run.reference, desc=f"{name} ({scored.backend})")
     rec["backend"] = scored.backend
     checks = run_checks(cfg.gate, run.baseline, ev.metrics) + list(result.checks)
@@ -366,8 +356,7 @@ def _run_stage(model: torch.nn.Module, cfg: Any, i: int, rec: dict[str, Any], ct
             os.replace(result.artifacts, dest)  # same file system: one rename
             rec["artifacts"] = rel
         else:
-            with atomic_dir(run_dir.path(rel)) as tmp:
-                save_checkpoint(model, run.processor, tmp)
+            run.hold.keep(model, run.processor, run_dir.path(rel))
             rec["checkpoint"] = rel
         fault(f"after_checkpoint:{i}")
         shutil.rmtree(run_dir.path(f"failed/{name}"), ignore_errors=True)  # an earlier attempt's leftovers
@@ -382,7 +371,7 @@ def _run_stage(model: torch.nn.Module, cfg: Any, i: int, rec: dict[str, Any], ct
                    message=f"gate failed ({_failed(checks)}); state rolled back to the previous stage")
         log(f"stage {name}: gate failed ({_failed(checks)}); rolling back")
         del model
-        model, _ = load_checkpoint(state_source, run.adapter, r.model.dtype, r.model.trust_remote_code)
+        model, _ = run.hold.load(state_source)
     else:
         rec.update(status="failed", message=f"gate failed ({_failed(checks)}); run stopped (on_fail: stop)")
         status = "stopped"

@@ -84,6 +84,8 @@ class OutputConfig(Strict):
     dir: str | None = Field(None, description="run folder; `--out` overrides it; one of the two is required")
     checkpoints: Literal["all", "last"] = Field("all", description="keep every kept stage's checkpoint, or only "
                                                                    "the latest (enough to resume)")
+    max_shard_gb: float = Field(2.0, gt=0.0, description="largest safetensors shard a streamed run writes (its "
+                                                         "checkpoints are written block by block, never assembled)")
     report: bool = Field(True, description="write report.md and retention.png")
 
 

@@ -111,6 +111,13 @@ def sensitivity_plot(rec: dict[str, Any]) -> bytes | None:
     return _png(fig)
 
 
+def _peak(rec: dict[str, Any]) -> str:
+    """The stage's peak RSS, marked where the OS gave only the process's lifetime peak."""
+    if "peak_rss_mb" not in rec:
+        return ""
+    return f", peak RSS {rec['peak_rss_mb']:.0f} MiB{'' if rec.get('peak_rss_exact') else ' (process lifetime)'}"
+
+
 def write_report(run: RunDir) -> None:
     m = run.manifest
     run.write("retention.png", retention_plot(m))
@@ -121,7 +128,8 @@ def write_report(run: RunDir) -> None:
         f"- status: **{m.get('status')}**",
         f"- model: `{m['model']['source']}` ({m['model'].get('model_type')}, "
         f"{m['model'].get('parameters', 0):,} parameters)",
-        f"- evaluation: `{m['data']['evaluation']['source']}` ({m['data']['evaluation']['records']} records)",
+        f"- evaluation: `{m['data']['evaluation']['source']}` ({m['data']['evaluation']['records']} records)"
+        f"; baseline{_peak(base) or ' scored'}",
         f"- tool: vlm-compress {m['tool']['version']} (git {m['tool'].get('git_sha') or 'n/a'}), seed {m['seed']}",
         "- before deploying: `vlm-compress verify RUN_DIR` re-hashes every file against `manifest.json`, loads each "
         "checkpoint and checks each ONNX graph",
@@ -146,7 +154,7 @@ def write_report(run: RunDir) -> None:
         lines.append("")
     lines += ["## Stages", ""]
     for r in m.get("stages", []):
-        lines.append(f"### {r['name']} ({r['type']}): {r['status']}, {r.get('wall_s', 0):.1f} s")
+        lines.append(f"### {r['name']} ({r['type']}): {r['status']}, {r.get('wall_s', 0):.1f} s{_peak(r)}")
         for c in r.get("checks", []):
             ret = f"retention {c['retention']:.4f}" if c["retention"] is not None else ""
             lines.append(f"- check {c['metric']}: value {c['value']:.4f} {ret} threshold {c['threshold']} "
@@ -155,6 +163,13 @@ def write_report(run: RunDir) -> None:
         for k, v in details.items():
             if not isinstance(v, dict):
                 lines.append(f"- {k}: {v}")
+        seq = details.get("sequential")
+        if isinstance(seq, dict):
+            lines.append(f"- calibrated layer by layer: {seq['blocks']} blocks of {', '.join(seq['sequences'])}, "
+                         f"inputs from the {seq['layer_inputs']} previous blocks, median {seq['block_s_median']} s "
+                         f"per block, activations in memory at most {seq['peak_in_memory_bytes'] / 2**20:.1f} MiB "
+                         f"(budget {seq['budget_bytes'] / 2**20:.0f} MiB), {seq['spilled_bytes'] / 2**20:.1f} MiB "
+                         "spilled to disk")
         if r.get("checkpoint"):
             lines.append(f"- checkpoint: `{r['checkpoint']}`")
         plot = sensitivity_plot(r)

@@ -49,10 +49,17 @@ class Evaluator:
         if any(r.answer is None for r in data.records):
             raise ConfigError(f"evaluation set {data.source} has records without a reference answer")
         self.adapter, self.processor, self.data, self.cfg = adapter, processor, data, cfg
+        self.skip: set[str] = set()  # metrics not computed in this run (generation on a streamed model)
+
+    def teacher_forced_inputs(self) -> list[dict[str, Any]]:
+        """The inputs `evaluate` asks `runner.logits` for, batch by batch (a streamed walk carries them)."""
+        return [self.adapter.build_inputs(self.processor, [r.image for r in batch], [r.prompt for r in batch],
+                                          [r.answer for r in batch], self.cfg.max_new_tokens).inputs
+                for batch in self.data.batches(self.cfg.batch_size)]
 
     def evaluate(self, runner: Runner, reference: Reference | None = None, desc: str = "eval") -> Evaluation:
         """Score `runner`; with no `reference` the result carries one (this is the baseline)."""
-        wanted = set(self.cfg.metrics)
+        wanted = set(self.cfg.metrics) - self.skip
         tokenizer = self.processor.tokenizer
         extract = self.cfg.extract
         hits: list[int] = []

@@ -135,15 +135,16 @@ def groups_in_order(names: list[str]) -> list[list[str]]:
 @torch.no_grad()
 def prune_linears(model: nn.Module, modules: dict[str, nn.Linear], method: str, sparsity: float,
                   pattern: str, forward_loop: Callable[[nn.Module], None] | None, block_size: int = 128,
-                  damp: float = 0.01) -> dict[str, Any]:
-    """Prune the named Linears in place (zeros in the weights); returns per-module details."""
+                  damp: float = 0.01, one_group: bool = False) -> dict[str, Any]:
+    """Prune the named Linears in place (zeros in the weights); returns per-module details. `one_group`: the
+    modules are one block's (a layer-sequential unit), observed in one pass and pruned together."""
     nm = check_pattern(modules, pattern)
     target = nm[1] - nm[0] if nm else None
     share = (target / nm[1]) if nm else sparsity
     calibrated = method in ("wanda", "sparsegpt")
     if calibrated and forward_loop is None:
         raise ConfigError(f"prune method {method} needs a 'calibration' data section")
-    order = groups_in_order(list(modules)) if calibrated else [list(modules)]
+    order = groups_in_order(list(modules)) if calibrated and not one_group else [list(modules)]
     for group in order:
         stats: dict[str, Any] = {}
         if calibrated:

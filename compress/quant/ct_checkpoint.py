@@ -110,7 +110,9 @@ def quantization_config(model: nn.Module) -> dict[str, Any] | None:
         "version": __version__,
     }
     QuantizationConfig.model_validate(config)  # fail here, not in a user's loader
-    sparsity = sparsity_config(int8_modules(model), linears) if not int4_modules(model) else None
+    int8 = int8_modules(model)
+    streamed = any(m.weight_int8.is_meta for m in int8.values())  # blocks already written: zeros not countable
+    sparsity = sparsity_config(int8, linears) if not int4_modules(model) and not streamed else None
     if sparsity is not None:
         config["sparsity_config"] = sparsity
     return config

@@ -15,7 +15,8 @@ pass, and the same stage code runs whether a model fits in memory or not.
 """
 
 from compress.sequential.blocks import block_lists
+from compress.sequential.inputs import calibration_batches
 from compress.sequential.runner import Sequencer, Unit
 from compress.sequential.store import ActivationStore
 
-__all__ = ["ActivationStore", "Sequencer", "Unit", "block_lists"]
+__all__ = ["ActivationStore", "Sequencer", "Unit", "block_lists", "calibration_batches"]

@@ -5,8 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 
+def _linear(module: nn.Module) -> bool:
+    """An nn.Linear or a quantized stand-in for one (Int8Linear, Int4Linear: they carry its shape)."""
+    return isinstance(module, nn.Linear) or (hasattr(module, "in_features") and hasattr(module, "out_features"))
+
+
 def _holds_linear(module: nn.Module) -> bool:
-    return not isinstance(module, nn.Linear) and any(isinstance(m, nn.Linear) for m in module.modules())
+    return not _linear(module) and any(_linear(m) for m in module.modules())
 
 
 def block_lists(model: nn.Module) -> list[str]:

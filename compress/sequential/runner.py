@@ -83,24 +83,33 @@ class Sequencer:
     `units(names)` yields the units holding selected modules, in execution order; it is single-use (a
     second sweep needs a new sequencer or `reset()`). `layer_inputs` says whether a block's calibration
     inputs come from the previous blocks as the stage left them (compressed) or as they were (original).
+    `passengers` are batches that ride along without being calibrated on (the evaluation set): they go
+    through every block as the stage left it, so `logits(k)` afterwards is the compressed model's answer
+    to passenger k with every block loaded once. `before_block` / `after_block` load a block's weights and
+    drop (or write) them again where the model is streamed from disk.
     """
 
     model: nn.Module
     batches: list[dict[str, Any]]
     store: ActivationStore
     layer_inputs: LayerInputs = "compressed"
+    passengers: list[dict[str, Any]] = field(default_factory=list)
+    before_block: Callable[[str, int, nn.Module], None] | None = None
+    after_block: Callable[[str, int, nn.Module], None] | None = None
+    finished: Callable[[Sequencer], None] | None = None  # called once every sequence has been walked
     paths: list[str] = field(init=False)
     block_seconds: list[float] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
-        if not self.batches:
+        if not self.batches and not self.passengers:
             raise ConfigError("layer-sequential calibration needs at least one calibration batch")
         self.paths = block_lists(self.model)
+        self._all = list(self.batches) + list(self.passengers)
         self.reset()
 
     def reset(self) -> None:
         self.done: list[str] = []
-        self._calls: dict[str, list[list[_Call]]] = {}
+        self._calls: dict[str, list[dict[int, _Call]]] = {}
         self._batch, self._hit, self._next = 0, None, 0
         self.store.clear()
 
@@ -126,8 +135,8 @@ class Sequencer:
                 raise ConfigError(f"{path}.{j} ran out of order (expected {self._hit}.{self._next}): its blocks "
                                   "are not called as a chain and cannot be calibrated layer by layer")
             hidden, call = _split(f"{path}.{j}", args, kwargs)
-            calls = self._calls.setdefault(path, [[] for _ in range(n)])
-            calls[j].append(call)
+            calls = self._calls.setdefault(path, [{} for _ in range(n)])
+            calls[j][self._batch] = call
             if j == 0:
                 self.store.put(self._key(path, "in", self._batch), hidden)
             self._next += 1
@@ -157,31 +166,38 @@ class Sequencer:
                 for hooks, key, fn in muted:
                     hooks[key] = fn
 
-    def _model_pass(self, b: int, record: bool = False) -> None:
+    def _model_pass(self, b: int, record: bool = False) -> Any:
         self._batch, self._hit = b, None
         with self._patched(record), torch.inference_mode(), suppress(_Stop):
-            self.model(**self.batches[b], use_cache=False)
+            return self.model(**self._all[b], use_cache=False)
+        return None  # ended early by a patched block
 
     def _glue_loop(self, model: nn.Module) -> None:
         for b in range(len(self.batches)):
             self._model_pass(b)
 
+    def logits(self, k: int) -> torch.Tensor:
+        """Passenger k's logits from the blocks' recorded outputs (after the walk: every sequence replays)."""
+        out = self._model_pass(len(self.batches) + k)
+        return out.logits if hasattr(out, "logits") else out[0]
+
     def _block_loop(self, path: str, j: int) -> Callable[[nn.Module], None]:
         def loop(block: nn.Module) -> None:
             with torch.inference_mode():
-                for b, call in enumerate(self._calls[path][j]):
-                    call.invoke(block, self._input(path, j, b))
+                for b in range(len(self.batches)):
+                    self._calls[path][j][b].invoke(block, self._input(path, j, b))
 
         return loop
 
     # ---- the walk ---------------------------------------------------------------------------------
 
-    def _capture(self) -> str | None:
-        """Record the next sequence's block calls for every batch; its path, or None when none is left."""
+    def _capture(self, which: range | None = None) -> str | None:
+        """Record the next sequence's block calls for every batch (or `which`); its path, or None when none
+        is left."""
         path = None
-        for b in range(len(self.batches)):
+        for b in which if which is not None else range(len(self._all)):
             self._model_pass(b, record=True)
-            if b == 0:
+            if path is None:
                 path = self._hit
                 if path is None:
                     return None
@@ -190,11 +206,11 @@ class Sequencer:
                 raise ConfigError(f"calibration batch {b} did not run {path} like batch 0 did")
         return path
 
-    def _propagate(self, path: str, j: int) -> None:
+    def _propagate(self, path: str, j: int, which: range) -> None:
         block = self.model.get_submodule(path)[j]
         with torch.inference_mode():
-            for b, call in enumerate(self._calls[path][j]):
-                out = call.invoke(block, self._input(path, j, b))
+            for b in which:
+                out = self._calls[path][j][b].invoke(block, self._input(path, j, b))
                 if not isinstance(out, torch.Tensor):
                     raise ConfigError(f"{path}.{j} returned {type(out).__name__}, not hidden states: its "
                                       "sequence cannot be calibrated layer by layer")
@@ -218,17 +234,24 @@ class Sequencer:
         return Unit(self.model, "", local, self._glue_loop) if local else None
 
     def _sequence(self, path: str, names: list[str]) -> Iterator[Unit]:
-        compressed = self.layer_inputs == "compressed"
+        calibration, everything = range(len(self.batches)), range(len(self._all))
+        passengers = range(len(self.batches), len(self._all))
+        original = self.layer_inputs == "original"
         for j, block in enumerate(self.model.get_submodule(path)):
             t0 = time.perf_counter()
+            if self.before_block is not None:
+                self.before_block(path, j, block)
             prefix = f"{path}.{j}"
             local = [n[len(prefix) + 1:] for n in names if n.startswith(f"{prefix}.")]
-            if not (compressed and local):
-                self._propagate(path, j)
-            if local:
+            if not local:
+                self._propagate(path, j, everything)
+            else:
+                if original:  # calibration inputs from the block as it was; passengers see it compressed
+                    self._propagate(path, j, calibration)
                 yield Unit(block, prefix, local, self._block_loop(path, j))
-                if compressed:
-                    self._propagate(path, j)
+                self._propagate(path, j, passengers if original else everything)
+            if self.after_block is not None:
+                self.after_block(path, j, block)
             self.block_seconds.append(time.perf_counter() - t0)
         self._calls.pop(path, None)
 
@@ -242,6 +265,8 @@ class Sequencer:
                 unit = self._glue_unit(glue)
                 if unit:
                     yield unit
+                    if path is not None and self.passengers:  # the evaluation sees the glue as the stage left it
+                        self._capture(range(len(self.batches), len(self._all)))
             else:
                 unit = self._glue_unit(glue)
                 if unit:
@@ -251,6 +276,8 @@ class Sequencer:
                 break
             yield from self._sequence(path, names)
             self.done.append(path)
+        if self.finished is not None:
+            self.finished(self)
         if glue:
             shown = ", ".join(glue[:5]) + (f" (+{len(glue) - 5} more)" if len(glue) > 5 else "")
             raise ConfigError(f"calibration observed no activations for {len(glue)} modules: {shown}; the "

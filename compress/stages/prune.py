@@ -60,6 +60,11 @@ class PruneConfig(StageConfig):
     def needs_calibration(self) -> bool:
         return self.method in ("wanda", "sparsegpt")
 
+    @property
+    def streamable(self) -> bool:
+        """Walks the model block by block (so it runs on a model streamed from disk)."""
+        return self.needs_calibration
+
     def output_state(self, state: str) -> str:
         return "sparse"
 
@@ -81,7 +86,7 @@ def _l1(modules: dict[str, torch.nn.Module], cfg: PruneConfig) -> None:
 
 
 def _calibrated(model: torch.nn.Module, modules: dict[str, torch.nn.Module], cfg: PruneConfig,
-                ctx: StageContext) -> dict:
+                ctx: StageContext) -> tuple[dict, dict]:
     """Wanda / SparseGPT block by block: each block's statistics come from its own calibration inputs."""
     from compress.prune.sparsity import check_pattern, prune_linears
 
@@ -91,10 +96,11 @@ def _calibrated(model: torch.nn.Module, modules: dict[str, torch.nn.Module], cfg
     seq = ctx.sequencer(model, f"prune method {cfg.method}")
     for unit in seq.units(list(modules)):
         found = prune_linears(unit.root, {n: unit.root.get_submodule(n) for n in unit.names}, cfg.method,
-                              cfg.sparsity or 0.0, cfg.pattern, unit.loop, sg.block_size, sg.damp)
+                              cfg.sparsity or 0.0, cfg.pattern, unit.loop, sg.block_size, sg.damp,
+                              one_group=bool(unit.prefix))
         details.update({unit.full(n): d for n, d in found.items()})
         ctx.fault_point()
-    return {n: details[n] for n in modules}
+    return {n: details[n] for n in modules}, seq.stats()
 
 
 @register_stage(PruneConfig)
@@ -103,11 +109,13 @@ def apply(model: torch.nn.Module, cfg: PruneConfig, ctx: StageContext) -> StageR
 
     modules = select_modules(model, ctx.adapter, cfg.targets, kinds=(torch.nn.Linear,))
     details: dict = {}
+    sequential = None
     if cfg.method == "l1_unstructured":
         _l1(modules, cfg)
+    elif cfg.needs_calibration:
+        details, sequential = _calibrated(model, modules, cfg, ctx)
     else:
-        details = _calibrated(model, modules, cfg, ctx) if cfg.needs_calibration else prune_linears(
-            model, modules, cfg.method, cfg.sparsity or 0.0, cfg.pattern, None)
+        details = prune_linears(model, modules, cfg.method, cfg.sparsity or 0.0, cfg.pattern, None)
     ctx.fault_point()
     per_module = {name: round(_zero_fraction(m.weight), 6) for name, m in modules.items()}
     total = sum(m.weight.numel() for m in modules.values())
@@ -127,4 +135,6 @@ def apply(model: torch.nn.Module, cfg: PruneConfig, ctx: StageContext) -> StageR
         result["nm_invalid_modules"] = sorted(n for n, d in details.items() if not d["nm_valid"])
         result["speedup_expectation"] = ("none on CPU, in PyTorch eager or ONNX Runtime (dense kernels); "
                                          "only sparse tensor cores (Ampere+ GPUs) via TensorRT sparse tactics")
+    if sequential:
+        result["sequential"] = sequential
     return StageResult(model, result)

@@ -156,6 +156,11 @@ class QuantizeConfig(StageConfig):
                                           or self.weights.rounding == "gptq")
 
     @property
+    def streamable(self) -> bool:
+        """Walks the model block by block (so it runs on a model streamed from disk)."""
+        return self.scheme != "nf4" and self.needs_calibration
+
+    @property
     def dynamic_activations(self) -> bool:
         return isinstance(self.activations, ActivationsConfig) and self.activations.dynamic is not None
 

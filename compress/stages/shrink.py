@@ -86,6 +86,8 @@ def apply(model: torch.nn.Module, cfg: ShrinkConfig, ctx: StageContext) -> Stage
                        "removed_fraction": round(1 - total_after / total_before, 6)},
         "model_bytes": {"before": bytes_before, "after": model_bytes(new)},
     }
+    if cfg.importance == "activation":
+        details["sequential"] = seq.stats()
     if imp.layers is not None:
         details["block_importance"] = [round(float(v), 6) for v in imp.layers]
     return StageResult(new, details)
