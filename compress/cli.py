@@ -99,6 +99,25 @@ def _cmd_zoo_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_zoo_big(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from compress.artifacts import atomic_dir
+    from compress.errors import ConfigError
+    from compress.zoo.big import SHAPES, write_big
+
+    out = Path(args.out)
+    if args.shape not in SHAPES:
+        raise ConfigError(f"no shape '{args.shape}'; available: {', '.join(SHAPES)}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} already exists and is not an empty folder; nothing written")
+    with atomic_dir(out) as tmp:
+        info = write_big(args.shape, tmp, seed=args.seed, max_shard_bytes=int(args.shard_gb * 2**30))
+    print(f"{out}: a random-weight {args.shape} ({info['parameters']:,} parameters, {info['bytes'] / 2**30:.2f} GB "
+          f"in {info['shards']} shards, seed {args.seed}), written shard by shard")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlm-compress", description="Accuracy-gated VLM compression.")
     p.add_argument("--version", action="version", version=f"vlm-compress {__version__}")
@@ -155,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="folder to create (must not exist, or be empty)")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(fn=_cmd_zoo_tiny)
+    b = zs.add_parser("big", help="a realistic-shape random LLaVA of any size, written shard by shard "
+                                  "(llava-1.5-7b: ~28 GB fp32)")
+    b.add_argument("shape", help="llava-1.5-7b, llava-small, llava-test")
+    b.add_argument("--out", required=True, help="folder to create (must not exist, or be empty)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--shard-gb", type=float, default=1.0, help="largest shard (one shard is in memory at a time)")
+    b.set_defaults(fn=_cmd_zoo_big)
     return p
 
 

@@ -8,9 +8,11 @@ says which.
 
 from __future__ import annotations
 
+import functools
 import resource
 import sys
 from pathlib import Path
+from typing import Any
 
 _STATUS = Path("/proc/self/status")
 _CLEAR = Path("/proc/self/clear_refs")
@@ -62,11 +64,43 @@ def available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def activation_budget(max_memory_gb: float | None) -> int:
+def activation_budget(max_memory_gb: float | None, reserve: int = 0) -> int:
     """Bytes of calibration activations a stage may keep in memory: half of what the budget (else the memory
-    available now) leaves beside the process as it stands, the other half for the algorithms' statistics."""
+    available now) leaves beside the process as it stands and `reserve` (a streamed run's block, its copies
+    and the shard being filled), the other half for the algorithms' statistics."""
     total = int(max_memory_gb * 2**30) if max_memory_gb is not None else available_bytes() + rss_bytes()
-    return max(0, (total - rss_bytes()) // 2)
+    return max(0, (total - rss_bytes() - reserve) // 2)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+@functools.cache
+def _libc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def return_freed_memory() -> bool:
+    """Make freed large tensors go back to the OS at once (glibc): its mmap threshold otherwise grows with
+    every large free, after which a streamed run's dropped blocks stay in the heap and the resident set
+    grows by a block per step. False where the C library is not glibc (nothing to do, or nothing possible)."""
+    libc = _libc()
+    return bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20))
+
+
+def trim() -> None:
+    """Hand free heap pages back to the OS (glibc's malloc_trim), after a streamed block is dropped."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 class PeakWindow:

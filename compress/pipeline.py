@@ -171,7 +171,7 @@ def _execute(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunDi
     _seed_everything(r.seed)
     _start_manifest(recipe, inputs, adapter, run_dir, resuming, threads)
     run_dir.manifest["plan"] = plan.record()
-    hold = holder(plan.streamed, adapter, r)
+    hold = holder(plan, adapter, r)
     model, scoring, state_source = _baseline(recipe, inputs, adapter, run_dir, resuming, hold)
     batches = (calibration_batches(adapter, scoring.processor, inputs.calibration, r.calibration.batch_size)
                if inputs.calibration else None)
@@ -257,7 +257,7 @@ def _baseline(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunD
         t0 = time.time()
         with memory.PeakWindow() as window:
             runner = hold.baseline_runner(model, processor, evaluator, run_dir.path(".work/baseline"),
-                                          memory.activation_budget(r.resources.max_memory_gb))
+                                          memory.activation_budget(r.resources.max_memory_gb, hold.reserve))
             ev = evaluator.evaluate(runner, desc="baseline")
         reference = ev.reference
         with atomic_dir(run_dir.path("baseline")) as tmp:
@@ -296,7 +296,7 @@ def _stages(model: torch.nn.Module, scoring: _Scoring, inputs: _Inputs, state_so
         ctx = StageContext(adapter=scoring.adapter, processor=scoring.processor,
                            workdir=run_dir.path(f".work/{name}"), seed=r.seed, calibration_batches=batches,
                            layer_inputs=r.calibration.layer_inputs if r.calibration else "compressed",
-                           activation_budget=memory.activation_budget(r.resources.max_memory_gb),
+                           activation_budget=memory.activation_budget(r.resources.max_memory_gb, scoring.hold.reserve),
                            threads=threads, export_dir=run_dir.path(exports[-1]) if exports else None,
                            calibration=inputs.stage_data.get(i, inputs.calibration),
                            baseline_source=inputs.source, dtype=r.model.dtype,

@@ -30,6 +30,7 @@ class Resident:
     """The whole model in memory."""
 
     streamed = False
+    reserve = 0  # bytes a stage needs besides the resident model and its activations
 
     def __init__(self, adapter: Any, dtype: str, trust_remote_code: bool):
         self.adapter, self.dtype, self.trust = adapter, dtype, trust_remote_code
@@ -62,6 +63,12 @@ class Streamed(Resident):
         self.max_shard_bytes = max_shard_bytes
         self.stream: Stream | None = None
         self._passengers: list[dict[str, Any]] | None = None
+
+    @property
+    def reserve(self) -> int:  # type: ignore[override]
+        """The block being worked on, two copies of it (quantized layers beside it, rounding's working copies)
+        and the shard being filled."""
+        return 3 * self.stream.block_bytes() + self.max_shard_bytes if self.stream else 0
 
     def load(self, folder: str) -> tuple[torch.nn.Module, Any]:
         self.stream = Stream.open(folder, DTYPES[self.dtype], self.trust, self.max_shard_bytes)
@@ -101,9 +108,11 @@ class Streamed(Resident):
         self.stream.state = dest
 
 
-def holder(streamed: bool, adapter: Any, recipe: Any) -> Resident:
-    """The residency a run's plan chose, for its model dtype, remote-code permission and shard size."""
+def holder(plan: Any, adapter: Any, recipe: Any) -> Resident:
+    """The residency a run's plan chose, for its model dtype and remote-code permission; a streamed run's
+    shards (one is in memory while it fills) are at most an eighth of the budget."""
     r = recipe
-    if streamed:
-        return Streamed(adapter, r.model.dtype, r.model.trust_remote_code, int(r.output.max_shard_gb * 2**30))
+    if plan.streamed:
+        shard = min(int(r.output.max_shard_gb * 2**30), plan.budget_bytes // 8)
+        return Streamed(adapter, r.model.dtype, r.model.trust_remote_code, shard)
     return Resident(adapter, r.model.dtype, r.model.trust_remote_code)

@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 INDEX = "model.safetensors.index.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -59,6 +61,7 @@ class ShardWriter:
         name = f"model-{self.shards:05d}.safetensors"
         tmp = self.folder / f".{name}.tmp"
         save_file(self._pending, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, 0o666 & ~_UMASK)  # as any other file the run writes
         os.replace(tmp, self.folder / name)
         self.weight_map.update({k: name for k in self._pending})
         self.total += self._size

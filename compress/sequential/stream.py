@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress import memory
 from compress.errors import ConfigError
 from compress.sequential.blocks import block_lists
 from compress.sequential.runner import Sequencer
@@ -54,11 +55,17 @@ class Stream:
     @classmethod
     def open(cls, folder: str | Path, dtype: torch.dtype, trust_remote_code: bool = False,
              max_shard_bytes: int = 1 << 30) -> Stream:
+        memory.return_freed_memory()
         model = empty_model(folder, dtype, trust_remote_code)
         source = WeightSource(folder).rename_for(model)
         stream = cls(model, Path(folder), dtype, max_shard_bytes)
         stream.bytes_read += onload_outside(model, block_lists(model), source, dtype)
         return stream
+
+    def block_bytes(self) -> int:
+        """The largest block's bytes in memory (parameters and buffers, as loaded)."""
+        return max((sum(t.numel() * t.element_size() for t in b.state_dict().values())
+                    for p in block_lists(self.model) for b in self.model.get_submodule(p)), default=0)
 
     def hooks(self, out: Path | None) -> tuple[BlockHook, BlockHook]:
         """(before_block, after_block) for one walk: read each block from the state folder; afterwards write
@@ -77,6 +84,7 @@ class Stream:
             if writer is not None:
                 writer.add({f"{path}.{j}.{k}": v for k, v in _state(block).items()})
             offload(block)
+            memory.trim()
 
         return before, after
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -37,7 +36,6 @@ class WeightSource:
                     self.files.update({k: f for k in h.keys()})  # noqa: SIM118 (a safe_open handle)
         if not self.files:
             raise ConfigError(f"{self.folder}: no safetensors weights to stream from")
-        self._handles: dict[Path, Any] = {}
         self.keys = {name: name for name in self.files}  # the model's parameter name -> the stored name
 
     def rename_for(self, model: nn.Module) -> WeightSource:
@@ -60,32 +58,38 @@ class WeightSource:
             self.keys[name] = stored
         return self
 
-    def _handle(self, path: Path) -> Any:
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), "pt")
-        return self._handles[path]
-
     def __contains__(self, name: str) -> bool:
         return name in self.keys
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """The tensor the model calls `name`."""
-        if name not in self.keys:
-            raise ConfigError(f"{self.folder}: the weights have no tensor for '{name}'")
-        stored = self.keys[name]
-        return self._handle(self.files[stored]).get_tensor(stored)
+    def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors the model calls `names`, copied into memory of their own: each file is mapped only while
+        it is read, so pages of blocks already done do not stay in the process's resident set."""
+        missing = [n for n in names if n not in self.keys]
+        if missing:
+            raise ConfigError(f"{self.folder}: the weights have no tensor for '{missing[0]}'"
+                              + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.files[self.keys[n]], []).append(n)
+        out = {}
+        for path, group in by_file.items():
+            with safe_open(str(path), "pt") as h:
+                for n in group:
+                    out[n] = h.get_tensor(self.keys[n]).clone()
+        return out
 
-    def nbytes(self, prefix: str = "", float_size: int | None = None) -> int:
-        """Bytes stored under `prefix` (from the headers; nothing is read), floating-point tensors counted at
+    def nbytes(self, float_size: int | None = None) -> int:
+        """Bytes of every stored tensor (from the headers; nothing is read), floating-point tensors counted at
         `float_size` bytes per value where given (the dtype the run loads them in)."""
         total = 0
-        for name, stored in self.keys.items():
-            if name.startswith(prefix):
-                s = self._handle(self.files[stored]).get_slice(stored)
-                size = _DTYPES.get(s.get_dtype(), 4)
-                if float_size is not None and s.get_dtype() in ("F32", "F16", "BF16", "F64"):
-                    size = float_size
-                total += size * int(torch.Size(s.get_shape()).numel())
+        for path in set(self.files.values()):
+            with safe_open(str(path), "pt") as h:
+                for stored in h.keys():  # noqa: SIM118 (a safe_open handle)
+                    s = h.get_slice(stored)
+                    size = _DTYPES.get(s.get_dtype(), 4)
+                    if float_size is not None and s.get_dtype() in ("F32", "F16", "BF16", "F64"):
+                        size = float_size
+                    total += size * int(torch.Size(s.get_shape()).numel())
         return total
 
 
@@ -108,9 +112,10 @@ def _stored(module: nn.Module) -> list[str]:
 def onload(module: nn.Module, prefix: str, source: WeightSource, dtype: torch.dtype,
            keys: list[str] | None = None) -> int:
     """Read `module`'s tensors (or only `keys`) from `source` and assign them in place; the bytes read."""
+    keys = keys if keys is not None else _stored(module)
+    read = source.tensors([f"{prefix}.{k}" if prefix else k for k in keys])
     state = {}
-    for key in keys if keys is not None else _stored(module):
-        t = source.tensor(f"{prefix}.{key}" if prefix else key)
+    for key, t in zip(keys, read.values(), strict=True):
         state[key] = t.to(dtype) if t.is_floating_point() else t
     module.load_state_dict(state, strict=keys is None, assign=True)
     return sum(t.numel() * t.element_size() for t in state.values())
