@@ -295,7 +295,7 @@ def _stages(model: torch.nn.Module, scoring: _Scoring, inputs: _Inputs, state_so
                    and s.get("artifacts") and s["index"] < i]
         ctx = StageContext(adapter=scoring.adapter, processor=scoring.processor,
                            workdir=run_dir.path(f".work/{name}"), seed=r.seed, calibration_batches=batches,
-                           layer_inputs=r.calibration.layer_inputs if r.calibration else "compressed",
+                           layer_inputs=r.calibration.layer_inputs if r.calibration else "original",
                            activation_budget=memory.activation_budget(r.resources.max_memory_gb, scoring.hold.reserve),
                            threads=threads, export_dir=run_dir.path(exports[-1]) if exports else None,
                            calibration=inputs.stage_data.get(i, inputs.calibration),

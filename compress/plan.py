@@ -67,7 +67,7 @@ def _check_streamable(r: Any, where: str, plan: Plan) -> None:
     for i, stage in enumerate(r.stages):
         if not getattr(stage, "streamable", False):
             raise RecipeError(f"{where}: stages[{i}]: a '{stage.type}' stage needs the whole model in memory and "
-                              f"{size}; streamed runs take calibrated quantize and prune stages (raise "
+                              f"{size}; streamed runs take INT8 / INT4 quantize and calibrated prune stages (raise "
                               "resources.max_memory_gb or drop the stage)")
         if quantized is not None:
             raise RecipeError(f"{where}: stages[{i}]: {size}, and a streamed run cannot read back the quantized "

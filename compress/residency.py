@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,10 @@ from compress.runtime.torch_runner import TorchRunner, position_ids
 from compress.sequential import ActivationStore, Sequencer
 from compress.sequential.stream import Stream, StreamedRunner
 from compress.stages.base import StageContext
+
+
+def _log(msg: str) -> None:
+    print(f"[vlm-compress] {msg}", file=sys.stderr, flush=True)
 
 
 class Resident:
@@ -63,6 +68,7 @@ class Streamed(Resident):
         self.max_shard_bytes = max_shard_bytes
         self.stream: Stream | None = None
         self._passengers: list[dict[str, Any]] | None = None
+        self.progress = _log
 
     @property
     def reserve(self) -> int:  # type: ignore[override]
@@ -89,12 +95,12 @@ class Streamed(Resident):
                         budget: int) -> Any:
         before, after = self.stream.hooks(None)
         seq = Sequencer(model, [], ActivationStore(workdir / "activations", budget), "compressed",
-                        self.passengers(evaluator), before, after)
+                        self.passengers(evaluator), before, after, progress=self.progress)
         seq.sweep()
         return StreamedRunner(seq)
 
     def prepare(self, ctx: StageContext, evaluator: Any) -> None:
-        ctx.stream, ctx.passengers = self.stream, self.passengers(evaluator)
+        ctx.stream, ctx.passengers, ctx.progress = self.stream, self.passengers(evaluator), self.progress
 
     def stage_runner(self, model: torch.nn.Module, processor: Any) -> Any:
         self.stream.finish(processor, self.stream.state)

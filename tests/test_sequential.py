@@ -112,8 +112,8 @@ def test_spilling_every_activation_to_disk_changes_no_weight(raw, tmp_path):
 
 
 def test_pruning_walk_equals_the_group_by_group_passes_of_the_whole_model(tmp_path):
-    """SparseGPT already pruned one decoder layer per pass with later layers seeing the pruned ones: the walk
-    with compressed inputs is that algorithm, one block pass instead of one model pass per layer."""
+    """SparseGPT pruned one decoder layer per whole-model pass with later layers seeing the pruned ones: the
+    walk with compressed inputs is that algorithm, one block pass instead of one model pass per layer."""
     from compress.prune.sparsity import prune_linears
 
     model, adapter, batches = _batches("llava")
@@ -121,15 +121,15 @@ def test_pruning_walk_equals_the_group_by_group_passes_of_the_whole_model(tmp_pa
     mods = select_modules(whole, adapter, Targets(components=["language"]), kinds=(torch.nn.Linear,))
     prune_linears(whole, mods, "sparsegpt", 0.5, "unstructured", _whole_model_loop(batches))
     _stage(model, adapter, batches, tmp_path, {"type": "prune", "method": "sparsegpt", "sparsity": 0.5,
-                                               "targets": {"components": ["language"]}})
+                                               "targets": {"components": ["language"]}}, layer_inputs="compressed")
     assert _state(model) == _state(whole)
 
 
 def test_keep_float_is_chosen_over_the_whole_model_and_inputs_can_be_original(tmp_path):
     model, adapter, batches = _batches("llava")
     other = copy.deepcopy(model)
-    a = _stage(model, adapter, batches, tmp_path / "c", SMOOTH_GPTQ).details
-    b = _stage(other, adapter, batches, tmp_path / "o", SMOOTH_GPTQ, layer_inputs="original").details
+    a = _stage(model, adapter, batches, tmp_path / "c", SMOOTH_GPTQ, layer_inputs="compressed").details
+    b = _stage(other, adapter, batches, tmp_path / "o", SMOOTH_GPTQ).details
     assert a["kept_float"] and a["kept_float"] == b["kept_float"]  # chosen before anything was quantized
     assert a["sequential"]["layer_inputs"] == "compressed" and b["sequential"]["layer_inputs"] == "original"
     late = [n for n in a["modules"] if ".layers.1." in n and n not in a["kept_float"]]

@@ -52,7 +52,8 @@ class DataConfig(Strict):
 class CalibrationConfig(DataConfig):
     """The calibration set, and what each block of a layer-by-layer calibration sees."""
 
-    layer_inputs: Literal["compressed", "original"] = Field(
-        "compressed", description="a block's calibration inputs come from the previous blocks as the stage left "
-        "them (compressed: the error propagates as at inference, as llm-compressor's sequential pipeline does) or "
-        "as they were (original); docs/scale.md has both measured")
+    layer_inputs: Literal["original", "compressed"] = Field(
+        "original", description="a block's calibration inputs come from the previous blocks as they were "
+        "(original: the numbers of one whole-model calibration pass) or as the stage left them (compressed: the "
+        "error propagates as at inference, as llm-compressor's sequential pipeline does); docs/scale.md has both "
+        "measured")

@@ -7,10 +7,12 @@
   per block of 128 columns the mask is chosen by w^2 / [H^-1]_jj^2 and every pruned weight's error is
   spread over the columns not yet visited, so the kept weights compensate.
 
-Calibrated methods run group by group (one decoder layer's Linears at a time, in model order): one
-pass of the calibration loop records that group's statistics (Wanda: per-column sums of squares;
-SparseGPT: one Hessian per Linear), the group is pruned, and the next pass already sees the pruned
-layers, as in the reference implementations. Memory holds one group's statistics at a time.
+Calibrated methods run group by group (one decoder layer's Linears at a time, in model order): the
+group's statistics (Wanda: per-column sums of squares; SparseGPT: one Hessian per Linear) are recorded
+over the calibration set, then the group is pruned. Run by a stage, a group is one block of the
+layer-sequential walk (`compress.sequential`), whose inputs come from the original previous blocks or,
+with `calibration.layer_inputs: compressed`, from the pruned ones as in the reference implementations.
+Memory holds one group's statistics at a time.
 """
 
 from __future__ import annotations

@@ -138,12 +138,16 @@ def sparsity_config(modules: dict[str, Int8Linear], linears: list[str]) -> dict[
 
 
 def compressed_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state` with each INT8 / INT4 layer's buffers replaced by its compressed-tensors tensors."""
+    """`state` with each INT8 / INT4 layer's buffers replaced by its compressed-tensors tensors (layers with no
+    tensors in `state` are left out: a streamed run writes the modules outside its blocks last)."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     out = dict(state)
     for name, m in quant_modules(model).items():
-        for key in [k for k in out if k.startswith(f"{name}.")]:
+        keys = [k for k in out if k.startswith(f"{name}.")]
+        if not keys:
+            continue
+        for key in keys:
             del out[key]
         if isinstance(m, Int4Linear):
             out[f"{name}.weight_scale"] = m.weight_scale.detach().float().contiguous()

@@ -92,11 +92,12 @@ class Sequencer:
     model: nn.Module
     batches: list[dict[str, Any]]
     store: ActivationStore
-    layer_inputs: LayerInputs = "compressed"
+    layer_inputs: LayerInputs = "original"
     passengers: list[dict[str, Any]] = field(default_factory=list)
     before_block: Callable[[str, int, nn.Module], None] | None = None
     after_block: Callable[[str, int, nn.Module], None] | None = None
     finished: Callable[[Sequencer], None] | None = None  # called once every sequence has been walked
+    progress: Callable[[str], None] | None = None  # one line per block walked (long runs say where they are)
     paths: list[str] = field(init=False)
     block_seconds: list[float] = field(default_factory=list, init=False)
 
@@ -253,6 +254,11 @@ class Sequencer:
             if self.after_block is not None:
                 self.after_block(path, j, block)
             self.block_seconds.append(time.perf_counter() - t0)
+            if self.progress is not None:
+                from compress import memory
+
+                self.progress(f"{path}.{j}: {self.block_seconds[-1]:.1f} s, RSS {memory.rss_bytes() / 2**20:.0f} MiB "
+                              f"(peak {memory.peak_rss_bytes() / 2**20:.0f} MiB)")
         self._calls.pop(path, None)
 
     def units(self, names: Iterable[str]) -> Iterator[Unit]:

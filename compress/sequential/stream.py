@@ -100,12 +100,13 @@ class Stream:
         """The stage checkpoint in `folder` (the last walk's): the resident modules' tensors added, the config
         (with compressed-tensors' quantization_config where layers are INT8 / INT4) and the processor."""
         from compress.checkpoint import save_processor
-        from compress.quant.ct_checkpoint import quantization_config
+        from compress.quant.ct_checkpoint import compressed_state, quantization_config
 
         if self.state != folder or not (folder / "model.safetensors.index.json").exists():
             raise ConfigError("a streamed stage must walk the model before its checkpoint is written")
         inside = tuple(f"{p}." for p in block_lists(self.model))
-        resident = {k: v for k, v in _state(self.model).items() if not k.startswith(inside)}
+        state = {k: v for k, v in self.model.state_dict().items() if not k.startswith(inside)}
+        resident = compressed_state(self.model, state)
         ptrs = {}
         for k, v in list(resident.items()):  # tied weights (lm_head = embeddings) are stored once
             if v.data_ptr() in ptrs and v.data_ptr() != 0:

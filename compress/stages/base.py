@@ -23,10 +23,11 @@ class StageContext:
     workdir: Path
     seed: int
     calibration_batches: list[dict[str, Any]] | None = None  # the calibration set as model inputs, one per batch
-    layer_inputs: str = "compressed"  # a block calibrates on the compressed or the original previous blocks
+    layer_inputs: str = "original"  # a block calibrates on the original or the compressed previous blocks
     activation_budget: int = 1 << 62  # bytes of calibration activations kept in memory; the rest spill to disk
     stream: Any = None  # a `compress.sequential.stream.Stream` where the model is streamed from disk
     passengers: list[dict[str, Any]] = field(default_factory=list)  # evaluation inputs carried by streamed walks
+    progress: Callable[[str], None] | None = None  # where a streamed walk reports each block
     threads: int | None = None  # CPU threads for runtimes the stage creates (None: their default)
     export_dir: Path | None = None  # the latest kept export stage's folder (what an engine stage builds from)
     calibration: Any = None  # records a stage trains on: its own `data:` set, else the calibration set
@@ -36,15 +37,15 @@ class StageContext:
 
     def sequencer(self, model: torch.nn.Module, what: str) -> Sequencer:
         """A layer-sequential walk of `model` over the calibration set (`what` names the stage in errors)."""
-        if not self.calibration_batches:
+        if not self.calibration_batches and self.stream is None:
             raise ConfigError(f"{what} needs a 'calibration' data section")
         store = ActivationStore(self.workdir / "activations", self.activation_budget)
         if self.stream is None:
             return Sequencer(model, self.calibration_batches, store, self.layer_inputs)  # type: ignore[arg-type]
         out = self.workdir / f"walk-{self.stream.walks + 1}"
         before, after = self.stream.hooks(out)
-        return Sequencer(model, self.calibration_batches, store, self.layer_inputs,  # type: ignore[arg-type]
-                         self.passengers, before, after, lambda seq: self.stream.walked(seq, out))
+        return Sequencer(model, self.calibration_batches or [], store, self.layer_inputs,  # type: ignore[arg-type]
+                         self.passengers, before, after, lambda seq: self.stream.walked(seq, out), self.progress)
 
 
 @dataclass

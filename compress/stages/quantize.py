@@ -157,8 +157,8 @@ class QuantizeConfig(StageConfig):
 
     @property
     def streamable(self) -> bool:
-        """Walks the model block by block (so it runs on a model streamed from disk)."""
-        return self.scheme != "nf4" and self.needs_calibration
+        """Runs on a model streamed from disk (block by block: INT8 and INT4, calibrated or not)."""
+        return self.scheme != "nf4"
 
     @property
     def dynamic_activations(self) -> bool:
@@ -221,7 +221,7 @@ def _int8(model: torch.nn.Module, names: list[str], cfg: QuantizeConfig, ctx: St
     gptq = cfg.weights.gptq or GptqConfig()
     weight = WeightQuant(cfg.weights.granularity, cfg.weights.reduce_range, cfg.weights.rounding,
                          gptq.block_size, gptq.damp)
-    if not cfg.needs_calibration:  # dynamic or weight-only, round to nearest: nothing to observe
+    if not cfg.needs_calibration and ctx.stream is None:  # dynamic or weight-only RTN: nothing to observe
         return {"modules": quantize_linears(model, names, weight, act, None, None, ctx.seed), "kept_float": []}
     details: dict = {"smoothquant": {}, "not_smoothed": [], "modules": {}} if cfg.smoothquant else {"modules": {}}
     keep = KeepFloat(cfg.keep_float.budget, cfg.keep_float.samples) if cfg.keep_float else None
@@ -240,7 +240,8 @@ def _int8(model: torch.nn.Module, names: list[str], cfg: QuantizeConfig, ctx: St
         if cfg.smoothquant is not None and keep is None:
             _smooth_unit(unit, cfg, act, weight, ctx.seed, details)
         local = None if kept is None else {n for n in unit.names if unit.full(n) in kept}
-        found = quantize_linears(unit.root, unit.names, weight, act, unit.loop, keep, ctx.seed, kept=local)
+        loop = unit.loop if cfg.needs_calibration else None
+        found = quantize_linears(unit.root, unit.names, weight, act, loop, keep, ctx.seed, kept=local)
         details["modules"].update(_prefixed(unit, found))
         ctx.fault_point()
     details["modules"] = {n: details["modules"][n] for n in names}  # model order, as one pass reported it
@@ -261,7 +262,7 @@ def _int4(model: torch.nn.Module, names: list[str], cfg: QuantizeConfig, ctx: St
     gptq = c.gptq or GptqConfig()
     quant = Int4Quant(c.group_size, c.symmetric, c.rounding, gptq.block_size, gptq.damp)
     check_int4_shapes(model, names, quant)  # before anything changes
-    if not cfg.needs_calibration:
+    if not cfg.needs_calibration and ctx.stream is None:
         return {"modules": quantize_int4_linears(model, names, quant, None, ctx.seed)}
     details: dict = {"awq": {}, "not_scaled": [], "modules": {}} if c.rounding == "awq" else {"modules": {}}
     seq = ctx.sequencer(model, f"int4 rounding: {c.rounding}")
