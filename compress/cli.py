@@ -18,6 +18,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     r = lr.recipe
     stages = ", ".join(f"{s.name or s.type}" for s in r.stages)
     print(f"{args.recipe}: ok: recipe '{r.name}', model {r.model.source}, {len(r.stages)} stage(s): {stages}")
+    from pathlib import Path
+
+    from compress.plan import plan_run
+    from compress.zoo import resolve_source
+
+    source = resolve_source(r.model.source, lr.base_dir)
+    if Path(source).is_dir():  # a local folder: its headers say what the run will hold (a hub id: at run time)
+        print(f"memory: {plan_run(r, source, str(lr.path)).describe()}")
     return 0
 
 

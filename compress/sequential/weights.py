@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -18,6 +19,16 @@ from torch import nn
 from compress.errors import ConfigError
 
 _DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+
+
+def _header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header and where its data starts (8-byte length, JSON, data)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(size)), 8 + size
 
 
 class WeightSource:
@@ -62,8 +73,8 @@ class WeightSource:
         return name in self.keys
 
     def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The tensors the model calls `names`, copied into memory of their own: each file is mapped only while
-        it is read, so pages of blocks already done do not stay in the process's resident set."""
+        """The tensors the model calls `names`, each read from its file straight into memory of its own (no
+        memory map: pages of a file would count in the resident set, and a mapped copy would double it)."""
         missing = [n for n in names if n not in self.keys]
         if missing:
             raise ConfigError(f"{self.folder}: the weights have no tensor for '{missing[0]}'"
@@ -73,9 +84,16 @@ class WeightSource:
             by_file.setdefault(self.files[self.keys[n]], []).append(n)
         out = {}
         for path, group in by_file.items():
-            with safe_open(str(path), "pt") as h:
+            header, start = _header(path)
+            with open(path, "rb") as f:
                 for n in group:
-                    out[n] = h.get_tensor(self.keys[n]).clone()
+                    entry = header[self.keys[n]]
+                    t = torch.empty(entry["shape"], dtype=_TORCH[entry["dtype"]])
+                    begin, end = entry["data_offsets"]
+                    f.seek(start + begin)
+                    if f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != end - begin:
+                        raise ConfigError(f"{path}: tensor '{self.keys[n]}' is cut short")
+                    out[n] = t
         return out
 
     def nbytes(self, float_size: int | None = None) -> int:
