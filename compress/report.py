@@ -118,6 +118,16 @@ def _peak(rec: dict[str, Any]) -> str:
     return f", peak RSS {rec['peak_rss_mb']:.0f} MiB{'' if rec.get('peak_rss_exact') else ' (process lifetime)'}"
 
 
+def _plan_lines(plan: dict[str, Any] | None) -> list[str]:
+    """Where the model lived, and which metrics were not computed because of it."""
+    if not plan:
+        return []
+    lines = [f"- memory: {plan['mode']} (model {plan['model_gb']} GB, budget {plan['budget_gb']} GB from "
+             f"{plan['budget_from']})"]
+    lines += [f"- not computed: {k} ({why})" for k, why in plan.get("metrics_not_computed", {}).items()]
+    return lines
+
+
 def write_report(run: RunDir) -> None:
     m = run.manifest
     run.write("retention.png", retention_plot(m))
@@ -133,6 +143,7 @@ def write_report(run: RunDir) -> None:
         f"- tool: vlm-compress {m['tool']['version']} (git {m['tool'].get('git_sha') or 'n/a'}), seed {m['seed']}",
         "- before deploying: `vlm-compress verify RUN_DIR` re-hashes every file against `manifest.json`, loads each "
         "checkpoint and checks each ONNX graph",
+        *_plan_lines(m.get("plan")),
         "",
         "## Accuracy after every stage",
         "",
