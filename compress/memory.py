@@ -65,11 +65,12 @@ def available_bytes() -> int:
 
 
 def activation_budget(max_memory_gb: float | None, reserve: int = 0) -> int:
-    """Bytes of calibration activations a stage may keep in memory: half of what the budget (else the memory
-    available now) leaves beside the process as it stands and `reserve` (a streamed run's block, its copies
-    and the shard being filled), the other half for the algorithms' statistics."""
+    """Bytes of calibration activations a stage may keep in memory: a third of what the budget (else the
+    memory available now) leaves beside the process as it stands and `reserve` (a streamed run's block, its
+    copies and the shard being filled); the rest is for the algorithms' statistics and the forward passes'
+    own temporaries."""
     total = int(max_memory_gb * 2**30) if max_memory_gb is not None else available_bytes() + rss_bytes()
-    return max(0, (total - rss_bytes() - reserve) // 2)
+    return max(0, (total - rss_bytes() - reserve) // 3)
 
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter

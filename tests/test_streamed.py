@@ -18,7 +18,7 @@ from compress.arch import get_adapter
 from compress.checkpoint import load_checkpoint
 from compress.errors import RecipeError
 
-BUDGET_GB = 0.8
+BUDGET_GB = 0.9  # the llava-test model is 1.4 GB in fp32
 QUANTIZE = {"type": "quantize", "name": "w8a8", "scheme": "int8", "targets": {"components": ["language"]},
             "activations": {"calibration": "minmax"}, "smoothquant": {"alpha": 0.5},
             "gate": {"metric": "token_agreement", "min_retention": 0.5}}
@@ -55,7 +55,7 @@ def _recipe(tmp: Path, model: Path, stages: list[dict], budget: float | None,
 
 def test_a_model_above_the_budget_runs_within_it_and_makes_the_resident_runs_artifacts(big, tmp_path):
     model_gb = sum(f.stat().st_size for f in big.glob("*.safetensors")) / 2**30
-    assert model_gb > 1.5 * BUDGET_GB
+    assert model_gb > 1.4 * BUDGET_GB
     runs = {}
     for budget in (BUDGET_GB, None):
         out = tmp_path / f"run-{budget}"
