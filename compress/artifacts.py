@@ -243,3 +243,11 @@ class RunDir:
         stages.append(record)
         self.manifest["stages"] = sorted(stages, key=lambda r: r["index"])
         self.save_manifest()
+
+    def drop_checkpoints_before(self, index: int) -> None:
+        """`output.checkpoints: last`: the checkpoints of stages before `index` are removed and unlisted."""
+        for rec in self.manifest.get("stages", []):
+            if rec["index"] < index and rec.get("checkpoint"):
+                shutil.rmtree(self.path(rec["checkpoint"]), ignore_errors=True)
+                rec["checkpoint"] = None
+                rec["files"] = []

@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import traceback
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,21 @@ STORAGE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EIO, errno.EDQUOT, errno.EROF
 STORAGE_MESSAGES = tuple(os.strerror(e) for e in sorted(STORAGE_ERRNOS))
 
 
+_REACHED: Counter[str] = Counter()
+
+
 def fault(point: str) -> None:
     """Test hook: `COMPRESS_FAULT=<point>` kills the process there, like a crash or SIGKILL;
-    `COMPRESS_FAULT=raise:<point>` raises an unexpected exception there instead."""
+    `COMPRESS_FAULT=raise:<point>` raises an unexpected exception there instead. `<point>#<n>` means the n-th
+    time the point is reached (a stage's `mid` point is reached once per unit it finishes)."""
     wanted = os.environ.get("COMPRESS_FAULT")
+    if not wanted:
+        return
+    _REACHED[point] += 1
+    if "#" in wanted:
+        wanted, _, nth = wanted.partition("#")
+        if int(nth) != _REACHED[point]:
+            return
     if wanted == point:
         print(f"[vlm-compress] fault injected at {point}", file=sys.stderr, flush=True)
         os._exit(137)
@@ -78,7 +90,13 @@ def record_stage_error(run_dir: RunDir, rec: dict[str, Any], exc: BaseException,
                 dest = run_dir.path(f"failed/{name}")
                 shutil.rmtree(dest, ignore_errors=True)
                 dest.parent.mkdir(parents=True, exist_ok=True)
+                progress, aside = workdir / "progress", workdir.with_name(f".{workdir.name}.progress")
+                if progress.is_dir():  # the units the stage finished stay where --resume restores them from
+                    os.replace(progress, aside)
                 os.replace(workdir, dest)
+                if aside.is_dir():
+                    workdir.mkdir()
+                    os.replace(aside, progress)
                 rec["partial"] = f"failed/{name}"
         run_dir.set_stage_record(rec)
     except OSError as again:  # the disk is full even for the manifest: it still says `running`, resume redoes it

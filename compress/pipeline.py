@@ -35,7 +35,7 @@ from compress.plan import Plan, plan_run
 from compress.recipe import LoadedRecipe, load_recipe, stage_name
 from compress.report import write_report
 from compress.residency import Resident, holder
-from compress.sequential import calibration_batches
+from compress.sequential import calibration_batches, stage_key
 from compress.stages.base import StageContext
 from compress.stages.catalog import get_stage
 from compress.zoo import resolve_source
@@ -300,6 +300,8 @@ def _stages(model: torch.nn.Module, scoring: _Scoring, inputs: _Inputs, state_so
                            threads=threads, export_dir=run_dir.path(exports[-1]) if exports else None,
                            calibration=inputs.stage_data.get(i, inputs.calibration),
                            baseline_source=inputs.source, dtype=r.model.dtype,
+                           answer_logits=scoring.evaluator.answer_logits,
+                           stage_key=stage_key(cfg.model_dump(mode="json"), state_source),
                            fault_point=lambda i=i: fault(f"mid:{i}"))
         window = memory.PeakWindow()
         try:
@@ -309,6 +311,8 @@ def _stages(model: torch.nn.Module, scoring: _Scoring, inputs: _Inputs, state_so
             rec.update(window.record())
             record_stage_error(run_dir, rec, e, ctx.workdir, time.time() - t0)
             status = "error"
+        else:  # on record: its unit-by-unit progress is no longer needed
+            shutil.rmtree(ctx.workdir / "progress", ignore_errors=True)
         if status in ("stopped", "error"):
             break
     return status
@@ -339,6 +343,8 @@ def _run_stage(model: torch.nn.Module, cfg: Any, i: int, rec: dict[str, Any], ct
     run.hold.prepare(ctx, run.evaluator)
     result = get_stage(cfg.type).apply(model, cfg, ctx)
     model = result.model
+    if restored := result.details.get("sequential", {}).get("restored_units"):
+        log(f"stage {name}: {restored} units restored from the killed attempt's saved progress (not recomputed)")
     fault(f"after_apply:{i}")
     scored = result.runner or run.hold.stage_runner(model, run.processor)
     ev = run.evaluator.evaluate(scored, run.reference, desc=f"{name} ({scored.backend})")
@@ -365,7 +371,7 @@ def _run_stage(model: torch.nn.Module, cfg: Any, i: int, rec: dict[str, Any], ct
             rec["message"] = "gate failed; continuing because on_fail is 'warn'"
             log(f"WARNING stage {name}: gate failed ({_failed(checks)}); continuing (on_fail: warn)")
         if r.output.checkpoints == "last":
-            _drop_older_checkpoints(run_dir, i)
+            run_dir.drop_checkpoints_before(i)
     elif cfg.gate.on_fail == "rollback":
         rec.update(status="rolled_back",
                    message=f"gate failed ({_failed(checks)}); state rolled back to the previous stage")
@@ -390,11 +396,3 @@ def _run_stage(model: torch.nn.Module, cfg: Any, i: int, rec: dict[str, Any], ct
 
 def _failed(checks) -> str:
     return ", ".join(f"{c.metric} {c.value:.4f} vs threshold {c.threshold}" for c in checks if not c.passed)
-
-
-def _drop_older_checkpoints(run_dir: RunDir, keep_index: int) -> None:
-    for rec in run_dir.manifest.get("stages", []):
-        if rec["index"] < keep_index and rec.get("checkpoint"):
-            shutil.rmtree(run_dir.path(rec["checkpoint"]), ignore_errors=True)
-            rec["checkpoint"] = None
-            rec["files"] = []

@@ -264,15 +264,15 @@ def test_fast_recipes_keep_their_answers_and_run_as_merged_integer_kernels(tmp_p
     doc["model"]["source"] = "zoo:shapes-vqa-outliers"
     for key in ("calibration", "evaluation"):
         doc[key]["source"] = str(ROOT / "calibration/shapes-vqa" / Path(doc[key]["source"]).name)
-    # Hidden channels scaled 30-1500x: logits and cache move by up to 5.6 there (0.29 on the bundled model,
-    # measured), answers unchanged; the recipe's absolute parity bounds are the bundled model's.
-    doc["stages"][2]["parity"]["atol"].update(decoder=8.0, end_to_end=8.0)
+    # Hidden channels scaled 30-1500x move logits and cache by up to 5.6 there (0.29 on the bundled model,
+    # measured), answers unchanged: the recipe's default parity (by distribution) holds on both.
     (tmp_path / "fast-int4.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     m = _run(tmp_path / "fast-int4.yaml", out)
     vision, language, export = m["stages"]
     assert [s["status"] for s in m["stages"]] == ["completed"] * 3
     for stage in m["stages"]:
         assert stage["checks"][0]["retention"] >= 0.98, stage["checks"]
+    assert export["details"]["parity_judged_by"] == "distribution" and all(c["passed"] for c in export["checks"])
     assert {d["scheme"] for d in language["details"]["modules"].values()} == {"w4a16"}
     assert "lm_head" in language["details"]["modules"]
     assert all(d["scheme"] == "w8a8" for d in vision["details"]["modules"].values())

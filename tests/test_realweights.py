@@ -100,9 +100,7 @@ def test_gqa_and_int4_exports_of_real_weights_answer_as_torch(tmp_path: Path):
     int4, onnx_int4 = run_stages("int4", [
         {"type": "quantize", "name": "int4", "scheme": "int4", "targets": {"components": ["language"]},
          "int4": {"group_size": 64, "rounding": "rtn"}, "gate": keep},
-        {"type": "export", "name": "onnx-int4", "format": "onnx", "int4_accuracy_level": 4,
-         "parity": {"atol": {"vision": 1e-4, "embed": 1e-6, "decoder": 1.0, "end_to_end": 1.0}, "rtol": 0.1},
-         "gate": keep}])
+        {"type": "export", "name": "onnx-int4", "format": "onnx", "int4_accuracy_level": 4, "gate": keep}])
     for stage in (fp32, onnx_int4):
         assert stage["details"]["decoder_attention"] == "GroupQueryAttention"
         assert stage["details"]["fused_ops"]["decoder"]["after"]["GroupQueryAttention"] == 30
@@ -116,14 +114,36 @@ def test_gqa_and_int4_exports_of_real_weights_answer_as_torch(tmp_path: Path):
         {"type": "quantize", "name": "int4-awq", "scheme": "int4", "targets": {"components": ["language"]},
          "int4": {"group_size": 64, "rounding": "awq"}, "gate": keep},
         {"type": "export", "name": "onnx-int4-fast", "format": "onnx", "int4_accuracy_level": 4,
-         "int4_prefill": "int8",
-         "parity": {"atol": {"vision": 1e-4, "embed": 1e-6, "decoder": 2.0, "end_to_end": 2.0}, "rtol": 0.1},
-         "gate": keep}])
+         "int4_prefill": "int8", "gate": keep}])
     assert "prefill.onnx" in {f["file"] for f in onnx_fast["details"]["files"].values()}
     print("SmolLM2 token agreement: int4 rtn g64", int4["metrics"]["token_agreement"], "onnx level 4",
           onnx_int4["metrics"]["token_agreement"], "| int4 awq g64", awq["metrics"]["token_agreement"],
           "onnx level 4 + int8 prefill", onnx_fast["metrics"]["token_agreement"])
     assert abs(onnx_fast["metrics"]["token_agreement"] - awq["metrics"]["token_agreement"]) <= 0.05
+    for stage in (onnx_int4, onnx_fast):  # default parity: by distribution, and it holds (docs/export.md, Parity)
+        assert stage["details"]["parity_judged_by"] == "distribution"
+        assert all(c["passed"] for c in stage["checks"] if c["metric"].startswith("parity")), stage["checks"]
+
+
+def test_the_outlier_aware_int8_export_passes_default_parity_on_real_weights(tmp_path: Path):
+    """recipes/int8-outliers.yaml's stages on the real-weight LLaVA (language model quantized), export at the
+    default parity: dynamic per-token rounding steps move logits by whole units (max abs ~2 end to end), the
+    next-token distribution does not move (measured KL 0.011, top-1 0.937 over 703 positions), and the run
+    goes through with no per-recipe tolerance."""
+    from compress.zoo.smollm2 import build
+
+    built = tmp_path / "smollm2-llava"
+    build(built, eval_count=32)
+    stages = yaml.safe_load((ROOT / "recipes" / "int8-outliers.yaml").read_text())["stages"]
+    stages[0]["targets"] = {"components": ["language"]}
+    for stage in stages:
+        stage["gate"] = {"metric": "token_agreement", "min_retention": 0.9, "on_fail": "stop"}
+    result = run(_stages_recipe(tmp_path, built, "outliers", stages), out=tmp_path / "outliers")
+    assert result.ok, result.manifest["stages"]
+    export = result.manifest["stages"][1]
+    assert export["details"]["parity_judged_by"] == "distribution"
+    assert export["details"]["parity_max_abs_error"]["end_to_end.logits"] > 0.5  # what max-abs would have failed
+    assert export["details"]["parity_kl"] <= 0.05 and export["details"]["parity_top1"] >= 0.9
 
 
 def test_weight_only_int8_levels_on_real_weights(tmp_path: Path):
@@ -135,14 +155,13 @@ def test_weight_only_int8_levels_on_real_weights(tmp_path: Path):
     built = tmp_path / "smollm2-llava"
     build(built, eval_count=32)
     keep = {"metric": "token_agreement", "min_retention": 0.5, "on_fail": "warn"}
-    parity = {"atol": {"vision": 1e-4, "embed": 1e-6, "decoder": 2.0, "end_to_end": 2.0}, "rtol": 0.1}
     metrics = {}
     for level in (1, 4):
         result = run(_stages_recipe(tmp_path, built, f"w8a16-{level}", [
             {"type": "quantize", "name": "w8a16", "scheme": "int8", "targets": {"components": ["language"]},
              "activations": "none", "gate": keep},
-            {"type": "export", "name": "onnx", "format": "onnx", "w8a16_accuracy_level": level, "parity": parity,
-             "gate": keep}]), out=tmp_path / f"w8a16-{level}")
+            {"type": "export", "name": "onnx", "format": "onnx", "w8a16_accuracy_level": level, "gate": keep}]),
+            out=tmp_path / f"w8a16-{level}")
         assert result.ok, result.manifest["stages"]
         metrics["torch"], metrics[level] = (s["metrics"] for s in result.manifest["stages"])
         if level == 1:

@@ -140,3 +140,42 @@ def test_a_stage_that_calibrates_without_data_says_so(tmp_path):
     model, adapter, _ = _batches("llava")
     with pytest.raises(ConfigError, match="needs a 'calibration' data section"):
         _stage(model, adapter, None, tmp_path, SMOOTH_GPTQ)
+
+
+@pytest.mark.parametrize("family,raw", [
+    ("llava", SMOOTH_GPTQ),
+    ("qwen2_5_vl", {**SMOOTH_GPTQ, "targets": {"components": ["vision", "projector", "language", "lm_head"]}}),
+    ("mllama", {"type": "quantize", "scheme": "int4", "targets": {"components": ["language"]},
+                "int4": {"group_size": 32, "rounding": "awq"}}),
+    ("llava", {"type": "prune", "method": "sparsegpt", "pattern": "2:4",
+               "targets": {"components": ["vision", "language"]}}),
+], ids=["llava-int8-smoothquant-gptq-keep-float", "qwen2_5_vl-int8-all", "mllama-int4-awq", "llava-sparsegpt"])
+def test_units_restored_from_saved_progress_equal_computed_ones(family, raw, tmp_path):
+    """A stage killed after some units resumes from its journal: the finished units are put back (INT8 / INT4
+    layers rebuilt, tensors loaded), the rest computed on the inputs an uninterrupted walk gives them; weights
+    and details are those of the uninterrupted stage. A file from another stage config is not used, and a
+    damaged one is recomputed."""
+    import shutil
+
+    model, adapter, batches = _batches(family)
+    fresh = [copy.deepcopy(model) for _ in range(3)]
+    done = _stage(model, adapter, batches, tmp_path / "a", raw, stage_key="k")
+    saved = sorted((tmp_path / "a" / "progress").glob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
+    assert len(saved) >= 3, saved
+    for dest in ("b", "c"):
+        shutil.copytree(tmp_path / "a" / "progress", tmp_path / dest / "progress")
+        (tmp_path / dest / "progress" / saved[-1].name).unlink()  # the unit a kill left unsaved
+    damaged = tmp_path / "b" / "progress" / saved[0].name
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0xFF  # the last byte of the last tensor
+    damaged.write_bytes(bytes(data))
+    resumed = _stage(fresh[0], adapter, batches, tmp_path / "b", raw, stage_key="k")
+    other = _stage(fresh[1], adapter, batches, tmp_path / "c", raw, stage_key="other")
+    assert resumed.details["sequential"].get("restored_units") == len(saved) - 2  # damaged + unsaved: computed
+    assert "restored_units" not in other.details["sequential"]
+    for got in (resumed, other):
+        assert _state(got.model) == _state(done.model)
+        assert [type(m).__name__ for m in got.model.modules()] == [type(m).__name__ for m in done.model.modules()]
+        got.details.pop("sequential")
+    done.details.pop("sequential")
+    assert resumed.details == done.details and other.details == done.details

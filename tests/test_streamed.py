@@ -71,8 +71,12 @@ def test_a_model_above_the_budget_runs_within_it_and_makes_the_resident_runs_art
     assert stage["details"]["sequential"]["spilled_bytes"] > 0  # activations beyond the budget went to disk
     assert (s_dir / stage["checkpoint"] / "model.safetensors.index.json").is_file()
     # the same numbers as the resident run: metrics, per-module details, weights
-    assert streamed["baseline"]["metrics"] == resident["baseline"]["metrics"]
-    assert stage["metrics"] == resident["stages"][0]["metrics"]
+    # (metrics to float noise: under load the resident run's whole-model forward has once given KL
+    # 0.00023515 where it and the streamed walk give 0.00023525, from the same weights)
+    for got, ref in ((streamed["baseline"]["metrics"], resident["baseline"]["metrics"]),
+                     (stage["metrics"], resident["stages"][0]["metrics"])):
+        assert got.keys() == ref.keys() and got["token_agreement"] == ref["token_agreement"]
+        assert got["logit_kl"] == pytest.approx(ref["logit_kl"], rel=1e-3, abs=1e-9)
     a, b = dict(stage["details"]), dict(resident["stages"][0]["details"])
     a.pop("sequential"), b.pop("sequential")
     assert a == b

@@ -57,6 +57,21 @@ class Evaluator:
                                           [r.answer for r in batch], self.cfg.max_new_tokens).inputs
                 for batch in self.data.batches(self.cfg.batch_size)]
 
+    def _answer_logits(self, runner: Runner, batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.adapter.build_inputs(self.processor, [r.image for r in batch], [r.prompt for r in batch],
+                                        [r.answer for r in batch], self.cfg.max_new_tokens)
+        logits = runner.logits(enc.inputs)[enc.answer_positions]
+        return logits.argmax(-1), torch.log_softmax(logits.float(), -1)
+
+    def answer_logits(self, runner: Runner, desc: str = "logits") -> Reference:
+        """`runner`'s teacher-forced top-1 tokens and log-probabilities at the evaluation set's answer positions:
+        what token agreement and KL compare. An export's parity compares its graphs with their PyTorch stage
+        here, on the positions the gate scores, rather than on random inputs."""
+        n_batches = -(-len(self.data) // self.cfg.batch_size)
+        pairs = [self._answer_logits(runner, batch) for batch in
+                 tqdm(self.data.batches(self.cfg.batch_size), total=n_batches, desc=desc, leave=False)]
+        return Reference(torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))
+
     def evaluate(self, runner: Runner, reference: Reference | None = None, desc: str = "eval") -> Evaluation:
         """Score `runner`; with no `reference` the result carries one (this is the baseline)."""
         wanted = set(self.cfg.metrics) - self.skip
@@ -85,10 +100,9 @@ class Evaluator:
                 for r, h in zip(batch, batch_hits, strict=True):
                     by_type[str(r.meta.get("qtype", "all"))].append(h)
             if wanted & {"token_agreement", "logit_kl"} or reference is None:
-                enc = self.adapter.build_inputs(self.processor, images, questions, answers, self.cfg.max_new_tokens)
-                logits = runner.logits(enc.inputs)[enc.answer_positions]
-                top1s.append(logits.argmax(-1))
-                logps.append(torch.log_softmax(logits.float(), -1))
+                top1, logp = self._answer_logits(runner, batch)
+                top1s.append(top1)
+                logps.append(logp)
         result: dict[str, float] = {}
         if "exact_match" in wanted:
             result["exact_match"] = sum(hits) / len(hits)

@@ -256,3 +256,16 @@ def check_parity(
         more = f" (+{len(check.failures) - 1} more)" if len(check.failures) > 1 else ""
         raise ParityError(check.failures[0] + more, errors, check.failures)
     return errors
+
+
+def distribution_parity(ref: Any, got: Any) -> dict[str, float]:
+    """Mean next-token KL(ref || got) in nats and the top-1 agreement of two `Reference`s (teacher-forced top-1
+    tokens and log-probabilities at the same positions), and how many positions they cover.
+
+    What a gate cares about, and what holds for quantized graphs: an activation on a rounding boundary that
+    integer kernels and PyTorch's float fake-quant round one step apart moves a few logits by whole units on
+    real weights while the distribution does not move; a wrong scale or a dropped op moves it."""
+    from compress.checks import metrics as M
+
+    return {"kl": M.logit_kl(ref.logprobs, got.logprobs), "top1": M.token_agreement(ref.top1, got.top1),
+            "positions": int(ref.top1.numel())}

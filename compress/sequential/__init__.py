@@ -11,12 +11,15 @@ names under it and a calibration loop over that root alone. After a block is han
 `ActivationStore` that keeps what fits its byte budget in memory and spills the rest to the stage's
 work folder. The data loop and the layer loop are swapped, as in llm-compressor's sequential
 pipeline: each block runs once per calibration batch per pass instead of the whole model once per
-pass, and the same stage code runs whether a model fits in memory or not.
+pass, and the same stage code runs whether a model fits in memory or not. A `Journal` saves each
+finished unit, so a killed stage resumes at the unit it was working on.
 """
 
 from compress.sequential.blocks import block_lists
 from compress.sequential.inputs import calibration_batches
+from compress.sequential.journal import Journal, merge, stage_key
 from compress.sequential.runner import Sequencer, Unit
 from compress.sequential.store import ActivationStore
 
-__all__ = ["ActivationStore", "Sequencer", "Unit", "block_lists", "calibration_batches"]
+__all__ = ["ActivationStore", "Journal", "Sequencer", "Unit", "block_lists", "calibration_batches", "merge",
+           "stage_key"]

@@ -14,6 +14,7 @@ from torch import nn
 
 from compress.errors import ConfigError
 from compress.sequential.blocks import block_lists
+from compress.sequential.journal import Journal
 from compress.sequential.store import ActivationStore
 
 LayerInputs = Literal["compressed", "original"]
@@ -33,6 +34,8 @@ class Unit:
     prefix: str
     names: list[str]
     loop: Callable[[nn.Module], None]
+    record: dict[str, Any] = field(default_factory=dict)  # the stage's account of the unit (JSON), journaled
+    restored: bool = False  # put back from the stage's saved progress: `record` is filled, nothing to do
 
     def full(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix else name
@@ -98,6 +101,7 @@ class Sequencer:
     after_block: Callable[[str, int, nn.Module], None] | None = None
     finished: Callable[[Sequencer], None] | None = None  # called once every sequence has been walked
     progress: Callable[[str], None] | None = None  # one line per block walked (long runs say where they are)
+    journal: Journal | None = None  # where finished units are saved and, on a resumed stage, restored from
     paths: list[str] = field(init=False)
     block_seconds: list[float] = field(default_factory=list, init=False)
 
@@ -249,7 +253,7 @@ class Sequencer:
             else:
                 if original:  # calibration inputs from the block as it was; passengers see it compressed
                     self._propagate(path, j, calibration)
-                yield Unit(block, prefix, local, self._block_loop(path, j))
+                yield from self._journaled(Unit(block, prefix, local, self._block_loop(path, j)))
                 self._propagate(path, j, passengers if original else everything)
             if self.after_block is not None:
                 self.after_block(path, j, block)
@@ -261,6 +265,19 @@ class Sequencer:
                               f"(peak {memory.peak_rss_bytes() / 2**20:.0f} MiB)")
         self._calls.pop(path, None)
 
+    def _journaled(self, unit: Unit) -> Iterator[Unit]:
+        """The unit, restored from the journal when a killed attempt finished it; saved once the stage is done
+        with it (the stage sets `unit.record` and skips its work on a restored unit)."""
+        if self.journal is not None:
+            record = self.journal.restore(unit, self.paths)
+            if record is not None:
+                unit.record, unit.restored = record, True
+                if self.progress is not None:
+                    self.progress(f"{unit.prefix or 'modules outside blocks'}: restored from the stage's progress")
+        yield unit
+        if self.journal is not None and not unit.restored:
+            self.journal.save(unit, self.paths)
+
     def units(self, names: Iterable[str]) -> Iterator[Unit]:
         """Every unit holding some of `names` (full module names), in the order the model runs them."""
         names = list(names)
@@ -270,13 +287,13 @@ class Sequencer:
                 path = self._capture()
                 unit = self._glue_unit(glue)
                 if unit:
-                    yield unit
+                    yield from self._journaled(unit)
                     if path is not None and self.passengers:  # the evaluation sees the glue as the stage left it
                         self._capture(range(len(self.batches), len(self._all)))
             else:
                 unit = self._glue_unit(glue)
                 if unit:
-                    yield unit
+                    yield from self._journaled(unit)
                 path = self._capture()
             if path is None:
                 break
@@ -297,5 +314,6 @@ class Sequencer:
 
     def stats(self) -> dict[str, Any]:
         s = sorted(self.block_seconds)
+        restored = {"restored_units": self.journal.restored} if self.journal and self.journal.restored else {}
         return {"layer_inputs": self.layer_inputs, "sequences": list(self.paths), "blocks": len(s),
-                "block_s_median": round(s[len(s) // 2], 4) if s else None, **self.store.stats()}
+                "block_s_median": round(s[len(s) // 2], 4) if s else None, **self.store.stats(), **restored}

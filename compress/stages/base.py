@@ -11,7 +11,7 @@ import torch
 
 from compress.arch.base import Adapter
 from compress.errors import ConfigError
-from compress.sequential import ActivationStore, Sequencer
+from compress.sequential import ActivationStore, Journal, Sequencer
 
 
 @dataclass
@@ -33,19 +33,30 @@ class StageContext:
     calibration: Any = None  # records a stage trains on: its own `data:` set, else the calibration set
     baseline_source: str | None = None  # the source model folder (a distillation teacher)
     dtype: str = "float32"
+    # a runner's teacher-forced top-1 / log-probabilities at the evaluation set's answer positions (the
+    # evaluator's `answer_logits`): an export compares its graphs with its PyTorch model there
+    answer_logits: Callable[[Any], Any] | None = None
     fault_point: Callable[[], None] = lambda: None  # called midway through the work (tests kill the process here)
+    stage_key: str = ""  # the stage's config and starting state: its saved progress is used only under this key
+    walks: int = 0  # sequencers handed out so far (each walk's units are journaled apart)
+    restored: dict[str, int] = field(default_factory=lambda: {"restored": 0})  # units put back, all walks
 
     def sequencer(self, model: torch.nn.Module, what: str) -> Sequencer:
         """A layer-sequential walk of `model` over the calibration set (`what` names the stage in errors)."""
         if not self.calibration_batches and self.stream is None:
             raise ConfigError(f"{what} needs a 'calibration' data section")
         store = ActivationStore(self.workdir / "activations", self.activation_budget)
+        self.walks += 1
+        journal = (Journal(self.workdir / "progress", self.stage_key, self.walks, self.restored)
+                   if self.stage_key else None)
         if self.stream is None:
-            return Sequencer(model, self.calibration_batches, store, self.layer_inputs)  # type: ignore[arg-type]
+            return Sequencer(model, self.calibration_batches, store, self.layer_inputs,  # type: ignore[arg-type]
+                             progress=self.progress, journal=journal)
         out = self.workdir / f"walk-{self.stream.walks + 1}"
         before, after = self.stream.hooks(out)
         return Sequencer(model, self.calibration_batches or [], store, self.layer_inputs,  # type: ignore[arg-type]
-                         self.passengers, before, after, lambda seq: self.stream.walked(seq, out), self.progress)
+                         self.passengers, before, after, lambda seq: self.stream.walked(seq, out), self.progress,
+                         journal)
 
 
 @dataclass

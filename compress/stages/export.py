@@ -6,6 +6,7 @@ The stage's accuracy check answers the evaluation questions through the exported
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -34,11 +35,26 @@ SAME_FUSION_KIND = ("which ONNX Runtime fuses under one session setting: give in
 
 
 class ParityConfig(Strict):
-    atol: float | dict[Graph, float] = Field(1e-4, description="absolute tolerance vs PyTorch: one number or "
-                                                               "per graph")
-    rtol: float | dict[Graph, float] = Field(1e-3, description="relative tolerance vs PyTorch: one number or "
-                                                               "per graph")
+    metric: Literal["auto", "max_abs", "distribution"] = Field(
+        "auto", description="how the graphs are judged against the PyTorch model they came from: max_abs, every "
+        "output of every graph within atol + rtol*|ref|; distribution, next-token KL and top-1 agreement of the "
+        "end-to-end logits at the evaluation set's answer positions (max abs errors reported, not judged); auto: "
+        "max_abs for float graphs, distribution where they carry quantized layers, which integer kernels round "
+        "differently from PyTorch's float fake-quant (a value on a rounding boundary lands one step apart)")
+    atol: float | dict[Graph, float] = Field(1e-4, description="absolute tolerance vs PyTorch (max_abs): one number "
+                                                               "or per graph")
+    rtol: float | dict[Graph, float] = Field(1e-3, description="relative tolerance vs PyTorch (max_abs): one number "
+                                                               "or per graph")
+    max_kl: float = Field(0.1, ge=0, description="distribution: the largest mean KL(PyTorch || graphs), in nats")
+    min_top1: float = Field(0.85, ge=0, le=1, description="distribution: the least share of positions where the "
+                                                          "graphs' top-1 token is PyTorch's")
     decode_steps: int = Field(3, ge=1, le=64, description="KV-cache decode steps compared after the prefill")
+
+    def judged_by(self, quantized: bool) -> str:
+        """max_abs or distribution: what `auto` means for graphs that do or do not carry quantized layers."""
+        if self.metric != "auto":
+            return self.metric
+        return "distribution" if quantized else "max_abs"
 
 
 class ExportConfig(StageConfig):
@@ -171,27 +187,7 @@ def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> Stage
                          and not tensorrt, select_logits=not tensorrt, int4_prefill=cfg.int4_prefill,
                          w8a16_accuracy_level=cfg.w8a16_accuracy_level)
     if tensorrt:
-        from compress.export.files import read_meta, write_meta
-        from compress.export.fuse import count_ops
-        from compress.export.nbits import QDQ_OPSET, export_to_dequantize
-        from compress.export.qdq import NBITS_FUSION_LEVEL_KEY, same_fusion_kind
-
-        int4 = export_to_dequantize(out)  # MatMulNBits -> blocked int4 DequantizeLinear + MatMul (opset 21)
-        meta = {**read_meta(out), "target": "tensorrt"}
-        # No ORT fusion here: what is fused is what the exporter wrote as single standard ops (opset 23:
-        # Attention, RMSNormalization, RotaryEmbedding), which TensorRT maps onto its own kernels.
-        meta["fused_ops"] = {g: {"by": f"torch.onnx, opset {cfg.onnx_opset}", "after": count_ops(out / f)}
-                             for g, f in meta["graphs"].items() if g != "embed"}
-        if int4:  # ORT fuses DQ -> MatMul back into MatMulNBits; it computes at the stage's accuracy level
-            meta.update(opset=max(meta["opset"], QDQ_OPSET), int4_dequantize_linear=int4)
-            # A recipe's own INT4 + W8A16 stages are checked when it loads (check_after); this catches W8A16
-            # layers the source checkpoint already had.
-            config, level = meta["session"]["config"], str(cfg.int4_accuracy_level)
-            if not same_fusion_kind(config.get(NBITS_FUSION_LEVEL_KEY, level), level):
-                raise ConfigError(f"export: this model has INT4 and INT8 weight-only layers, {SAME_FUSION_KIND}")
-            config[NBITS_FUSION_LEVEL_KEY] = level
-        write_meta(out, meta)
-        result.meta = meta
+        result.meta = _tensorrt_meta(out, cfg)
     save_processor(ctx.processor, out)  # the folder answers questions on its own: graphs + processor
     ctx.fault_point()  # graphs written, not yet checked or kept
     try:
@@ -199,13 +195,18 @@ def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> Stage
                               decode_steps=cfg.parity.decode_steps, providers=cfg.providers, seed=ctx.seed,
                               session_options=session_options(ctx.threads))
         failures: list[str] = []
-    except ParityError as e:  # a check like the accuracy ones: the gate's on_fail decides
+    except ParityError as e:
         parity, failures = e.errors, e.failures
-    worst = max(parity.values(), default=0.0)
-    parity_check = CheckResult("parity", 0.0, worst, None, _max_tol(cfg.parity.atol), not failures)
     runner = OrtRunner.from_dir(out, providers=cfg.providers, session_options=session_options(ctx.threads))
+    judged = cfg.parity.judged_by(bool(result.quantized.get("modules")))
+    if judged == "max_abs":  # a check like the accuracy ones: the gate's on_fail decides
+        worst = max(parity.values(), default=0.0)
+        checks = [CheckResult("parity", 0.0, worst, None, _max_tol(cfg.parity.atol), not failures)]
+        judgement: dict = {}
+    else:
+        judgement, checks = _distribution(model, runner, cfg, ctx)
     files = {name: {"file": path.name, "bytes": path.stat().st_size} for name, path in result.files.items()}
-    notes = {"note": speed_note(result.meta), "parity_note": parity_note(cfg, result.quantized, failures)}
+    notes = {"note": speed_note(result.meta)}
     return StageResult(model, {
         "format": cfg.format,
         "target": cfg.target,
@@ -218,10 +219,57 @@ def apply(model: torch.nn.Module, cfg: ExportConfig, ctx: StageContext) -> Stage
         "int8_kernels": result.meta.get("int8_kernels"),
         "decoder_attention": result.meta.get("decoder_attention"),
         "host_cpu": cpu_features(),
+        "parity_judged_by": judged,
+        **judgement,
         "parity_max_abs_error": parity,
-        "parity_failures": failures,
+        "parity_failures" if judged == "max_abs" else "parity_max_abs_misses": failures,
         **{k: v for k, v in notes.items() if v},
-    }, runner=runner, artifacts=out, checks=[parity_check])
+    }, runner=runner, artifacts=out, checks=checks)
+
+
+def _tensorrt_meta(out: Path, cfg: ExportConfig) -> dict:
+    """The tensorrt target's graphs: INT4 as blocked DequantizeLinear, fused ops as the exporter wrote them."""
+    from compress.export.files import read_meta, write_meta
+    from compress.export.fuse import count_ops
+    from compress.export.nbits import QDQ_OPSET, export_to_dequantize
+    from compress.export.qdq import NBITS_FUSION_LEVEL_KEY, same_fusion_kind
+
+    int4 = export_to_dequantize(out)  # MatMulNBits -> blocked int4 DequantizeLinear + MatMul (opset 21)
+    meta = {**read_meta(out), "target": "tensorrt"}
+    # No ORT fusion here: what is fused is what the exporter wrote as single standard ops (opset 23:
+    # Attention, RMSNormalization, RotaryEmbedding), which TensorRT maps onto its own kernels.
+    meta["fused_ops"] = {g: {"by": f"torch.onnx, opset {cfg.onnx_opset}", "after": count_ops(out / f)}
+                         for g, f in meta["graphs"].items() if g != "embed"}
+    if int4:  # ORT fuses DQ -> MatMul back into MatMulNBits; it computes at the stage's accuracy level
+        meta.update(opset=max(meta["opset"], QDQ_OPSET), int4_dequantize_linear=int4)
+        # A recipe's own INT4 + W8A16 stages are checked when it loads (check_after); this catches W8A16
+        # layers the source checkpoint already had.
+        config, level = meta["session"]["config"], str(cfg.int4_accuracy_level)
+        if not same_fusion_kind(config.get(NBITS_FUSION_LEVEL_KEY, level), level):
+            raise ConfigError(f"export: this model has INT4 and INT8 weight-only layers, {SAME_FUSION_KIND}")
+        config[NBITS_FUSION_LEVEL_KEY] = level
+    write_meta(out, meta)
+    return meta
+
+
+def _distribution(model: torch.nn.Module, runner: object, cfg: ExportConfig,
+                  ctx: StageContext) -> tuple[dict, list]:
+    """Next-token KL and top-1 agreement of the graphs against the PyTorch model, at the evaluation set's answer
+    positions (the positions the gate scores): two checks, judged by the gate's on_fail like the accuracy ones."""
+    from compress.checks.gate import CheckResult
+    from compress.export.parity import distribution_parity
+    from compress.runtime.torch_runner import TorchRunner
+
+    if ctx.answer_logits is None:
+        raise ConfigError("export: parity by distribution compares answers on the evaluation set; this stage "
+                          "runs without one (use parity.metric: max_abs)")
+    ref = ctx.answer_logits(TorchRunner.for_adapter(model, ctx.adapter, ctx.processor))
+    got = ctx.answer_logits(runner)
+    d = distribution_parity(ref, got)
+    p = cfg.parity
+    return ({"parity_kl": d["kl"], "parity_top1": d["top1"], "parity_positions": d["positions"]},
+            [CheckResult("parity_kl", 0.0, d["kl"], None, p.max_kl, d["kl"] <= p.max_kl),
+             CheckResult("parity_top1", 1.0, d["top1"], None, p.min_top1, d["top1"] >= p.min_top1)])
 
 
 def speed_note(meta: dict) -> str | None:
@@ -235,18 +283,6 @@ def speed_note(meta: dict) -> str | None:
                 "does as a reference loop: ~20x slower per decode step than level 4 and slower than the fp32 export; "
                 "w8a16_accuracy_level: 4 is the fast setting (int8 activations per block of 32; the gate measures it)")
     return None
-
-
-def parity_note(cfg: ExportConfig, quantized: dict, failures: list[str]) -> str | None:
-    """A miss at the default (float) tolerances on graphs with quantized layers is what integer kernels do,
-    not a broken export: say so, and where tolerances that fit are, instead of leaving the author to guess."""
-    if not failures or not quantized.get("modules") or {"atol", "rtol"} & cfg.parity.model_fields_set:
-        return None
-    return ("parity missed at the default tolerances, which are float exports' (atol 1e-4, rtol 1e-3); these graphs "
-            "carry quantized layers, which ONNX Runtime computes with integer kernels where PyTorch fake-quantizes "
-            "in float, so a value at a rounding boundary lands one step apart and moves what follows. Set "
-            "parity.atol / rtol per graph as recipes/onnx-int8.yaml (INT8) or recipes/fast-int4.yaml (INT4 at "
-            "accuracy level 4) do; the gate still scores the graphs' own answers (docs/export.md, Parity)")
 
 
 def _max_tol(atol: float | dict[str, float]) -> float:

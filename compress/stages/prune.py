@@ -95,11 +95,13 @@ def _calibrated(model: torch.nn.Module, modules: dict[str, torch.nn.Module], cfg
     details: dict = {}
     seq = ctx.sequencer(model, f"prune method {cfg.method}")
     for unit in seq.units(list(modules)):
-        found = prune_linears(unit.root, {n: unit.root.get_submodule(n) for n in unit.names}, cfg.method,
-                              cfg.sparsity or 0.0, cfg.pattern, unit.loop, sg.block_size, sg.damp,
-                              one_group=bool(unit.prefix))
-        details.update({unit.full(n): d for n, d in found.items()})
-        ctx.fault_point()
+        if not unit.restored:
+            found = prune_linears(unit.root, {n: unit.root.get_submodule(n) for n in unit.names}, cfg.method,
+                                  cfg.sparsity or 0.0, cfg.pattern, unit.loop, sg.block_size, sg.damp,
+                                  one_group=bool(unit.prefix))
+            unit.record = {unit.full(n): d for n, d in found.items()}
+            ctx.fault_point()
+        details.update(unit.record)
     return {n: details[n] for n in modules}, seq.stats()
 
 

@@ -18,6 +18,7 @@ from compress.checkpoint import model_bytes
 from compress.config import StageConfig, Strict, Targets
 from compress.errors import ConfigError
 from compress.registry import register_stage
+from compress.sequential import merge
 from compress.stages.base import StageContext, StageResult
 
 
@@ -202,13 +203,14 @@ def _act(cfg: QuantizeConfig):
     return ActQuant(observer=a.calibration, params=params)
 
 
-def _smooth_unit(unit, cfg: QuantizeConfig, act, weight, seed: int, details: dict) -> None:
+def _smooth_unit(unit, cfg: QuantizeConfig, act, weight, seed: int) -> dict:
+    """SmoothQuant on one unit; its part of the stage's details."""
     from compress.quant import smooth
 
     sq = smooth(unit.root, unit.names, unit.loop, alpha=cfg.smoothquant.alpha, act=act, weight_qmax=weight.qmax,
                 samples=cfg.smoothquant.samples, seed=seed)
-    details["smoothquant"].update(_prefixed(unit, sq["modules"]))
-    details["not_smoothed"] += [unit.full(n) for n in sq["not_smoothed"]]  # no norm or Linear to fold 1/s into
+    # not_smoothed: no norm or Linear to fold 1/s into
+    return {"smoothquant": _prefixed(unit, sq["modules"]), "not_smoothed": [unit.full(n) for n in sq["not_smoothed"]]}
 
 
 def _int8(model: torch.nn.Module, names: list[str], cfg: QuantizeConfig, ctx: StageContext) -> dict:
@@ -228,22 +230,28 @@ def _int8(model: torch.nn.Module, names: list[str], cfg: QuantizeConfig, ctx: St
     kept: set[str] | None = None
     if keep is not None:
         seq = ctx.sequencer(model, "this INT8 stage")
-        sensitivity: dict[str, float] = {}
+        sensitivity: dict[str, dict[str, float]] = {}
         for unit in seq.units(names):
-            if cfg.smoothquant is not None:
-                _smooth_unit(unit, cfg, act, weight, ctx.seed, details)
-            found = quantize_linears(unit.root, unit.names, weight, act, unit.loop, keep, ctx.seed, swap=False)
-            sensitivity.update({unit.full(n): d["output_rel_error"] for n, d in found.items()})
-        kept = keep.choose(sensitivity, {n: model.get_submodule(n).weight.numel() for n in names})
+            if not unit.restored:
+                unit.record = _smooth_unit(unit, cfg, act, weight, ctx.seed) if cfg.smoothquant else {}
+                found = quantize_linears(unit.root, unit.names, weight, act, unit.loop, keep, ctx.seed, swap=False)
+                unit.record["sensitivity"] = {unit.full(n): d["output_rel_error"] for n, d in found.items()}
+                ctx.fault_point()
+            record = dict(unit.record)  # the journal saves unit.record as it is when the next unit is asked for
+            merge(sensitivity, {"s": record.pop("sensitivity")})
+            merge(details, record)
+        kept = keep.choose(sensitivity.get("s", {}), {n: model.get_submodule(n).weight.numel() for n in names})
     seq = ctx.sequencer(model, "this INT8 stage")
     for unit in seq.units(names):
-        if cfg.smoothquant is not None and keep is None:
-            _smooth_unit(unit, cfg, act, weight, ctx.seed, details)
-        local = None if kept is None else {n for n in unit.names if unit.full(n) in kept}
-        loop = unit.loop if cfg.needs_calibration else None
-        found = quantize_linears(unit.root, unit.names, weight, act, loop, keep, ctx.seed, kept=local)
-        details["modules"].update(_prefixed(unit, found))
-        ctx.fault_point()
+        if not unit.restored:
+            unit.record = (_smooth_unit(unit, cfg, act, weight, ctx.seed)
+                           if cfg.smoothquant is not None and keep is None else {})
+            local = None if kept is None else {n for n in unit.names if unit.full(n) in kept}
+            loop = unit.loop if cfg.needs_calibration else None
+            found = quantize_linears(unit.root, unit.names, weight, act, loop, keep, ctx.seed, kept=local)
+            unit.record["modules"] = _prefixed(unit, found)
+            ctx.fault_point()
+        merge(details, unit.record)
     details["modules"] = {n: details["modules"][n] for n in names}  # model order, as one pass reported it
     smoothed = details.get("smoothquant", {})
     for name, d in details["modules"].items():
@@ -267,13 +275,15 @@ def _int4(model: torch.nn.Module, names: list[str], cfg: QuantizeConfig, ctx: St
     details: dict = {"awq": {}, "not_scaled": [], "modules": {}} if c.rounding == "awq" else {"modules": {}}
     seq = ctx.sequencer(model, f"int4 rounding: {c.rounding}")
     for unit in seq.units(names):
-        if c.rounding == "awq":
-            found = smooth(unit.root, unit.names, unit.loop, int4=quant, seed=ctx.seed)
-            details["awq"].update(_prefixed(unit, found["modules"]))
-            details["not_scaled"] += [unit.full(n) for n in found["not_smoothed"]]
-        found = quantize_int4_linears(unit.root, unit.names, quant, unit.loop, ctx.seed)
-        details["modules"].update(_prefixed(unit, found))
-        ctx.fault_point()
+        if not unit.restored:
+            if c.rounding == "awq":
+                found = smooth(unit.root, unit.names, unit.loop, int4=quant, seed=ctx.seed)
+                unit.record = {"awq": _prefixed(unit, found["modules"]),
+                               "not_scaled": [unit.full(n) for n in found["not_smoothed"]]}
+            found = quantize_int4_linears(unit.root, unit.names, quant, unit.loop, ctx.seed)
+            unit.record["modules"] = _prefixed(unit, found)
+            ctx.fault_point()
+        merge(details, unit.record)
     details["modules"] = {n: details["modules"][n] for n in names}
     details["sequential"] = seq.stats()
     return details
