@@ -77,6 +77,11 @@ def test_bench_measures_every_artifact(run_dir, capsys):
         for key in (*METRICS, "bytes"):
             assert a["ratios"][key] == pytest.approx(a[key] / base[key])
         assert a["net_rss_mb"] == pytest.approx(a["peak_rss_mb"] - result["reference_rss_mb"])
+        # the compression's own peak RSS, as the run recorded it for the artifact's stage (the baseline's: source)
+        m = json.loads((run_dir / "manifest.json").read_text())
+        made = {s["name"]: s["peak_rss_mb"] for s in m["stages"]} | {"source": m["baseline"]["peak_rss_mb"]}
+        assert a["compress_peak_rss_mb"] == made[a["name"]] > 0
+        assert f"| {a['compress_peak_rss_mb']:.0f} |" in after["bench/bench.md"].decode()
         read = a["decode_weight_bytes"] + a["decode_kv_bytes"]
         assert a["decode_floor_ms"] == pytest.approx(read / (result["memory_bandwidth"]["copy_gb_s"] * 1e9) * 1000)
         assert a["decode_x_floor"] == pytest.approx(a["decode_ms_per_step"] / a["decode_floor_ms"])

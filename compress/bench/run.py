@@ -22,8 +22,9 @@ METRICS = ("vision_ms_per_image", "ttft_ms", "decode_tokens_per_s", "decode_ms_p
            "peak_rss_mb", "net_rss_mb")
 
 
-def _row(art: Artifact) -> dict[str, Any]:
-    return {"name": art.name, "kind": art.kind, "path": art.path, "bytes": art.bytes}
+def _row(art: Artifact, made: dict[str, Any]) -> dict[str, Any]:
+    return {"name": art.name, "kind": art.kind, "path": art.path, "bytes": art.bytes,
+            "compress_peak_rss_mb": made.get(art.name)}
 
 
 def _spawn(args: dict[str, Any]) -> dict[str, Any]:
@@ -59,6 +60,10 @@ def bench(run_dir: str | Path, batch: int = 1, new_tokens: int = 16, warmup: int
 
     samples = [memory_bandwidth()]  # one before the artifacts, one after each measured: the floor takes the fastest
     log(f"memory bandwidth: {samples[0]['copy_gb_s']} GB/s (STREAM-style copy)")
+    # What making each artifact cost in memory: the run's recorded peak RSS of its stage (the baseline's for
+    # the source), measured by the pipeline while it compressed; not a number bench measures itself.
+    made = {rec["name"]: rec.get("peak_rss_mb") for rec in m.get("stages", [])}
+    made["source"] = m.get("baseline", {}).get("peak_rss_mb")
     rows: list[dict[str, Any]] = []
     for art in arts:
         log(f"{art.name} ({art.kind})")
@@ -67,10 +72,10 @@ def bench(run_dir: str | Path, batch: int = 1, new_tokens: int = 16, warmup: int
         except CompressError as e:
             if art.name == "source":
                 raise CompressError(f"bench: measuring the source model failed ({e})") from None
-            rows.append({**_row(art), "error": str(e)})
+            rows.append({**_row(art, made), "error": str(e)})
             continue
         metrics["net_rss_mb"] = metrics["peak_rss_mb"] - reference["peak_rss_mb"]
-        rows.append({**_row(art), **metrics})
+        rows.append({**_row(art, made), **metrics})
         samples.append(memory_bandwidth())
     bandwidth = best_bandwidth(samples)
     log(f"memory bandwidth: {bandwidth['samples_gb_s']} GB/s; the floor divides by the fastest")
@@ -98,6 +103,11 @@ def _cell(row: dict[str, Any], key: str, fmt: str, scale: float = 1.0) -> str:
     return f"{row[key] * scale:{fmt}}" + (f" ({ratio:.2f}×)" if ratio is not None and row["name"] != "source" else "")
 
 
+def _made(row: dict[str, Any]) -> str:
+    value = row.get("compress_peak_rss_mb")
+    return "–" if value is None else f"{value:.0f}"
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The table `vlm-compress bench` prints and writes to bench.md (ratios vs the source in brackets)."""
     s, mach = result["settings"], result["machine"]
@@ -110,20 +120,22 @@ def markdown(result: dict[str, Any]) -> str:
              f"that imports the same libraries and loads the inputs but no model. Decode floor: bytes a step "
              f"reads / {result['memory_bandwidth']['copy_gb_s']} GB/s (STREAM-style copy on this machine, the "
              f"fastest of {len(result['memory_bandwidth'].get('samples_gb_s', [0]))} taken during the run); "
-             "preprocessing (processor) is part of e2e and shown apart.", "",
+             "preprocessing (processor) is part of e2e and shown apart. Compress RSS: the peak RSS the run "
+             "recorded while making the artifact (its stage; the baseline for the source).", "",
              "| artifact | kind | size MB | vision ms/img | TTFT ms | decode tok/s | decode × floor | preprocess ms "
-             "| e2e ms | peak RSS MB | net RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| e2e ms | peak RSS MB | net RSS MB | compress RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["artifacts"]:
         if "error" in r:
             err = r["error"].replace("\n", " ").replace("|", "/")[:160]
-            lines.append(f"| {r['name']} | {r['kind']} | {r['bytes'] / 1e6:.2f} | failed: {err} |" + " |" * 7)
+            lines.append(f"| {r['name']} | {r['kind']} | {r['bytes'] / 1e6:.2f} | failed: {err} |" + " |" * 7
+                         + f" {_made(r)} |")
             continue
         lines.append(f"| {r['name']} | {r['kind']} | {_cell(r, 'bytes', '.2f', 1e-6)} | "
                      f"{_cell(r, 'vision_ms_per_image', '.2f')} | {_cell(r, 'ttft_ms', '.2f')} | "
                      f"{_cell(r, 'decode_tokens_per_s', '.1f')} | {r['decode_x_floor']:.2f} | "
                      f"{r['preprocess_ms']:.2f} | {_cell(r, 'e2e_ms', '.2f')} | "
-                     f"{_cell(r, 'peak_rss_mb', '.0f')} | {_cell(r, 'net_rss_mb', '.0f')} |")
+                     f"{_cell(r, 'peak_rss_mb', '.0f')} | {_cell(r, 'net_rss_mb', '.0f')} | {_made(r)} |")
     return "\n".join(lines) + "\n"
 
 
