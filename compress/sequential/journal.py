@@ -77,17 +77,18 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 class Journal:
-    """One stage's progress in `folder`; `walk` numbers the stage's walks over the model (keep_float makes
-    two), `key` identifies the stage and its starting state (a file with another key is not used). `tally`,
-    shared by the journals of one stage's walks, counts the units restored in all of them."""
+    """One stage's progress in `folder`; `key` identifies the stage and its starting state (a file with another
+    key is not used). The stage's walks over the model (keep_float makes two) run one after another, each
+    begun by `next_walk()` and journaled apart; `restored` counts the units put back in all of them."""
 
-    def __init__(self, folder: Path, key: str, walk: int, tally: dict[str, int] | None = None):
-        self.folder, self.key, self.walk = Path(folder), key, walk
-        self.tally = tally if tally is not None else {"restored": 0}
+    def __init__(self, folder: Path, key: str):
+        self.folder, self.key = Path(folder), key
+        self.walk = 0
+        self.restored = 0
 
-    @property
-    def restored(self) -> int:
-        return self.tally["restored"]
+    def next_walk(self) -> Journal:
+        self.walk += 1
+        return self
 
     def _file(self, unit: Any) -> Path:
         """walk<N>-<block path>, or for modules between block sequences (projector, lm_head: one unit each
@@ -102,8 +103,8 @@ class Journal:
         return {n: m for n, m in root.named_modules()
                 if prefix or not (n.startswith(inside) or n in paths)}
 
-    def _state(self, root: nn.Module, prefix: str, paths: list[str]) -> dict[str, torch.Tensor]:
-        scope = self._scope(root, prefix, paths)
+    @staticmethod
+    def _state(scope: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
         state: dict[str, torch.Tensor] = {}
         for name, module in scope.items():
             for key, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
@@ -114,7 +115,7 @@ class Journal:
     def save(self, unit: Any, paths: list[str]) -> None:
         """Write the finished unit (its tensors, its compressed layers' specs, `unit.record`) atomically."""
         scope = self._scope(unit.root, unit.prefix, paths)
-        state = self._state(unit.root, unit.prefix, paths)
+        state = self._state(scope)
         seen: set[int] = set()
         tensors = {}
         for name, t in state.items():  # tied tensors are stored once each (safetensors refuses shared storage)
@@ -149,12 +150,12 @@ class Journal:
         for name, spec in json.loads(meta["modules"]).items():
             old = unit.root.get_submodule(name)
             unit.root.set_submodule(name, _build(spec).to(device="cpu").train(old.training))
-        state = self._state(unit.root, unit.prefix, paths)
+        state = self._state(self._scope(unit.root, unit.prefix, paths))  # with the rebuilt layers
         if set(state) != set(tensors):  # the key matched, so this is not a stale file but a broken one
             raise ConfigError(f"{file}: the stage's saved progress does not fit the model's {unit.prefix or 'modules'}"
                               " (different tensors); delete the file to recompute that unit")
         with torch.no_grad():
             for name, t in tensors.items():
                 state[name].copy_(t)
-        self.tally["restored"] += 1
+        self.restored += 1
         return json.loads(meta["record"])

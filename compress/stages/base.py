@@ -38,17 +38,18 @@ class StageContext:
     answer_logits: Callable[[Any], Any] | None = None
     fault_point: Callable[[], None] = lambda: None  # called midway through the work (tests kill the process here)
     stage_key: str = ""  # the stage's config and starting state: its saved progress is used only under this key
-    walks: int = 0  # sequencers handed out so far (each walk's units are journaled apart)
-    restored: dict[str, int] = field(default_factory=lambda: {"restored": 0})  # units put back, all walks
+    journal: Journal | None = field(default=None, init=False)  # the stage's saved progress (with a stage_key)
+
+    def __post_init__(self) -> None:
+        if self.stage_key:
+            self.journal = Journal(self.workdir / "progress", self.stage_key)
 
     def sequencer(self, model: torch.nn.Module, what: str) -> Sequencer:
         """A layer-sequential walk of `model` over the calibration set (`what` names the stage in errors)."""
         if not self.calibration_batches and self.stream is None:
             raise ConfigError(f"{what} needs a 'calibration' data section")
         store = ActivationStore(self.workdir / "activations", self.activation_budget)
-        self.walks += 1
-        journal = (Journal(self.workdir / "progress", self.stage_key, self.walks, self.restored)
-                   if self.stage_key else None)
+        journal = self.journal.next_walk() if self.journal is not None else None
         if self.stream is None:
             return Sequencer(model, self.calibration_batches, store, self.layer_inputs,  # type: ignore[arg-type]
                              progress=self.progress, journal=journal)

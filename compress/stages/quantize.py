@@ -230,17 +230,16 @@ def _int8(model: torch.nn.Module, names: list[str], cfg: QuantizeConfig, ctx: St
     kept: set[str] | None = None
     if keep is not None:
         seq = ctx.sequencer(model, "this INT8 stage")
-        sensitivity: dict[str, dict[str, float]] = {}
+        sensitivity: dict[str, float] = {}
         for unit in seq.units(names):
             if not unit.restored:
                 unit.record = _smooth_unit(unit, cfg, act, weight, ctx.seed) if cfg.smoothquant else {}
                 found = quantize_linears(unit.root, unit.names, weight, act, unit.loop, keep, ctx.seed, swap=False)
                 unit.record["sensitivity"] = {unit.full(n): d["output_rel_error"] for n, d in found.items()}
                 ctx.fault_point()
-            record = dict(unit.record)  # the journal saves unit.record as it is when the next unit is asked for
-            merge(sensitivity, {"s": record.pop("sensitivity")})
-            merge(details, record)
-        kept = keep.choose(sensitivity.get("s", {}), {n: model.get_submodule(n).weight.numel() for n in names})
+            sensitivity.update(unit.record["sensitivity"])
+            merge(details, {k: v for k, v in unit.record.items() if k != "sensitivity"})
+        kept = keep.choose(sensitivity, {n: model.get_submodule(n).weight.numel() for n in names})
     seq = ctx.sequencer(model, "this INT8 stage")
     for unit in seq.units(names):
         if not unit.restored:
