@@ -31,7 +31,7 @@ def closure(name: str, extras: tuple[str, ...], seen: dict[str, str]) -> None:
 
 if __name__ == "__main__":
     found: dict[str, str] = {}
-    closure("vlm-compress", ("dev", "onnx", "nf4", "tensorrt"), found)
+    closure("vlm-compress", ("dev", "onnx", "nf4", "tensorrt", "optuna"), found)
     found.pop("vlm-compress", None)
     found.pop("torch", None)  # pinned in pyproject (the CPU wheel on disk)
     print("# The versions the test suite last passed with. CI installs with them (.ci/run: pip install -c")

@@ -31,9 +31,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from compress.pipeline import run
+    from compress.recipe import load_recipe
     from compress.report import summary
 
-    result = run(args.recipe, out=args.out, resume=args.resume, force=args.force, threads=args.threads)
+    recipe = load_recipe(args.recipe)
+    if recipe.recipe.search is not None:
+        print("note: the recipe's search block is not used (`run` runs the recipe as written; see "
+              "`vlm-compress search`)", file=sys.stderr)
+    result = run(recipe, out=args.out, resume=args.resume, force=args.force, threads=args.threads)
     print(summary(result.manifest))
     print(f"\nrun folder: {result.run_dir}  (report: {result.run_dir / 'report.md'})")
     if result.status == "error":
@@ -47,6 +52,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"error: stopped at stage '{stopped['name']}': {stopped['message']}", file=sys.stderr)
         return 3
     return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from compress.search.driver import search
+
+    s = search(args.recipe, out=args.out, address=args.address, max_trials=args.max_trials,
+               max_concurrent=args.max_concurrent, resume=args.resume)
+    passed = sum(t["status"] == "passed" for t in s["trials"])
+    print(f"{len(s['trials'])} trials, {passed} passed every gate; winner: {s['winner'] or 'none'}")
+    print(f"search folder: {args.out}  (report: {args.out}/report.md, plot: pareto.png"
+          + (", winner's recipe: best.yaml)" if s["winner"] else ")"))
+    return 0 if s["winner"] else 3
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -141,6 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="replace an existing run folder's contents")
     r.add_argument("--threads", type=int, help="CPU threads for torch and ONNX Runtime (overrides the recipe)")
     r.set_defaults(fn=_cmd_run)
+    se = sub.add_parser("search", help="the smallest recipe variant that passes every gate: the recipe's search "
+                                       "block, trials on Ray Tune (local Ray, or a cluster with --address)")
+    se.add_argument("recipe")
+    se.add_argument("--out", required=True, help="search folder: baseline, trials, report, best.yaml")
+    se.add_argument("--address", help="an existing Ray cluster (auto, HOST:PORT or ray://...); default: local Ray "
+                                      "started in-process")
+    se.add_argument("--max-trials", type=int, help="random / optuna: trials to run; grid: refuse a larger grid")
+    se.add_argument("--max-concurrent", type=int, help="trials at once (overrides search.max_concurrent)")
+    se.add_argument("--resume", action="store_true", help="finish a killed search: finished trials are kept, "
+                    "unfinished ones resume from their last completed stage")
+    se.set_defaults(fn=_cmd_search)
     b = sub.add_parser("bench", help="latency / throughput / memory / size of every artifact in a run folder")
     b.add_argument("run_dir")
     b.add_argument("--batch", type=int, default=1, help="questions per call (default 1)")

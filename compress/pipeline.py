@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from compress import memory, provenance
 from compress.arch import adapter_for_source
 from compress.artifacts import DONE, KEPT, RunDir, atomic_dir
+from compress.baseline import REFERENCE, adopt, baseline_key
 from compress.checks.evaluator import Evaluation, Evaluator, Reference
 from compress.checks.gate import run_checks
 from compress.data import Dataset, load_dataset
@@ -39,8 +40,6 @@ from compress.sequential import calibration_batches, stage_key
 from compress.stages.base import StageContext
 from compress.stages.catalog import get_stage
 from compress.zoo import resolve_source
-
-REFERENCE = "baseline/reference.safetensors"
 
 
 def log(msg: str) -> None:
@@ -99,30 +98,19 @@ def _out_dir(recipe: LoadedRecipe, out: str | Path | None) -> Path:
     return Path(out if out is not None else recipe.recipe.output.dir)
 
 
-def _prompt_record(adapter: Any, processor: Any, data: Dataset) -> dict[str, str]:
-    """Which prompt format the run uses, with the first question formatted; warn when it is a guess."""
-    source = ("recipe" if adapter.prompt_template is not None
-              else "chat template" if getattr(processor, "chat_template", None) else "adapter default")
-    example = adapter.format_prompt(processor, data.records[0].prompt) if len(data) else ""
-    if source == "adapter default" and adapter.native_prompt:
-        source = "family format"
-    if source == "adapter default":
-        log(f"WARNING: the processor has no chat template and the recipe sets no evaluation.prompt; prompts are "
-            f"built as {example!r}. Set evaluation.prompt (e.g. \"<image> question: {{question}} answer:\") "
-            "to the format the model was trained on")
-    return {"source": source, "example": example}
-
-
 def _record_eval(ev: Evaluation) -> dict[str, Any]:
     return {"metrics": ev.metrics, "per_type": ev.per_type}
 
 
 def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume: bool = False,
-        force: bool = False, threads: int | None = None) -> RunResult:
+        force: bool = False, threads: int | None = None, baseline_from: Path | None = None,
+        stages: bool = True) -> RunResult:
     """Run a recipe end to end. Raises CompressError subclasses for anything the user must fix.
 
     `threads` (else the recipe's `threads`) sets torch's and ONNX Runtime's CPU threads; it does not
     enter the resume hash (it changes speed, not results), and the manifest records what each attempt used.
+    `baseline_from`: a run folder whose baseline (same model and evaluation) this run adopts instead of
+    measuring its own; `stages=False` measures the baseline and stops (what a search shares).
     """
     recipe = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
     r = recipe.recipe
@@ -146,7 +134,7 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
     run_dir = RunDir(out_dir)
     resuming = run_dir.open(inputs.sha256(), resume=resume, force=force)  # locks the folder
     try:
-        return _execute(recipe, inputs, adapter, run_dir, resuming, threads, plan)
+        return _execute(recipe, inputs, adapter, run_dir, resuming, threads, plan, baseline_from, stages)
     except CompressError as e:  # named failures outside a stage: the manifest says so (unless nothing is kept)
         if run_dir.manifest:
             run_dir.manifest.update(status="error", message=str(e), exit_code=e.exit_code)
@@ -165,17 +153,17 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
 
 
 def _execute(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunDir, resuming: bool,
-             threads: int | None, plan: Plan) -> RunResult:
+             threads: int | None, plan: Plan, shared: Path | None, with_stages: bool) -> RunResult:
     """Everything after the run folder is open (and locked): baseline, stages, report."""
     r = recipe.recipe
     _seed_everything(r.seed)
     _start_manifest(recipe, inputs, adapter, run_dir, resuming, threads)
     run_dir.manifest["plan"] = plan.record()
     hold = holder(plan, adapter, r)
-    model, scoring, state_source = _baseline(recipe, inputs, adapter, run_dir, resuming, hold)
+    model, scoring, state_source = _baseline(recipe, inputs, adapter, run_dir, resuming, hold, shared)
     batches = (calibration_batches(adapter, scoring.processor, inputs.calibration, r.calibration.batch_size)
-               if inputs.calibration else None)
-    status = _stages(model, scoring, inputs, state_source, batches, threads)
+               if inputs.calibration and with_stages else None)
+    status = _stages(model, scoring, inputs, state_source, batches, threads) if with_stages else "completed"
     m = run_dir.manifest
     shutil.rmtree(run_dir.path(".work"), ignore_errors=True)
     m["status"] = status
@@ -220,9 +208,10 @@ def _start_manifest(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir
 
 
 def _baseline(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunDir,
-              resuming: bool, hold: Resident) -> tuple[torch.nn.Module, _Scoring, str]:
+              resuming: bool, hold: Resident, shared: Path | None) -> tuple[torch.nn.Module, _Scoring, str]:
     """(the model in its latest kept state, what stages are scored against, where that state was loaded
-    from): the baseline is measured on the source, or read back when a resumed run recorded it."""
+    from): the baseline is measured on the source, adopted from `shared`, or read back when a resumed run
+    recorded it."""
     r, m = recipe.recipe, run_dir.manifest
     # The latest kept state: the source, or on resume the last kept checkpoint.
     state_source = inputs.source
@@ -248,11 +237,17 @@ def _baseline(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunD
                           parameters=sum(p.numel() for p in model.parameters()))
     evaluator = Evaluator(adapter, processor, inputs.evaluation, r.evaluation)
     evaluator.skip = set(m["plan"]["metrics_not_computed"])
-    m["prompt"] = _prompt_record(adapter, processor, inputs.evaluation)
-    if baseline_recorded:
+    m["prompt"], warning = evaluator.prompt_record()
+    if warning:
+        log(f"WARNING: {warning}")
+    key = baseline_key(r, inputs.model_sha256, inputs.evaluation.sha256, m["plan"])
+    if shared is not None and not baseline_recorded:
+        m["baseline"] = adopt(run_dir, shared, key)
+        run_dir.save_manifest()
+    if baseline_recorded or shared is not None:
         reference = Reference(**load_file(run_dir.path(REFERENCE)))
         baseline = m["baseline"]["metrics"]
-        log(f"baseline (recorded): {baseline}")
+        log(f"baseline ({'shared from ' + str(shared) if shared else 'recorded'}): {baseline}")
     else:
         t0 = time.time()
         with memory.PeakWindow() as window:
@@ -263,7 +258,7 @@ def _baseline(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunD
         with atomic_dir(run_dir.path("baseline")) as tmp:
             save_file(reference.tensors(), str(tmp / "reference.safetensors"))
         baseline = ev.metrics
-        m["baseline"] = {**_record_eval(ev), "wall_s": round(time.time() - t0, 2), **window.record()}
+        m["baseline"] = {**_record_eval(ev), "wall_s": round(time.time() - t0, 2), **window.record(), "key": key}
         run_dir.save_manifest()
         log(f"baseline: {baseline}")
         fault("baseline")

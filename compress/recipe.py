@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field, ValidationError, create_model, field_vali
 from compress.config import StageConfig, Strict
 from compress.data.config import CalibrationConfig, DataConfig
 from compress.errors import RecipeError
+from compress.search.config import SearchConfig
 from compress.stages.catalog import stages as registered_stages
 
 Metric = Literal["exact_match", "token_agreement", "logit_kl"]
@@ -107,6 +108,8 @@ class RecipeBase(Strict):
     resources: ResourcesConfig = Field(ResourcesConfig(), description="what the run may use")
     evaluation: EvaluationConfig = Field(description="the held-out set every check is scored on")
     output: OutputConfig = Field(OutputConfig(), description="where and what to keep")
+    search: SearchConfig | None = Field(None, description="`vlm-compress search`: which fields vary and what "
+                                        "the winner minimizes (`run` ignores it and runs the recipe as written)")
 
 
 @cache
@@ -308,6 +311,12 @@ def parse_recipe(text: str, path: Path) -> LoadedRecipe:
     except ValidationError as e:
         raise RecipeError(_format_errors(e, root, path)) from None
     _check_order(recipe, root, path)
+    if recipe.search is not None:
+        from compress.search.space import check_space
+
+        lines = {k: n.start_mark.line + 1 for k in recipe.search.space
+                 if (n := _key_node(root, ("search", "space", k))) is not None}
+        check_space(recipe.search, data, path, _key_node(root, ("search",)).start_mark.line + 1, lines)
     return LoadedRecipe(recipe=recipe, path=path.resolve(), text=text)
 
 

@@ -51,6 +51,22 @@ class Evaluator:
         self.adapter, self.processor, self.data, self.cfg = adapter, processor, data, cfg
         self.skip: set[str] = set()  # metrics not computed in this run (generation on a streamed model)
 
+    def prompt_record(self) -> tuple[dict[str, str], str | None]:
+        """Which prompt format the evaluation uses, with its first question formatted, and a warning when the
+        format is a guess (no chat template, no recipe prompt, no family format)."""
+        adapter, processor = self.adapter, self.processor
+        source = ("recipe" if adapter.prompt_template is not None
+                  else "chat template" if getattr(processor, "chat_template", None) else "adapter default")
+        example = adapter.format_prompt(processor, self.data.records[0].prompt) if len(self.data) else ""
+        if source == "adapter default" and adapter.native_prompt:
+            source = "family format"
+        warning = None
+        if source == "adapter default":
+            warning = (f"the processor has no chat template and the recipe sets no evaluation.prompt; prompts are "
+                       f"built as {example!r}. Set evaluation.prompt (e.g. \"<image> question: {{question}} "
+                       "answer:\") to the format the model was trained on")
+        return {"source": source, "example": example}, warning
+
     def teacher_forced_inputs(self) -> list[dict[str, Any]]:
         """The inputs `evaluate` asks `runner.logits` for, batch by batch (a streamed walk carries them)."""
         return [self.adapter.build_inputs(self.processor, [r.image for r in batch], [r.prompt for r in batch],
