@@ -93,8 +93,8 @@ def test_the_search_block_is_checked_against_the_recipe_with_file_and_line(tmp_p
 def test_points_are_applied_as_plain_recipes(tmp_path: Path) -> None:
     from compress.search.space import absolute_sources, apply, axes, decode, grid_points
 
-    loaded = load_recipe(_recipe(tmp_path, SEARCH.replace("  max_concurrent", "    stages.prune.present: [true, false]\n"
-                                                                             "  max_concurrent")))
+    present = "    stages.prune.present: [true, false]\n  max_concurrent"
+    loaded = load_recipe(_recipe(tmp_path, SEARCH.replace("  max_concurrent", present)))
     data = yaml.safe_load(loaded.text)
     ax = axes(loaded.recipe.search)
     points = [decode(ax, p) for p in grid_points(ax)]
@@ -119,7 +119,8 @@ def test_search_cli_refuses_bad_invocations_without_writing(tmp_path: Path) -> N
     for args, expected in (([str(plain)], "no 'search' block"),
                            ([str(_recipe(tmp_path)), "--resume"], "holds no search to resume"),
                            ([str(_recipe(tmp_path)), "--max-concurrent", "0"], "--max-concurrent must be at least 1"),
-                           ([str(_recipe(tmp_path)), "--max-trials", "4"], "the grid has 6 points, above --max-trials 4")):
+                           ([str(_recipe(tmp_path)), "--max-trials", "4"],
+                            "the grid has 6 points, above --max-trials 4")):
         p = subprocess.run([sys.executable, "-m", "compress.cli", "search", *args, "--out", str(out)],
                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         assert p.returncode != 0 and expected in p.stderr and "Traceback" not in p.stderr, p.stderr

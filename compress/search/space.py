@@ -181,8 +181,8 @@ def check_space(cfg: SearchConfig, data: dict[str, Any], path: Path, line: int, 
         parts = p.split(".")
         if parts[0] == "stages" and (len(parts) < 2 or _stage_index(stages, parts[1]) is None):
             names = [s.get("name") or f"{i:02d}-{s.get('type')}" for i, s in enumerate(stages) if isinstance(s, dict)]
-            raise RecipeError(f"{path}:{lines.get(p, line)}: search.space: {p!r}: no stage named {parts[1:2]}; stages are "
-                              f"{names}")
+            raise RecipeError(f"{path}:{lines.get(p, line)}: search.space: {p!r}: no stage named {parts[1:2]}; "
+                              f"stages are {names}")
     ax = axes(cfg)
     if cfg.algorithm == "grid":
         n = math.prod(len(a.grid()) for a in ax)
