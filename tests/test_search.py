@@ -213,3 +213,33 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(tmp_path: Pat
     for name, mtime in finished.items():  # reported again from result.json, not rerun
         assert (out / "trials" / name / "result.json").stat().st_mtime_ns == mtime
         assert trials[name]["attempts"] == 1
+
+
+@pytest.mark.cluster
+def test_a_two_node_loopback_cluster_gives_the_same_winner_and_table(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    recipe = _recipe(tmp_path)
+    local = subprocess.run([sys.executable, "-m", "compress.cli", "search", str(recipe), "--out",
+                            str(tmp_path / "local")], env=env, capture_output=True, text=True, timeout=900)
+    assert local.returncode == 0, local.stderr[-3000:]
+    cluster = subprocess.Popen([sys.executable, str(Path(__file__).with_name("ray_cluster.py"))], env=env,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        address = cluster.stdout.readline().strip()
+        assert address.startswith("127.0.0.1:"), address
+        p = subprocess.run([sys.executable, "-m", "compress.cli", "search", str(recipe), "--out",
+                            str(tmp_path / "cluster"), "--address", address], env=env, capture_output=True,
+                           text=True, timeout=900)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert f"connected to the Ray cluster at {address}: 2 node(s), 2 CPUs" in p.stderr
+    finally:
+        cluster.stdin.close()
+        cluster.wait(timeout=120)
+    a, b = _trials(tmp_path / "local"), _trials(tmp_path / "cluster")
+    keys = ("point", "status", "size_bytes", "metrics", "retention", "failed_stage")
+    assert {t: {k: r.get(k) for k in keys} for t, r in a.items()} == {t: {k: r.get(k) for k in keys}
+                                                                       for t, r in b.items()}
+    summary = json.loads((tmp_path / "cluster" / "trials.json").read_text())
+    assert summary["winner"] == json.loads((tmp_path / "local" / "trials.json").read_text())["winner"]
+    nodes = {json.loads(w.read_text())["ray_node"] for w in (tmp_path / "cluster").glob("trials/*/worker.json")}
+    assert len(nodes) == 2  # trials ran on both nodes

@@ -38,6 +38,7 @@ def search(recipe_path: str | Path, out: str | Path, address: str | None = None,
     loaded = load_recipe(recipe_path)
     cfg = _settings(loaded, max_trials, max_concurrent)
     out = Path(out).resolve()
+    _ray_environment(address)
     with _locked(out, resume):
         data = yaml.safe_load(loaded.text)
         _record_search(out, loaded, resume)
@@ -116,18 +117,37 @@ def _baseline(loaded: LoadedRecipe, data: dict[str, Any], out: Path) -> dict[str
     return result.manifest["baseline"]
 
 
+def _loopback(address: str | None) -> bool:
+    host = (address or "").removeprefix("ray://").rsplit(":", 1)[0]
+    return address is None or host == "localhost" or host.startswith("127.")
+
+
+def _ray_environment(address: str | None) -> None:
+    """Ray reads these when it is imported, so they are set before: no usage stats, Tune's console table off
+    (one line per trial instead), and for the local in-process Ray — or a cluster on this machine's loopback —
+    nodes on 127.0.0.1 (Ray otherwise swaps 127.0.0.1 for the machine's routable address and listens on every
+    interface)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if _loopback(address):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if address is None:
+        # Loopback only, so Ray's token auth (which would write ~/.ray/auth_token) is not needed.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
 def _init_ray(address: str | None, cpus: int) -> None:
     import ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's console table off (verbose 0): one line per trial
     if address is None:
-        # In-process and loopback only: nothing listens beyond this machine, so Ray's token auth (which would
-        # write ~/.ray/auth_token) is not needed here.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ctx = ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-                       _node_ip_address="127.0.0.1", object_store_memory=256 * 2**20, configure_logging=False)
-        log(f"local Ray started in-process ({cpus} CPUs)")
+                       object_store_memory=256 * 2**20, configure_logging=False)
+        ips = {n["NodeManagerAddress"] for n in ray.nodes()}
+        if ips != {"127.0.0.1"}:  # Ray was imported before the environment above was set
+            ray.shutdown()
+            raise ConfigError(f"local Ray came up on {sorted(ips)}, not 127.0.0.1; run the search in a fresh "
+                              "process (or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before importing ray)")
+        log(f"local Ray started in-process on 127.0.0.1 ({cpus} CPUs)")
     else:
         ctx = ray.init(address=address, log_to_driver=False, configure_logging=False)
         res = ray.cluster_resources()
