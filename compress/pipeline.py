@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
 from compress import memory, provenance
@@ -37,6 +36,7 @@ from compress.recipe import LoadedRecipe, load_recipe, stage_name
 from compress.report import write_report
 from compress.residency import Resident, holder
 from compress.sequential import calibration_batches, stage_key
+from compress.stage_cache import StageCache, prefix_key
 from compress.stages.base import StageContext
 from compress.stages.catalog import get_stage
 from compress.zoo import resolve_source
@@ -67,6 +67,11 @@ class _Inputs:
     evaluation: Dataset
     calibration: Dataset | None
     stage_data: dict[int, Dataset] = field(default_factory=dict)  # a stage's own `data:` set (distill)
+
+    def data_hashes(self, upto: int) -> list[str]:
+        """What a stage's outcome depends on besides the recipe: the model and data up to stage `upto`."""
+        return [self.model_sha256, self.evaluation.sha256, self.calibration.sha256 if self.calibration else "-",
+                *(f"{i}:{d.sha256}" for i, d in sorted(self.stage_data.items()) if i <= upto)]
 
     def sha256(self) -> str:
         parts = [self.recipe.sha256(), self.model_sha256, self.evaluation.sha256,
@@ -104,13 +109,14 @@ def _record_eval(ev: Evaluation) -> dict[str, Any]:
 
 def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume: bool = False,
         force: bool = False, threads: int | None = None, baseline_from: Path | None = None,
-        stages: bool = True) -> RunResult:
+        stages: bool = True, stage_cache: Path | None = None) -> RunResult:
     """Run a recipe end to end. Raises CompressError subclasses for anything the user must fix.
 
     `threads` (else the recipe's `threads`) sets torch's and ONNX Runtime's CPU threads; it does not
     enter the resume hash (it changes speed, not results), and the manifest records what each attempt used.
     `baseline_from`: a run folder whose baseline (same model and evaluation) this run adopts instead of
-    measuring its own; `stages=False` measures the baseline and stops (what a search shares).
+    measuring its own; `stages=False` measures the baseline and stops (what a search shares); `stage_cache`: a
+    folder of stage outcomes shared with runs that begin alike (`compress.stage_cache`).
     """
     recipe = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
     r = recipe.recipe
@@ -134,7 +140,8 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
     run_dir = RunDir(out_dir)
     resuming = run_dir.open(inputs.sha256(), resume=resume, force=force)  # locks the folder
     try:
-        return _execute(recipe, inputs, adapter, run_dir, resuming, threads, plan, baseline_from, stages)
+        cache = StageCache(stage_cache) if stage_cache is not None else None
+        return _execute(recipe, inputs, adapter, run_dir, resuming, threads, plan, baseline_from, stages, cache)
     except CompressError as e:  # named failures outside a stage: the manifest says so (unless nothing is kept)
         if run_dir.manifest:
             run_dir.manifest.update(status="error", message=str(e), exit_code=e.exit_code)
@@ -153,17 +160,18 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
 
 
 def _execute(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunDir, resuming: bool,
-             threads: int | None, plan: Plan, shared: Path | None, with_stages: bool) -> RunResult:
+             threads: int | None, plan: Plan, shared: Path | None, with_stages: bool,
+             cache: StageCache | None) -> RunResult:
     """Everything after the run folder is open (and locked): baseline, stages, report."""
     r = recipe.recipe
     _seed_everything(r.seed)
-    _start_manifest(recipe, inputs, adapter, run_dir, resuming, threads)
+    provenance.start_manifest(recipe, inputs, adapter, run_dir, resuming, threads)
     run_dir.manifest["plan"] = plan.record()
     hold = holder(plan, adapter, r)
     model, scoring, state_source = _baseline(recipe, inputs, adapter, run_dir, resuming, hold, shared)
     batches = (calibration_batches(adapter, scoring.processor, inputs.calibration, r.calibration.batch_size)
                if inputs.calibration and with_stages else None)
-    status = _stages(model, scoring, inputs, state_source, batches, threads) if with_stages else "completed"
+    status = _stages(model, scoring, inputs, state_source, batches, threads, cache) if with_stages else "completed"
     m = run_dir.manifest
     shutil.rmtree(run_dir.path(".work"), ignore_errors=True)
     m["status"] = status
@@ -173,38 +181,6 @@ def _execute(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunDi
     m["files"] = run_dir.file_entries()
     run_dir.save_manifest()
     return RunResult(run_dir.root, status, m)
-
-
-def _start_manifest(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunDir, resuming: bool,
-                    threads: int | None) -> None:
-    """A new run's manifest header and recipe copies, or a resumed run's manifest marked running again."""
-    r, m = recipe.recipe, run_dir.manifest
-    if not resuming:
-        m.update({
-            **provenance.header(),
-            "recipe": {"name": r.name, "path": str(recipe.path), "sha256": recipe.sha256()},
-            "seed": r.seed,
-            "inputs_sha256": inputs.sha256(),
-            "model": {"source": r.model.source, "resolved": inputs.source, "sha256": inputs.model_sha256,
-                      "adapter": adapter.name, "dtype": r.model.dtype},
-            "data": {name: {"source": d.source, "sha256": d.sha256, "records": len(d)}
-                     for name, d in (("evaluation", inputs.evaluation), ("calibration", inputs.calibration),
-                                     *((f"stages.{i}.data", d) for i, d in inputs.stage_data.items()))
-                     if d is not None},
-            "status": "running",
-            "stages": [],
-        })
-        run_dir.write("recipe.yaml", recipe.text)
-        run_dir.write("recipe.resolved.yaml", yaml.safe_dump(recipe.resolved(), sort_keys=False))
-        run_dir.save_manifest()
-    else:
-        log(f"resuming {run_dir.root}")
-        m["status"] = "running"
-        for key in ("message", "exit_code", "finished"):  # what the attempt before this one ended with
-            m.pop(key, None)
-    m["runtime"] = {"threads": torch.get_num_threads(), "threads_requested": threads,
-                    "max_memory_gb": r.resources.max_memory_gb,
-                    "available_memory_gb": round(memory.available_bytes() / 2**30, 2)}
 
 
 def _baseline(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunDir,
@@ -270,20 +246,33 @@ def _baseline(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunD
 
 
 def _stages(model: torch.nn.Module, scoring: _Scoring, inputs: _Inputs, state_source: str,
-            batches: list[dict[str, Any]] | None, threads: int | None) -> str:
+            batches: list[dict[str, Any]] | None, threads: int | None, cache: StageCache | None) -> str:
     """Every stage not done yet, in order; the run's status (completed, stopped or error)."""
     run_dir, r = scoring.run_dir, scoring.recipe
     m = run_dir.manifest
-    status = "completed"
+    status, reloaded = "completed", True
     for i, cfg in enumerate(r.stages):
         name = stage_name(cfg, i)
         prev = run_dir.stage_record(i)
         if prev and prev["status"] in DONE:
             log(f"stage {name}: already {prev['status']}, skipped")
             continue
-        log(f"stage {name} ({cfg.type}): applying")
         rec: dict[str, Any] = {"index": i, "name": name, "type": cfg.type, "status": "running",
                                "started": datetime.now(UTC).isoformat(timespec="seconds")}
+        key = prefix_key(r.model_dump(mode="json"), inputs.data_hashes(i), i) if cache else ""
+        if cache and (hit := cache.adopt(key, run_dir, rec)):  # a run that began alike already did it
+            run_dir.set_stage_record(hit)
+            log(f"stage {name}: {hit['status']} (outcome reused from {hit['reused_from']})")
+            if hit.get("checkpoint"):
+                state_source, reloaded = str(run_dir.path(hit["checkpoint"])), False
+                if r.output.checkpoints == "last":
+                    run_dir.drop_checkpoints_before(i)
+            if hit["status"] == "failed":
+                return "stopped"
+            continue
+        if not reloaded:  # the latest state is a reused checkpoint: load it for this stage
+            model, reloaded = scoring.hold.load(state_source)[0], True
+        log(f"stage {name} ({cfg.type}): applying")
         run_dir.set_stage_record(rec)
         t0 = time.time()
         exports = [s["artifacts"] for s in m.get("stages", []) if s["status"] in KEPT
@@ -308,6 +297,8 @@ def _stages(model: torch.nn.Module, scoring: _Scoring, inputs: _Inputs, state_so
             status = "error"
         else:  # on record: its unit-by-unit progress is no longer needed
             shutil.rmtree(ctx.workdir / "progress", ignore_errors=True)
+            if cache:
+                cache.offer(key, run_dir, rec)
         if status in ("stopped", "error"):
             break
     return status

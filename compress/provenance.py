@@ -1,6 +1,7 @@
-"""Where and with what a run ran: the manifest's tool, library, host and model-hash entries.
+"""Where and with what a run ran: the manifest's opening entries (tool, libraries, host, recipe, model and data
+hashes, runtime) written when a run starts or resumes.
 
-Kept apart from the pipeline so the one loop stays about stages; everything here is read-only.
+Kept apart from the pipeline so the one loop stays about stages.
 """
 
 from __future__ import annotations
@@ -9,11 +10,15 @@ import contextlib
 import os
 import platform
 import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from compress import __version__
+import torch
+import yaml
+
+from compress import __version__, memory
 from compress.artifacts import sha256_tree
 from compress.host import cpu_features
 
@@ -58,3 +63,34 @@ def header() -> dict[str, Any]:
         "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu": cpu_features()},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+def start_manifest(recipe: Any, inputs: Any, adapter: Any, run_dir: Any, resuming: bool, threads: int | None) -> None:
+    """A new run's manifest header and recipe copies, or a resumed run's manifest marked running again."""
+    r, m = recipe.recipe, run_dir.manifest
+    if not resuming:
+        m.update({
+            **header(),
+            "recipe": {"name": r.name, "path": str(recipe.path), "sha256": recipe.sha256()},
+            "seed": r.seed,
+            "inputs_sha256": inputs.sha256(),
+            "model": {"source": r.model.source, "resolved": inputs.source, "sha256": inputs.model_sha256,
+                      "adapter": adapter.name, "dtype": r.model.dtype},
+            "data": {name: {"source": d.source, "sha256": d.sha256, "records": len(d)}
+                     for name, d in (("evaluation", inputs.evaluation), ("calibration", inputs.calibration),
+                                     *((f"stages.{i}.data", d) for i, d in inputs.stage_data.items()))
+                     if d is not None},
+            "status": "running",
+            "stages": [],
+        })
+        run_dir.write("recipe.yaml", recipe.text)
+        run_dir.write("recipe.resolved.yaml", yaml.safe_dump(recipe.resolved(), sort_keys=False))
+        run_dir.save_manifest()
+    else:
+        print(f"[vlm-compress] resuming {run_dir.root}", file=sys.stderr, flush=True)
+        m["status"] = "running"
+        for key in ("message", "exit_code", "finished"):  # what the attempt before this one ended with
+            m.pop(key, None)
+    m["runtime"] = {"threads": torch.get_num_threads(), "threads_requested": threads,
+                    "max_memory_gb": r.resources.max_memory_gb,
+                    "available_memory_gb": round(memory.available_bytes() / 2**30, 2)}

@@ -316,7 +316,8 @@ def parse_recipe(text: str, path: Path) -> LoadedRecipe:
 
         lines = {k: n.start_mark.line + 1 for k in recipe.search.space
                  if (n := _key_node(root, ("search", "space", k))) is not None}
-        check_space(recipe.search, data, path, _key_node(root, ("search",)).start_mark.line + 1, lines)
+        check_space(recipe.search, data, path, _key_node(root, ("search",)).start_mark.line + 1, lines,
+                    lambda text: parse_recipe(text, path))
     return LoadedRecipe(recipe=recipe, path=path.resolve(), text=text)
 
 

@@ -167,6 +167,11 @@ def test_search_on_local_ray_retries_a_killed_worker_and_names_the_smallest_pass
         t = by_point[(0.7, q)]
         assert t["status"] == "gate_failed" and t["failed_stage"] == "prune" and t["size_bytes"] is None
         assert [s["name"] for s in t["stages"]] == ["prune"]
+    # Trials that begin alike share their prefix: each sparsity's prune stage ran at most twice (two trials at
+    # once), the others adopted its outcome — a failed gate included.
+    for sparsity in (0.3, 0.7):
+        reused = [t["stages"][0]["reused"] for (s, _), t in by_point.items() if s == sparsity]
+        assert 1 <= sum(reused) <= 2, reused
     err = by_point[(0.3, nomatch)]
     assert err["status"] == "error" and "no Linear modules selected" in err["message"] and err["attempts"] == 1
     assert by_point[(0.3, int8)]["status"] == by_point[(0.3, int4)]["status"] == "passed"

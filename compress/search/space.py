@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,12 +171,11 @@ def recipe_text(data: dict[str, Any], header: str) -> str:
     return lines + yaml.safe_dump(data, sort_keys=False)
 
 
-def check_space(cfg: SearchConfig, data: dict[str, Any], path: Path, line: int, lines: dict[str, int]) -> int:
-    """Every grid point (or a sample of random ones) makes a valid recipe; returns the number of grid points
-    (0 for sampled searches). Errors name the line of the field path (`lines`), else of the search block, and
-    the offending point."""
-    from compress.recipe import parse_recipe
-
+def check_space(cfg: SearchConfig, data: dict[str, Any], path: Path, line: int, lines: dict[str, int],
+                validate: Callable[[str], Any]) -> int:
+    """Every grid point (or a sample of random ones) makes a recipe `validate` (the recipe parser) accepts;
+    returns the number of grid points (0 for sampled searches). Errors name the line of the field path
+    (`lines`), else of the search block, and the offending point."""
     stages = data.get("stages") or []
     for p in cfg.space:
         parts = p.split(".")
@@ -196,7 +196,7 @@ def check_space(cfg: SearchConfig, data: dict[str, Any], path: Path, line: int, 
         point = decode(ax, params)
         text = yaml.safe_dump(absolute_sources(apply(data, point), path.parent), sort_keys=False)
         try:
-            parse_recipe(text, path)
+            validate(text)
         except RecipeError as e:
             reason = str(e).split(": ", 1)[-1] if str(e).startswith(str(path)) else str(e)
             raise RecipeError(f"{path}:{line}: search.space: the point {json.dumps(point, default=str)} makes an "

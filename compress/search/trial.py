@@ -61,7 +61,8 @@ def summarize(manifest: dict[str, Any], run_dir: Path, cfg: SearchConfig) -> dic
         "metrics": metrics,
         "retention": retention,
         "stages": [{"name": s["name"], "status": s["status"], "wall_s": s.get("wall_s"),
-                    "metrics": s.get("metrics"), "peak_rss_mb": s.get("peak_rss_mb")} for s in stages],
+                    "metrics": s.get("metrics"), "peak_rss_mb": s.get("peak_rss_mb"),
+                    "reused": "reused_from" in s} for s in stages],
         "peak_rss_mb": max((s.get("peak_rss_mb") or 0 for s in stages), default=None),
     }
     failed = next((s for s in stages if s["status"] not in KEPT), None)
@@ -137,7 +138,7 @@ def _run(config: dict[str, Any], cfg: SearchConfig, folder: Path, point: dict[st
     torch.set_num_threads(cfg.cpus_per_trial)
     run_dir = folder / "run"
     res = run(recipe, out=run_dir, resume=(run_dir / "manifest.json").exists(), threads=cfg.cpus_per_trial,
-              baseline_from=search_dir / "baseline")
+              baseline_from=search_dir / "baseline", stage_cache=search_dir / "stages")
     return summarize(read_manifest(res.run_dir), res.run_dir, cfg)
 
 
