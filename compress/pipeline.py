@@ -381,4 +381,6 @@ def _run_stage(model: torch.nn.Module, cfg: Any, i: int, rec: dict[str, Any], ct
 
 
 def _failed(checks) -> str:
-    return ", ".join(f"{c.metric} {c.value:.4f} vs threshold {c.threshold}" for c in checks if not c.passed)
+    return ", ".join(f"{c.metric} {c.value:.4f}" + (f", retention {c.retention:.4f} < {c.threshold}"
+                                                   if c.retention is not None else f" vs threshold {c.threshold}")
+                     for c in checks if not c.passed)

@@ -80,6 +80,12 @@ def _markdown(s: dict[str, Any], cfg: SearchConfig, best: dict[str, Any] | None,
         lines += [f"**Winner: {best['trial']}** — {_mib(best['size_bytes'])} MiB, {metric} retention "
                   f"{best['retention'].get(metric, 0):.4f}; point `{json.dumps(best['point'], default=str)}`. "
                   "Reproduce: `vlm-compress run best.yaml --out runs/best`; its run folder: `best/`.", ""]
+        for stage, alloc in (best.get("bit_allocation") or {}).items():
+            counts = ", ".join(f"{n} {f}" for f, n in alloc["counts"].items())
+            lines += [f"Bit allocation of stage `{stage}` ({alloc['effective_bits']} effective bits, budget "
+                      f"{alloc['budget_bytes']:,} bytes): {counts}.", "",
+                      "| layer | format |", "|---|---|",
+                      *(f"| {n} | {f} |" for n, f in alloc["map"].items()), ""]
     else:
         lines += ["**No trial passed every gate**: relax the space or the gates.", ""]
     lines += [f"Pareto front (size vs {metric} retention): {', '.join(s['pareto']) or 'empty'}. "

@@ -64,6 +64,8 @@ def summarize(manifest: dict[str, Any], run_dir: Path, cfg: SearchConfig) -> dic
                     "metrics": s.get("metrics"), "peak_rss_mb": s.get("peak_rss_mb"),
                     "reused": "reused_from" in s} for s in stages],
         "peak_rss_mb": max((s.get("peak_rss_mb") or 0 for s in stages), default=None),
+        "bit_allocation": {s["name"]: s["details"]["bit_allocation"] for s in kept
+                           if "bit_allocation" in (s.get("details") or {})},
     }
     failed = next((s for s in stages if s["status"] not in KEPT), None)
     if manifest.get("status") == "completed" and failed is None and len(kept) == len(stages):

@@ -20,6 +20,7 @@ from compress.errors import ConfigError
 from compress.registry import register_stage
 from compress.sequential import merge
 from compress.stages.base import StageContext, StageResult
+from compress.stages.quantize_mixed import BitsConfig, mixed
 
 
 class GptqConfig(Strict):
@@ -110,9 +111,10 @@ class Int4Config(Strict):
 
 class QuantizeConfig(StageConfig):
     type: Literal["quantize"]
-    scheme: Literal["int8", "int4", "nf4"] = Field(description="int8: compressed-tensors checkpoint (W8A8 or "
-                                                               "W8A16); int4: weight-only, group-wise, compressed-"
-                                                               "tensors; nf4: bitsandbytes 4-bit (quantization.md)")
+    scheme: Literal["int8", "int4", "nf4", "mixed"] = Field(
+        description="int8: compressed-tensors checkpoint (W8A8 or W8A16); int4: weight-only, group-wise, "
+        "compressed-tensors; nf4: bitsandbytes 4-bit (quantization.md); mixed: int4 / int8 / float per layer "
+        "under the `bits` budget, chosen from each layer's measured error (weight-only, compressed-tensors)")
     targets: Targets = Field(description="nn.Linear modules to quantize")
     weights: WeightsConfig = Field(WeightsConfig(), description="int8 only: how weights are quantized")
     activations: ActivationsConfig | Literal["none"] | None = Field(
@@ -123,12 +125,19 @@ class QuantizeConfig(StageConfig):
     keep_float: KeepFloatConfig | None = Field(
         None, description="int8 only: keep the layers INT8 hurts most in float, within a parameter budget")
     nf4: NF4Config | None = Field(None, description="nf4 only")
-    int4: Int4Config | None = Field(None, description="int4 only (defaults: group 128, symmetric, rtn)")
+    int4: Int4Config | None = Field(None, description="int4 (and mixed's int4 layers) only (defaults: group 128, "
+                                                      "symmetric, rtn)")
+    bits: BitsConfig | None = Field(None, description="mixed only, required (`bits: auto`): the size budget")
 
     @model_validator(mode="after")
     def _scheme_sections(self) -> QuantizeConfig:
-        if self.int4 is not None and self.scheme != "int4":
-            raise ValueError("'int4' settings only apply to scheme int4")
+        if self.int4 is not None and self.scheme not in ("int4", "mixed"):
+            raise ValueError("'int4' settings only apply to schemes int4 and mixed")
+        if (self.bits is not None) != (self.scheme == "mixed"):
+            raise ValueError("scheme mixed needs 'bits' (effective_bits or max_mb), and 'bits' needs scheme mixed")
+        if self.scheme == "mixed" and self.int4 is not None and self.int4.rounding == "awq":
+            raise ValueError("scheme mixed takes int4 rounding rtn or gptq (AWQ folds scales into producers that "
+                             "layers of different formats share)")
         if self.scheme == "int8":
             if self.activations is None:
                 raise ValueError("int8 needs 'activations': {calibration: minmax|percentile|entropy|mse} "
@@ -141,7 +150,7 @@ class QuantizeConfig(StageConfig):
             if (self.activations not in (None, "none") or self.smoothquant is not None
                     or self.keep_float is not None):
                 raise ValueError(f"{self.scheme} is weight-only: drop 'activations', 'smoothquant' and 'keep_float'")
-            if self.weights != WeightsConfig():
+            if self.weights != WeightsConfig() and self.scheme != "mixed":
                 raise ValueError(f"'weights' settings only apply to scheme int8 ({self.scheme} uses "
                                  f"'{self.scheme}')")
             if self.nf4 is not None and self.scheme != "nf4":
@@ -153,6 +162,8 @@ class QuantizeConfig(StageConfig):
         static = isinstance(self.activations, ActivationsConfig) and self.activations.calibration is not None
         if self.scheme == "int4":
             return (self.int4 or Int4Config()).rounding != "rtn"
+        if self.scheme == "mixed":
+            return True  # each layer's error at each format is measured on its calibration inputs
         return self.scheme == "int8" and (static or self.smoothquant is not None or self.keep_float is not None
                                           or self.weights.rounding == "gptq")
 
@@ -288,6 +299,18 @@ def _int4(model: torch.nn.Module, names: list[str], cfg: QuantizeConfig, ctx: St
     return details
 
 
+def _mixed(model: torch.nn.Module, names: list[str], cfg: QuantizeConfig, ctx: StageContext) -> dict:
+    from compress.quant import WeightQuant
+    from compress.quant.int4 import Int4Quant
+
+    c, g8 = cfg.int4 or Int4Config(), cfg.weights.gptq or GptqConfig()
+    g4 = c.gptq or GptqConfig()
+    int4 = Int4Quant(c.group_size, c.symmetric, c.rounding, g4.block_size, g4.damp)
+    int8 = WeightQuant(cfg.weights.granularity, cfg.weights.reduce_range, cfg.weights.rounding, g8.block_size,
+                       g8.damp)
+    return mixed(model, names, cfg.bits, int4, int8, ctx)
+
+
 @register_stage(QuantizeConfig)
 def apply(model: torch.nn.Module, cfg: QuantizeConfig, ctx: StageContext) -> StageResult:
     from compress.quant import check_nf4, nf4_details, quantize_nf4, size_summary
@@ -307,7 +330,8 @@ def apply(model: torch.nn.Module, cfg: QuantizeConfig, ctx: StageContext) -> Sta
         from compress.quant.untie import untie_heads
 
         untied = untie_heads(model, names)  # a tied lm_head gets its own copy; the embedding table stays float
-        details = _int4(model, names, cfg, ctx) if cfg.scheme == "int4" else _int8(model, names, cfg, ctx)
+        details = (_int4(model, names, cfg, ctx) if cfg.scheme == "int4" else _mixed(model, names, cfg, ctx)
+                   if cfg.scheme == "mixed" else _int8(model, names, cfg, ctx))
         if untied:
             details["untied"] = untied
     ctx.fault_point()
