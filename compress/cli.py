@@ -18,6 +18,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     r = lr.recipe
     stages = ", ".join(f"{s.name or s.type}" for s in r.stages)
     print(f"{args.recipe}: ok: recipe '{r.name}', model {r.model.source}, {len(r.stages)} stage(s): {stages}")
+    if r.search is not None:
+        from compress.search.space import axes, grid_points
+
+        s = r.search
+        n = len(grid_points(axes(s))) if s.algorithm == "grid" else s.max_trials
+        print(f"search: {s.algorithm}, {n} trials over {len(s.space)} field(s) ({', '.join(s.space)}), "
+              f"{s.max_concurrent} at a time; minimize {s.objective.minimize} among trials passing every gate")
     from pathlib import Path
 
     from compress.plan import plan_run

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,42 @@ def test_a_tied_head_is_untied_on_real_weights(tmp_path: Path):
                                    doc["evaluation"]["max_new_tokens"], doc["evaluation"]["prompt"])
     assert plain["loading"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
     assert plain["exact_match"] == pytest.approx(head["metrics"]["exact_match"], abs=1e-9)
+
+
+def test_bits_auto_beats_uniform_int4_at_equal_weight_bytes_on_real_weights(tmp_path: Path):
+    """`scheme: mixed` at 5 effective bits (INT4 group 64 + INT8 where INT4 hurts most per byte) against
+    uniform INT4 at group 32 (5.0 bits: the same weight bytes) and group 64 (4.5 bits), as one search on local
+    Ray (docs/search.md, bits: auto)."""
+    from compress.search.driver import search
+    from compress.zoo.smollm2 import build
+
+    built = tmp_path / "smollm2-llava"
+    build(built)
+    keep = {"metric": "token_agreement", "min_retention": 0.5}
+    path = _stages_recipe(tmp_path, built, "bits", [
+        {"type": "quantize", "name": "quant", "scheme": "int4", "targets": {"components": ["language"]},
+         "int4": {"group_size": 64}, "gate": keep}])
+    doc = yaml.safe_load(path.read_text())
+    doc["search"] = {"space": {"stages.quant": [
+        {"int4": {"group_size": 64}}, {"int4": {"group_size": 32}},
+        {"scheme": "mixed", "int4": {"group_size": 64}, "bits": {"effective_bits": 5.0}}]}}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    trials = search(path, tmp_path / "search")["trials"]
+
+    def pick(point: dict) -> dict:
+        return next(t for t in trials if t["point"]["stages.quant"] == point)
+
+    g64, g32 = pick({"int4": {"group_size": 64}}), pick({"int4": {"group_size": 32}})
+    mixed = next(t for t in trials if t["point"]["stages.quant"].get("scheme") == "mixed")
+    alloc = mixed["bit_allocation"]["quant"]
+    assert alloc["effective_bits"] <= 5.0 and set(alloc["counts"]) == {"int4", "int8"}
+    weight_bytes = {}
+    for t in (g64, g32, mixed):
+        m = json.loads((tmp_path / "search" / "trials" / t["trial"] / "run" / "manifest.json").read_text())
+        weight_bytes[t["trial"]] = m["stages"][0]["details"]["quantized_weights"]["quantized_bytes"]
+    assert weight_bytes[mixed["trial"]] <= weight_bytes[g32["trial"]]
+    agreement = {k: t["metrics"]["token_agreement"] for k, t in (("g64", g64), ("g32", g32), ("mixed", mixed))}
+    print("SmolLM2 bits: auto", agreement, {k: t["metrics"]["logit_kl"] for k, t in
+                                            (("g64", g64), ("g32", g32), ("mixed", mixed))})
+    assert agreement["mixed"] >= agreement["g32"] >= agreement["g64"]
+    assert mixed["metrics"]["logit_kl"] < g32["metrics"]["logit_kl"]

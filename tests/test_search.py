@@ -248,3 +248,31 @@ def test_a_two_node_loopback_cluster_gives_the_same_winner_and_table(tmp_path: P
     assert summary["winner"] == json.loads((tmp_path / "local" / "trials.json").read_text())["winner"]
     nodes = {json.loads(w.read_text())["ray_node"] for w in (tmp_path / "cluster").glob("trials/*/worker.json")}
     assert len(nodes) == 2  # trials ran on both nodes
+
+
+def test_an_optuna_search_on_latency_measures_passing_trials_as_bench_does(tmp_path: Path) -> None:
+    from compress.search.driver import search
+
+    base = BASE.split("  - type: quantize")[0]  # the prune stage only
+    recipe = _recipe(tmp_path, """\
+search:
+  algorithm: optuna
+  max_trials: 3
+  space:
+    stages.prune.sparsity: {min: 0.1, max: 0.4}
+    calibration.num_samples: {min: 16, max: 64, integer: true}
+  objective: {minimize: e2e_ms, new_tokens: 4, repeats: 2}
+""", base=base)
+    summary = search(recipe, tmp_path / "out")
+    trials = summary["trials"]
+    assert len(trials) == 3 and len({json.dumps(t["point"]) for t in trials}) == 3
+    for t in trials:
+        assert 0.1 <= t["point"]["stages.prune.sparsity"] <= 0.4
+        n = t["point"]["calibration.num_samples"]
+        assert isinstance(n, int) and 16 <= n <= 64
+        if t["status"] == "passed":  # measured in its own process, as bench does
+            assert t["objective_value"] == t["bench"]["e2e_ms"] > 0 and t["bench"]["peak_rss_mb"] > 0
+    passing = [t for t in trials if t["status"] == "passed"]
+    assert summary["winner"] == min(passing, key=lambda t: t["objective_value"])["trial"]
+    assert list((tmp_path / "out" / "tune").glob("searcher-state-*.pkl"))  # Optuna's study, for --resume
+    assert "e2e_ms" in (tmp_path / "out" / "report.md").read_text()

@@ -38,6 +38,15 @@ def _spawn(args: dict[str, Any]) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
+def measure_artifact(run_dir: Path, path: Path, kind: str, batch: int = 1, new_tokens: int = 16, warmup: int = 1,
+                     repeats: int = 3) -> dict[str, Any]:
+    """One artifact of a run measured as `bench` measures it (its own process, the run's evaluation inputs)."""
+    m = read_manifest(run_dir)
+    return _spawn({"run_dir": str(Path(run_dir).resolve()), "source": m["model"]["resolved"],
+                   "model_type": m["model"]["model_type"], "batch": batch, "new_tokens": new_tokens,
+                   "warmup": warmup, "repeats": repeats, "providers": None, "kind": kind, "path": str(path)})
+
+
 def bench(run_dir: str | Path, batch: int = 1, new_tokens: int = 16, warmup: int = 2, repeats: int = 5,
           providers: list[str] | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure every artifact of a run; write RUN_DIR/bench/bench.{json,md,png}; return the result."""

@@ -40,9 +40,13 @@ class Range(Strict):
 
 
 class Objective(Strict):
-    minimize: Literal["size"] = Field("size", description="size: bytes on disk of the trial's final artifact (the "
-                                      "last kept export folder, else the last kept checkpoint), as `bench` counts "
-                                      "them")
+    minimize: Literal["size", "e2e_ms", "ttft_ms", "decode_ms_per_step"] = Field(
+        "size", description="size: bytes on disk of the trial's final artifact (the last kept export folder, else "
+        "the last kept checkpoint); e2e_ms (image -> answer latency), ttft_ms, decode_ms_per_step: that artifact "
+        "measured as `vlm-compress bench` measures it, after the trial passed")
+    batch: int = Field(1, ge=1, description="latency objectives: questions per call")
+    new_tokens: int = Field(16, ge=2, description="latency objectives: tokens generated per call (EOS ignored)")
+    repeats: int = Field(3, ge=1, description="latency objectives: timed calls (median), after one warm-up")
 
 
 class SearchConfig(Strict):

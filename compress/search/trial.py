@@ -56,6 +56,7 @@ def summarize(manifest: dict[str, Any], run_dir: Path, cfg: SearchConfig) -> dic
     retention = {k: (metrics[k] / baseline[k] if baseline.get(k) else None) for k in metrics if k != "logit_kl"}
     out: dict[str, Any] = {
         "size_bytes": dir_bytes(run_dir / final) if final else None,
+        "objective_value": dir_bytes(run_dir / final) if final and cfg.objective.minimize == "size" else None,
         "source_bytes": _source_bytes(manifest),
         "final_artifact": final,
         "metrics": metrics,
@@ -88,10 +89,26 @@ def _source_bytes(manifest: dict[str, Any]) -> int | None:
 
 
 def objective(result: dict[str, Any]) -> float:
-    size = result.get("size_bytes")
-    if size is None:
+    """What the sampler minimizes: the objective of a passing trial; a failing one scores ten times its size
+    (or its latency), worse than any pass."""
+    value = result.get("objective_value") or result.get("size_bytes")
+    if value is None:
         return float(1 << 62)
-    return float(size) if result["status"] == "passed" else float(size) * FAILED_FACTOR
+    return float(value) if result["status"] == "passed" else float(value) * FAILED_FACTOR
+
+
+def _latency(run_dir: Path, result: dict[str, Any], cfg: SearchConfig) -> dict[str, Any]:
+    """The passing trial's final artifact measured as `bench` measures it; the objective from it."""
+    from compress.bench.run import measure_artifact
+    from compress.runs import identify
+
+    o = cfg.objective
+    art = identify(run_dir / result["final_artifact"])
+    try:
+        metrics = measure_artifact(run_dir, Path(art.path), art.kind, o.batch, o.new_tokens, 1, o.repeats)
+    except CompressError as e:
+        return {"status": "error", "message": f"measuring {o.minimize} failed: {e}"}
+    return {"bench": metrics, "objective_value": metrics[o.minimize]}
 
 
 def run_trial(config: dict[str, Any], settings: dict[str, Any]) -> None:
@@ -141,7 +158,10 @@ def _run(config: dict[str, Any], cfg: SearchConfig, folder: Path, point: dict[st
     run_dir = folder / "run"
     res = run(recipe, out=run_dir, resume=(run_dir / "manifest.json").exists(), threads=cfg.cpus_per_trial,
               baseline_from=search_dir / "baseline", stage_cache=search_dir / "stages")
-    return summarize(read_manifest(res.run_dir), res.run_dir, cfg)
+    result = summarize(read_manifest(res.run_dir), res.run_dir, cfg)
+    if cfg.objective.minimize != "size" and result["status"] == "passed":
+        result.update(_latency(res.run_dir, result, cfg))
+    return result
 
 
 def _note_attempt(folder: Path) -> int:
