@@ -54,21 +54,61 @@ def observe_inputs(
 
 
 class Hessian:
-    """Running H = 2/n * sum x^T x over every input row the layer sees (float64 for the sum)."""
+    """Running H = 2/n * sum x^T x over every input row the layer sees (float64 for the sum).
+
+    The sum is allocated at the first update (a layer that shares another's Hessian never allocates one), and
+    `value()` computes H once in float32 and releases the float64 sum: a 7B down_proj's is ~1 GB.
+    """
 
     def __init__(self, in_features: int):
-        self.h = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.in_features = in_features
+        self.h: torch.Tensor | None = None
         self.rows = 0
+        self._value: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
+        if self._value is not None:
+            raise RuntimeError("Hessian.update after value(): the sum was released")
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        if self.h is None:
+            self.h = torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
         self.h += 2.0 * x.T @ x
         self.rows += x.shape[0]
 
     def value(self) -> torch.Tensor:
-        if self.rows == 0:
-            raise ConfigError("GPTQ: the layer saw no calibration inputs")
-        return (self.h / self.rows).float()
+        if self._value is None:
+            if self.rows == 0 or self.h is None:
+                raise ConfigError("GPTQ: the layer saw no calibration inputs")
+            # In place: the same float64 division as h / rows, without a second copy (inference-mode sums are
+            # divided in inference mode, where they may change in place).
+            with torch.inference_mode(self.h.is_inference()):
+                self.h.div_(self.rows)
+                self._value, self.h = self.h.float(), None
+        return self._value
+
+
+class SharedInputs:
+    """Linears that read the same input tensor in the same call (q/k/v of an attention, gate/up of an MLP)
+    accumulate the same Hessian, so they share one: found at the first batch by the input's storage, shape,
+    strides and version, and checked on every batch after. The last input is held, so its storage cannot be
+    freed and reused by another tensor that would then look the same."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.last: Hessian | None = None
+        self.x: torch.Tensor | None = None
+
+    def update(self, owner: dict[str, Any], x: torch.Tensor) -> None:
+        """`owner` is the layer's record: {"hessian": Hessian, "shared": bool}; updates or binds it."""
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), None if x.is_inference() else x._version)
+        h: Hessian = owner["hessian"]
+        if owner["shared"] or (h.rows == 0 and key == self.key and self.last is not None):
+            if key != self.key or (owner["shared"] and h is not self.last):
+                raise RuntimeError("layers that shared an input at the first batch read different inputs later")
+            owner["hessian"], owner["shared"] = self.last, True
+            return
+        h.update(x)
+        self.key, self.last, self.x = key, h, x
 
 
 class ColumnNorm:

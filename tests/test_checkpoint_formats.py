@@ -46,6 +46,8 @@ CASES: dict[str, tuple[str, dict]] = {
     "int4/symmetric/rtn": ("llava", {"int4": {"group_size": 32}}),
     "int4/zero_point/gptq": ("llava", {"int4": {"group_size": 32, "symmetric": False, "rounding": "gptq"}}),
     "int4/symmetric/awq": ("qwen2_vl", {"int4": {"group_size": 32, "rounding": "awq"}}),
+    # Per-layer INT4 (group 32) / INT8 (per channel) under a 6.5-bit budget: two config groups in one folder.
+    "mixed/int4+int8": ("llava", {"int4": {"group_size": 32}, "bits": {"effective_bits": 6.5}}),
     # bitsandbytes' own CPU kernel needs out_features % 32 == 0 (the tiny k/v projections have 16).
     "nf4": ("llava", {"nf4": {"blocksize": 32},
                       "targets": {"components": ["language"], "exclude": ["*k_proj", "*v_proj"]}}),
@@ -113,6 +115,8 @@ def test_plain_transformers_loads_every_scheme_exactly(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert results.pop("imported_compress") is False
+    mixed = json.loads((folders["mixed/int4+int8"] / "config.json").read_text())["quantization_config"]
+    assert sorted(g["weights"]["num_bits"] for g in mixed["config_groups"].values()) == [4, 8]
     sparse = json.loads((folders["int8/static/2:4"] / "config.json").read_text())["quantization_config"]
     assert sparse["sparsity_config"]["sparsity_structure"] == "2:4" and sparse["sparsity_config"]["format"] == "dense"
     for key, folder in folders.items():

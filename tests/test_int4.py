@@ -95,7 +95,7 @@ def test_int4_config_errors_name_the_field(recipe_error):
     msg = recipe_error(stage("int4", activations={"dynamic": "per_token"}))
     assert "weight-only" in msg
     msg = recipe_error(stage("int8", activations="none", int4={"group_size": 32}))
-    assert "only apply to scheme int4" in msg
+    assert "only apply to schemes int4 and mixed" in msg
     msg = recipe_error(stage("int4", int4={"rounding": "awq"}), calibration=False)
     assert "calibration" in msg
 

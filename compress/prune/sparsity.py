@@ -157,7 +157,7 @@ def prune_linears(model: nn.Module, modules: dict[str, nn.Linear], method: str, 
             lin = modules[name]
             w = lin.weight
             if method == "sparsegpt":
-                lin.weight.copy_(sparsegpt_prune(w, stats[name].value(), share, nm, block_size, damp))
+                lin.weight.copy_(sparsegpt_prune(w, stats.pop(name).value(), share, nm, block_size, damp))
                 continue
             score = w.detach().abs().float()
             if method == "wanda":

@@ -33,8 +33,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tens
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h += damp * torch.diag(h).mean() * torch.eye(cols)
-    try:
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    try:  # one step at a time, each input freed as soon as the next is made (a 7B down_proj's is ~0.5 GB)
+        hinv = torch.linalg.cholesky(h)
+        del h
+        hinv = torch.cholesky_inverse(hinv)
+        hinv = torch.linalg.cholesky(hinv, upper=True)
     except torch.linalg.LinAlgError as exc:
         raise ConfigError(f"GPTQ: the calibration Hessian is not positive definite (raise gptq.damp): {exc}") from exc
     s = scale.float().reshape(rows if scale.numel() > 1 else 1, -1).expand(rows, -1)

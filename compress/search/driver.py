@@ -136,12 +136,16 @@ def _ray_environment(address: str | None) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def _init_ray(address: str | None, cpus: int) -> None:
+def _init_ray(address: str | None, cpus: int, out: Path) -> None:
     import ray
 
     if address is None:
+        # Ray's session files (logs, sockets) in the search folder; its socket paths must stay under the OS's
+        # 107-byte limit, so a deep folder falls back to Ray's default (/tmp/ray).
+        temp = out / ".ray"
         ctx = ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-                       object_store_memory=256 * 2**20, configure_logging=False)
+                       object_store_memory=256 * 2**20, configure_logging=False,
+                       **({"_temp_dir": str(temp)} if len(str(temp)) <= 40 else {}))
         ips = {n["NodeManagerAddress"] for n in ray.nodes()}
         if ips != {"127.0.0.1"}:  # Ray was imported before the environment above was set
             ray.shutdown()
@@ -169,7 +173,7 @@ def _tune(loaded: LoadedRecipe, cfg: SearchConfig, data: dict[str, Any], out: Pa
         atomic_write(recipe_json, json.dumps(data))
     settings = {"search_dir": str(out), "search": cfg.model_dump(mode="json"), "recipe_json": str(recipe_json),
                 "base_dir": str(loaded.base_dir)}
-    _init_ray(address, cpus=max(os.cpu_count() or 1, cfg.max_concurrent * cfg.cpus_per_trial))
+    _init_ray(address, max(os.cpu_count() or 1, cfg.max_concurrent * cfg.cpus_per_trial), out)
     try:
         trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings),
                                         {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
