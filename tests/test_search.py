@@ -127,6 +127,19 @@ def test_search_cli_refuses_bad_invocations_without_writing(tmp_path: Path) -> N
         assert not out.exists()
 
 
+def test_a_search_whose_trials_need_a_gpu_is_refused_where_ray_has_none(tmp_path: Path) -> None:
+    export = ("  - type: export\n    name: onnx\n    format: onnx\n    providers: [CUDAExecutionProvider]\n"
+              "    gate: {min_retention: 0.5}\n")
+    recipe = _recipe(tmp_path, base=BASE + export)
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "compress.cli", "search", str(recipe), "--out", str(out)],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "each trial needs 1 GPU(s) (a stage scores on a GPU execution provider) and the Ray cluster has 0" \
+        in p.stderr
+    assert not out.exists()
+
+
 def _trials(out: Path) -> dict[str, dict]:
     return {r["trial"]: r for r in json.loads((out / "trials.json").read_text())["trials"]}
 

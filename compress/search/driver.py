@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -38,14 +39,26 @@ def search(recipe_path: str | Path, out: str | Path, address: str | None = None,
     loaded = load_recipe(recipe_path)
     cfg = _settings(loaded, max_trials, max_concurrent)
     out = Path(out).resolve()
+    _check_out(out, resume)
+    created, started = not out.exists(), False
     _ray_environment(address)
-    with _locked(out, resume):
-        data = yaml.safe_load(loaded.text)
-        _record_search(out, loaded, resume)
-        baseline = _baseline(loaded, data, out)
-        t0 = time.time()
-        results = _tune(loaded, cfg, data, out, address, resume)
-        return write_report(out, loaded, cfg, results, baseline, time.time() - t0)
+    try:
+        _init_ray(address, max(os.cpu_count() or 1, cfg.max_concurrent * cfg.cpus_per_trial), out)
+        gpus = _gpus_per_trial(loaded, cfg)  # before anything of the search is written
+        started = True
+        with _locked(out):
+            data = yaml.safe_load(loaded.text)
+            _record_search(out, loaded, resume)
+            baseline = _baseline(loaded, data, out)
+            t0 = time.time()
+            results = _tune(loaded, cfg, data, out, resume, gpus)
+            return write_report(out, loaded, cfg, results, baseline, time.time() - t0)
+    finally:
+        import ray  # imported by _init_ray, after the environment Ray reads at import
+
+        ray.shutdown()
+        if created and not started:  # refused: Ray's session files were all it left
+            shutil.rmtree(out, ignore_errors=True)
 
 
 def _settings(loaded: LoadedRecipe, max_trials: int | None, max_concurrent: int | None) -> SearchConfig:
@@ -69,15 +82,19 @@ def _settings(loaded: LoadedRecipe, max_trials: int | None, max_concurrent: int 
     return cfg
 
 
-@contextmanager
-def _locked(out: Path, resume: bool) -> Iterator[None]:
-    """One driver per search folder; a new search needs an empty or absent folder, `--resume` an existing one."""
+def _check_out(out: Path, resume: bool) -> None:
+    """A new search needs an empty or absent folder, `--resume` an existing search."""
     if out.exists() and any(out.iterdir()) and not resume and not (out / "search.json").exists():
         raise ConfigError(f"--out {out} exists and is not a search folder; nothing written")
     if (out / "search.json").exists() and not resume:
         raise ConfigError(f"{out} already holds a search; pass --resume to finish it, or another --out")
     if resume and not (out / "search.json").exists():
         raise ConfigError(f"--resume: {out} holds no search to resume")
+
+
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """One driver per search folder."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "w") as f:
         try:
@@ -161,9 +178,8 @@ def _init_ray(address: str | None, cpus: int, out: Path) -> None:
         log(f"Ray dashboard: http://{ctx.dashboard_url}")
 
 
-def _tune(loaded: LoadedRecipe, cfg: SearchConfig, data: dict[str, Any], out: Path, address: str | None,
-          resume: bool) -> list[dict[str, Any]]:
-    import ray
+def _tune(loaded: LoadedRecipe, cfg: SearchConfig, data: dict[str, Any], out: Path, resume: bool,
+          gpus: float) -> list[dict[str, Any]]:
     from ray import tune
 
     from compress.search.trial import run_trial
@@ -173,22 +189,38 @@ def _tune(loaded: LoadedRecipe, cfg: SearchConfig, data: dict[str, Any], out: Pa
         atomic_write(recipe_json, json.dumps(data))
     settings = {"search_dir": str(out), "search": cfg.model_dump(mode="json"), "recipe_json": str(recipe_json),
                 "base_dir": str(loaded.base_dir)}
-    _init_ray(address, max(os.cpu_count() or 1, cfg.max_concurrent * cfg.cpus_per_trial), out)
-    try:
-        trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings),
-                                        {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
-        exp = out / EXPERIMENT
-        if resume and tune.Tuner.can_restore(str(exp)):
-            tuner = tune.Tuner.restore(str(exp), trainable, resume_unfinished=True, restart_errored=True)
-        else:
-            tuner = tune.Tuner(trainable, param_space=_param_space(cfg), tune_config=_tune_config(cfg),
-                               run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0,
-                                                         failure_config=tune.FailureConfig(cfg.max_failures),
-                                                         callbacks=[_progress(cfg, _total(cfg))]))
-        grid = tuner.fit()
-        return [_collect(out, cfg, r) for r in grid]
-    finally:
-        ray.shutdown()
+    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings),
+                                    {"cpu": cfg.cpus_per_trial, "gpu": gpus})
+    exp = out / EXPERIMENT
+    if resume and tune.Tuner.can_restore(str(exp)):
+        tuner = tune.Tuner.restore(str(exp), trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        tuner = tune.Tuner(trainable, param_space=_param_space(cfg), tune_config=_tune_config(cfg),
+                           run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0,
+                                                     failure_config=tune.FailureConfig(cfg.max_failures),
+                                                     callbacks=[_progress(cfg, _total(cfg))]))
+    return [_collect(out, cfg, r) for r in tuner.fit()]
+
+
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "NvTensorRTRTXExecutionProvider",
+                 "ROCMExecutionProvider", "MIGraphXExecutionProvider", "DmlExecutionProvider")
+
+
+def _gpus_per_trial(loaded: LoadedRecipe, cfg: SearchConfig) -> float:
+    """`gpus_per_trial`, else one GPU when a stage (or a choice of the space) scores on a GPU execution
+    provider; refused when the cluster has fewer GPUs than one trial needs (Tune would wait forever)."""
+    import ray
+
+    text = loaded.text
+    need = cfg.gpus_per_trial or (1.0 if any(p in text for p in GPU_PROVIDERS) else 0.0)
+    have = ray.cluster_resources().get("GPU", 0.0)
+    if need > have:
+        why = "search.gpus_per_trial" if cfg.gpus_per_trial else "a stage scores on a GPU execution provider"
+        raise ConfigError(f"each trial needs {need:g} GPU(s) ({why}) and the Ray cluster has {have:g}; run the "
+                          "search where GPUs are (--address) or score on CPUExecutionProvider")
+    if need:
+        log(f"each trial gets {need:g} GPU(s)")
+    return need
 
 
 def _param_space(cfg: SearchConfig) -> dict[str, Any]:
