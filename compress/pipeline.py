@@ -36,6 +36,7 @@ from compress.recipe import LoadedRecipe, load_recipe, stage_name
 from compress.report import write_report
 from compress.residency import Resident, holder
 from compress.sequential import calibration_batches, stage_key
+from compress.sequential.inputs import calibration_key
 from compress.stage_cache import StageCache, prefix_key
 from compress.stages.base import StageContext
 from compress.stages.catalog import get_stage
@@ -108,15 +109,16 @@ def _record_eval(ev: Evaluation) -> dict[str, Any]:
 
 
 def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume: bool = False,
-        force: bool = False, threads: int | None = None, baseline_from: Path | None = None,
-        stages: bool = True, stage_cache: Path | None = None) -> RunResult:
+        force: bool = False, threads: int | None = None, share: Path | None = None,
+        stages: bool = True) -> RunResult:
     """Run a recipe end to end. Raises CompressError subclasses for anything the user must fix.
 
     `threads` (else the recipe's `threads`) sets torch's and ONNX Runtime's CPU threads; it does not
     enter the resume hash (it changes speed, not results), and the manifest records what each attempt used.
-    `baseline_from`: a run folder whose baseline (same model and evaluation) this run adopts instead of
-    measuring its own; `stages=False` measures the baseline and stops (what a search shares); `stage_cache`: a
-    folder of stage outcomes shared with runs that begin alike (`compress.stage_cache`).
+    `share`: a folder of work shared with other runs of the same model and evaluation (a search's): the
+    baseline of its `baseline/` run folder is adopted instead of measured (`compress.baseline`), stage outcomes
+    of runs that began alike are reused from `stages/` (`compress.stage_cache`), calibration inputs from
+    `calibration/`. `stages=False` measures the baseline and stops (what a search measures once).
     """
     recipe = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
     r = recipe.recipe
@@ -140,8 +142,7 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
     run_dir = RunDir(out_dir)
     resuming = run_dir.open(inputs.sha256(), resume=resume, force=force)  # locks the folder
     try:
-        cache = StageCache(stage_cache) if stage_cache is not None else None
-        return _execute(recipe, inputs, adapter, run_dir, resuming, threads, plan, baseline_from, stages, cache)
+        return _execute(recipe, inputs, adapter, run_dir, resuming, threads, plan, share, stages)
     except CompressError as e:  # named failures outside a stage: the manifest says so (unless nothing is kept)
         if run_dir.manifest:
             run_dir.manifest.update(status="error", message=str(e), exit_code=e.exit_code)
@@ -160,17 +161,22 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
 
 
 def _execute(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunDir, resuming: bool,
-             threads: int | None, plan: Plan, shared: Path | None, with_stages: bool,
-             cache: StageCache | None) -> RunResult:
+             threads: int | None, plan: Plan, share: Path | None, with_stages: bool) -> RunResult:
     """Everything after the run folder is open (and locked): baseline, stages, report."""
     r = recipe.recipe
     _seed_everything(r.seed)
     provenance.start_manifest(recipe, inputs, adapter, run_dir, resuming, threads)
     run_dir.manifest["plan"] = plan.record()
     hold = holder(plan, adapter, r)
+    shared = share / "baseline" if share is not None and (share / "baseline").resolve() != run_dir.root.resolve() \
+        else None
     model, scoring, state_source = _baseline(recipe, inputs, adapter, run_dir, resuming, hold, shared)
-    batches = (calibration_batches(adapter, scoring.processor, inputs.calibration, r.calibration.batch_size)
-               if inputs.calibration and with_stages else None)
+    batches = (calibration_batches(adapter, scoring.processor, inputs.calibration, r.calibration.batch_size,
+                                   share / "calibration" if share else None,
+                                   calibration_key(inputs.model_sha256, inputs.calibration.sha256,
+                                                   r.calibration.batch_size, r.evaluation.prompt, adapter.name))
+               if inputs.calibration and (with_stages or share) else None)
+    cache = StageCache(share / "stages") if share is not None else None
     status = _stages(model, scoring, inputs, state_source, batches, threads, cache) if with_stages else "completed"
     m = run_dir.manifest
     shutil.rmtree(run_dir.path(".work"), ignore_errors=True)

@@ -195,6 +195,9 @@ def test_search_on_local_ray_retries_a_killed_worker_and_names_the_smallest_pass
     retried = trials[killed[0]["trial"]]
     assert retried["attempts"] == 2 and retried["status"] == "passed"
     assert json.loads((out / "trials" / retried["trial"] / "worker.json").read_text())["pid"] != killed[0]["pid"]
+    # The calibration inputs, built once (by the baseline run) and read by every trial.
+    assert len(list(out.glob("calibration/*/batches.safetensors"))) == 1
+    assert not any("calibration inputs" in log.read_text() for log in out.glob("trials/*/log.txt"))
     # One baseline, measured once, adopted by every trial that ran.
     assert json.loads((out / "baseline" / "manifest.json").read_text())["stages"] == []
     for t in trials.values():

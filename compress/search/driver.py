@@ -119,7 +119,8 @@ def _record_search(out: Path, loaded: LoadedRecipe, resume: bool) -> None:
 
 
 def _baseline(loaded: LoadedRecipe, data: dict[str, Any], out: Path) -> dict[str, Any]:
-    """The baseline every trial adopts: measured once, into `<search>/baseline` (a run folder without stages)."""
+    """The baseline every trial adopts: measured once, into `<search>/baseline` (a run folder without stages);
+    the calibration inputs are built there once too, into `<search>/calibration`."""
     from compress.pipeline import run
     from compress.runs import read_manifest
 
@@ -130,7 +131,7 @@ def _baseline(loaded: LoadedRecipe, data: dict[str, Any], out: Path) -> dict[str
     log(f"baseline: measuring once for every trial, into {folder}")
     text = yaml.safe_dump(absolute_sources(apply(data, {}), loaded.base_dir), sort_keys=False)
     base = parse_recipe(text, loaded.path)
-    result = run(base, out=folder, resume=(folder / "manifest.json").exists(), stages=False)
+    result = run(base, out=folder, resume=(folder / "manifest.json").exists(), stages=False, share=out)
     return result.manifest["baseline"]
 
 

@@ -157,7 +157,7 @@ def _run(config: dict[str, Any], cfg: SearchConfig, folder: Path, point: dict[st
     torch.set_num_threads(cfg.cpus_per_trial)
     run_dir = folder / "run"
     res = run(recipe, out=run_dir, resume=(run_dir / "manifest.json").exists(), threads=cfg.cpus_per_trial,
-              baseline_from=search_dir / "baseline", stage_cache=search_dir / "stages")
+              share=search_dir)
     result = summarize(read_manifest(res.run_dir), res.run_dir, cfg)
     if cfg.objective.minimize != "size" and result["status"] == "passed":
         result.update(_latency(res.run_dir, result, cfg))
