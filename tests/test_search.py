@@ -292,3 +292,20 @@ search:
     assert summary["winner"] == min(passing, key=lambda t: t["objective_value"])["trial"]
     assert list((tmp_path / "out" / "tune").glob("searcher-state-*.pkl"))  # Optuna's study, for --resume
     assert "e2e_ms" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_extra_constraints_judge_the_last_stage() -> None:
+    from compress.search.config import SearchConfig
+    from compress.search.trial import summarize
+
+    manifest = {"status": "completed", "model": {"resolved": "/nonexistent"},
+                "baseline": {"metrics": {"exact_match": 0.8, "token_agreement": 1.0, "logit_kl": 0.0}},
+                "stages": [{"name": "q", "status": "completed", "checkpoint": None,
+                            "metrics": {"exact_match": 0.78, "token_agreement": 0.95, "logit_kl": 0.02}}]}
+    cfg = {"space": {"stages.q.scheme": ["int8"]}}
+    assert summarize(manifest, Path("/nonexistent"), SearchConfig.model_validate(cfg))["status"] == "passed"
+    strict = SearchConfig.model_validate({**cfg, "min_retention": {"token_agreement": 0.96}, "max_kl": 0.01})
+    r = summarize(manifest, Path("/nonexistent"), strict)
+    assert r["status"] == "constraint_failed"
+    assert r["message"] == "token_agreement retention 0.9500 < 0.96; logit_kl 0.0200 > 0.01"
+    assert r["retention"]["exact_match"] == pytest.approx(0.975)
