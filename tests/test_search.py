@@ -214,23 +214,24 @@ def test_search_on_local_ray_retries_a_killed_worker_and_names_the_smallest_pass
 
 def test_a_killed_driver_resumes_without_rerunning_finished_trials(tmp_path: Path) -> None:
     out = tmp_path / "search"
-    recipe = _recipe(tmp_path, SEARCH.replace("max_concurrent: 2", "max_concurrent: 1"))
+    small = SEARCH.replace("max_concurrent: 2", "max_concurrent: 1").replace("[0.3, 0.7]", "[0.3]")
+    recipe = _recipe(tmp_path, small)  # 3 trials, one at a time
     cmd = [sys.executable, "-m", "compress.cli", "search", str(recipe), "--out", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     deadline = time.time() + 300
-    while len(list(out.glob("trials/*/result.json"))) < 2 and time.time() < deadline and driver.poll() is None:
+    while len(list(out.glob("trials/*/result.json"))) < 1 and time.time() < deadline and driver.poll() is None:
         time.sleep(0.1)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything it started (local Ray dies with it)
     driver.wait()
     finished = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("trials/*/result.json")}
-    assert 2 <= len(finished) < 6
+    assert 1 <= len(finished) < 3
     p = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resuming the search" in p.stderr and "baseline: already measured" in p.stderr
     trials = _trials(out)
-    assert len(trials) == 6
+    assert len(trials) == 3
     for name, mtime in finished.items():  # reported again from result.json, not rerun
         assert (out / "trials" / name / "result.json").stat().st_mtime_ns == mtime
         assert trials[name]["attempts"] == 1
