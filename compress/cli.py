@@ -19,11 +19,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     stages = ", ".join(f"{s.name or s.type}" for s in r.stages)
     print(f"{args.recipe}: ok: recipe '{r.name}', model {r.model.source}, {len(r.stages)} stage(s): {stages}")
     if r.search is not None:
-        from compress.search.space import axes, grid_points
+        from compress.search.space import trial_count
 
         s = r.search
-        n = len(grid_points(axes(s))) if s.algorithm == "grid" else s.max_trials
-        print(f"search: {s.algorithm}, {n} trials over {len(s.space)} field(s) ({', '.join(s.space)}), "
+        print(f"search: {s.algorithm}, {trial_count(s)} trials over {len(s.space)} field(s) ({', '.join(s.space)}), "
               f"{s.max_concurrent} at a time; minimize {s.objective.minimize} among trials passing every gate")
     from pathlib import Path
 

@@ -17,10 +17,10 @@ from typing import Any
 from torch import nn
 
 from compress.errors import ConfigError
-from compress.observe import observe_inputs
 from compress.quant.int4 import Int4Linear, Int4Quant
 from compress.quant.int8 import Int8Linear, WeightQuant, quantize_weight
-from compress.quant.sensitivity import RowSampler, layer_error
+from compress.quant.linears import calibrate, int8_weight_bytes
+from compress.quant.sensitivity import layer_error
 from compress.quant.smoothquant import selected_linears
 
 FORMATS = ("int4", "int8", "float")
@@ -31,11 +31,10 @@ def measure(root: nn.Module, names: list[str], loop: Callable[[nn.Module], None]
             int8: WeightQuant, options: tuple[str, ...], samples: int, seed: int) -> dict[str, dict[str, Any]]:
     """{layer: {format: {"error", "bytes"}}} for the named Linears of `root`, over one run of `loop`."""
     mods = selected_linears(root, names, "bit allocation")
-    rows = {n: RowSampler(samples, seed) for n in mods}
-    observe_inputs(root, mods, loop, lambda n, x: rows[n].update(x))
+    stats = calibrate(root, mods, None, loop, None, samples, seed)  # input rows only
     out: dict[str, dict[str, Any]] = {}
     for n, m in mods.items():
-        x = rows[n].rows()
+        x = stats[n].samples.rows()
         costs: dict[str, Any] = {}
         if "int4" in options:
             q4 = Int4Linear.from_linear(m, int4.group_size, int4.symmetric)
@@ -43,8 +42,7 @@ def measure(root: nn.Module, names: list[str], loop: Callable[[nn.Module], None]
         if "int8" in options:
             q, scale = quantize_weight(m.weight, int8.granularity, int8.qmax)
             q8 = Int8Linear.from_linear(m, int8.granularity, None, None, quantized=(q, scale))
-            costs["int8"] = {"error": layer_error(m, q8, x),
-                             "bytes": q8.weight_int8.numel() + q8.weight_scale.numel() * 4}
+            costs["int8"] = {"error": layer_error(m, q8, x), "bytes": int8_weight_bytes(q8)}
         if "float" in options:
             costs["float"] = {"error": 0.0, "bytes": m.weight.numel() * m.weight.element_size()}
         out[n] = {f: {"error": round(c["error"], 8), "bytes": c["bytes"]} for f, c in costs.items()}

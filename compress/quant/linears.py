@@ -26,7 +26,8 @@ from compress.quant.smoothquant import selected_linears
 SENSITIVITY_SAMPLES = 256  # input rows per layer kept for the sensitivity ranking
 
 
-def _weight_bytes(m: Int8Linear) -> int:
+def int8_weight_bytes(m: Int8Linear) -> int:
+    """Bytes a deployment stores for an INT8 layer: its codes and float32 scales."""
     return m.weight_int8.numel() * m.weight_int8.element_size() + m.weight_scale.numel() * 4
 
 
@@ -142,7 +143,7 @@ def quantize_linears(
             "output_rel_error": round(sensitivity[name], 6) if name in sensitivity else None,
             "kept_float": name in kept,
             "shape": [q.out_features, q.in_features],
-            "quantized_bytes": q.weight_int8.numel() * 4 if name in kept else _weight_bytes(q),
+            "quantized_bytes": q.weight_int8.numel() * 4 if name in kept else int8_weight_bytes(q),
             "fp32_bytes": q.weight_int8.numel() * 4,
         }
         if name not in kept and swap:

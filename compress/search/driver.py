@@ -21,7 +21,7 @@ from compress.artifacts import atomic_write
 from compress.errors import ConfigError, RecipeError
 from compress.recipe import LoadedRecipe, load_recipe, parse_recipe
 from compress.search.config import SearchConfig
-from compress.search.space import absolute_sources, apply, axes, decode, grid_points
+from compress.search.space import absolute_sources, apply, axes, decode, trial_count
 from compress.search.trial import trial_dir
 
 EXPERIMENT = "tune"  # Ray Tune's experiment folder inside the search folder
@@ -76,7 +76,7 @@ def _settings(loaded: LoadedRecipe, max_trials: int | None, max_concurrent: int 
         update["max_trials"] = max_trials
     cfg = SearchConfig.model_validate({**cfg.model_dump(), **update})
     if cfg.algorithm == "grid" and cfg.max_trials is not None:
-        n = len(grid_points(axes(cfg)))
+        n = trial_count(cfg)
         if n > cfg.max_trials:
             raise ConfigError(f"the grid has {n} points, above --max-trials {cfg.max_trials}")
     return cfg
@@ -125,9 +125,10 @@ def _baseline(loaded: LoadedRecipe, data: dict[str, Any], out: Path) -> dict[str
     from compress.runs import read_manifest
 
     folder = out / "baseline"
-    if (folder / "manifest.json").exists() and read_manifest(folder).get("status") == "completed":
+    measured = read_manifest(folder) if (folder / "manifest.json").exists() else {}
+    if measured.get("status") == "completed":
         log(f"baseline: already measured in {folder}")
-        return read_manifest(folder)["baseline"]
+        return measured["baseline"]
     log(f"baseline: measuring once for every trial, into {folder}")
     text = yaml.safe_dump(absolute_sources(apply(data, {}), loaded.base_dir), sort_keys=False)
     base = parse_recipe(text, loaded.path)
@@ -199,7 +200,7 @@ def _tune(loaded: LoadedRecipe, cfg: SearchConfig, data: dict[str, Any], out: Pa
         tuner = tune.Tuner(trainable, param_space=_param_space(cfg), tune_config=_tune_config(cfg),
                            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0,
                                                      failure_config=tune.FailureConfig(cfg.max_failures),
-                                                     callbacks=[_progress(cfg, _total(cfg))]))
+                                                     callbacks=[_progress(cfg, trial_count(cfg))]))
     return [_collect(out, cfg, r) for r in tuner.fit()]
 
 
@@ -257,10 +258,6 @@ def _tune_config(cfg: SearchConfig) -> Any:
     return tune.TuneConfig(metric="objective", mode="min", search_alg=alg,
                            num_samples=1 if cfg.algorithm == "grid" else cfg.max_trials,
                            max_concurrent_trials=cfg.max_concurrent)
-
-
-def _total(cfg: SearchConfig) -> int:
-    return len(grid_points(axes(cfg))) if cfg.algorithm == "grid" else cfg.max_trials  # type: ignore[return-value]
 
 
 def _progress(cfg: SearchConfig, total: int) -> Any:

@@ -58,6 +58,13 @@ def point_id(point: dict[str, Any]) -> str:
     return "t-" + hashlib.sha256(blob).hexdigest()[:10]
 
 
+def trial_count(cfg: SearchConfig) -> int:
+    """How many trials the search runs: every grid point, else `max_trials` draws."""
+    if cfg.algorithm != "grid":
+        return cfg.max_trials  # type: ignore[return-value]  (required for sampled searches)
+    return math.prod(len(a.grid()) for a in axes(cfg))
+
+
 def grid_points(ax: list[Axis]) -> list[dict[str, Any]]:
     """Every combination, first axis slowest (the order Tune's grid runs them in is its own)."""
     points: list[dict[str, Any]] = [{}]
@@ -93,6 +100,7 @@ def _stage_index(stages: list[Any], name: str) -> int | None:
 
 
 def _merge(into: dict[str, Any], value: dict[str, Any]) -> None:
+    """Each key of `value` into `into`: null removes it, a mapping onto a mapping merges, anything else replaces."""
     for k, v in value.items():
         if v is None:
             into.pop(k, None)
@@ -108,13 +116,7 @@ def _set(target: dict[str, Any], parts: list[str], value: Any) -> None:
         if not isinstance(nxt, dict):
             nxt = target[p] = {}
         target = nxt
-    leaf = parts[-1]
-    if value is None:
-        target.pop(leaf, None)
-    elif isinstance(value, dict) and isinstance(target.get(leaf), dict):
-        _merge(target[leaf], value)
-    else:
-        target[leaf] = copy.deepcopy(value)
+    _merge(target, {parts[-1]: value})
 
 
 def apply(data: dict[str, Any], point: dict[str, Any]) -> dict[str, Any]:
@@ -136,16 +138,14 @@ def apply(data: dict[str, Any], point: dict[str, Any]) -> dict[str, Any]:
             if value is not True:
                 absent.add(i)
         elif not rest:
-            _merge(stages[i], value) if isinstance(value, dict) else _bad_stage_value(path, value)
+            if not isinstance(value, dict):
+                raise RecipeError(f"search.space: {path!r}: a choice for a whole stage must be a mapping merged "
+                                  f"into it, got {value!r}")
+            _merge(stages[i], value)
         else:
             _set(stages[i], rest, value)
     out["stages"] = [s for i, s in enumerate(stages) if i not in absent]
     return out
-
-
-def _bad_stage_value(path: str, value: Any) -> None:
-    raise RecipeError(f"search.space: {path!r}: a choice for a whole stage must be a mapping merged into it, "
-                      f"got {value!r}")
 
 
 def absolute_sources(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
@@ -185,7 +185,7 @@ def check_space(cfg: SearchConfig, data: dict[str, Any], path: Path, line: int, 
                               f"stages are {names}")
     ax = axes(cfg)
     if cfg.algorithm == "grid":
-        n = math.prod(len(a.grid()) for a in ax)
+        n = trial_count(cfg)
         if n > MAX_GRID or (cfg.max_trials is not None and n > cfg.max_trials):
             raise RecipeError(f"{path}:{line}: search: the grid has {n} points, above max_trials "
                               f"({cfg.max_trials or MAX_GRID})")

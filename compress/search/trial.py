@@ -54,9 +54,10 @@ def summarize(manifest: dict[str, Any], run_dir: Path, cfg: SearchConfig) -> dic
     final = next((s.get(k) for s in reversed(kept) for k in ("artifacts", "checkpoint") if s.get(k)), None)
     metrics = scored[-1]["metrics"] if scored else {}  # the last stage scored: the failing one, if one failed
     retention = {k: (metrics[k] / baseline[k] if baseline.get(k) else None) for k in metrics if k != "logit_kl"}
+    size = dir_bytes(run_dir / final) if final else None
     out: dict[str, Any] = {
-        "size_bytes": dir_bytes(run_dir / final) if final else None,
-        "objective_value": dir_bytes(run_dir / final) if final and cfg.objective.minimize == "size" else None,
+        "size_bytes": size,
+        "objective_value": size if cfg.objective.minimize == "size" else None,
         "source_bytes": _source_bytes(manifest),
         "final_artifact": final,
         "metrics": metrics,
