@@ -166,6 +166,9 @@ def write_report(run: RunDir) -> None:
     lines += ["## Stages", ""]
     for r in m.get("stages", []):
         lines.append(f"### {r['name']} ({r['type']}): {r['status']}, {r.get('wall_s', 0):.1f} s{_peak(r)}")
+        if r.get("reused_from"):
+            lines.append(f"- not run here: the outcome (files, metrics, checks) of a run that began alike, reused from "
+                         f"{r['reused_from']}; its time and peak RSS are that run's")
         for c in r.get("checks", []):
             ret = f"retention {c['retention']:.4f}" if c["retention"] is not None else ""
             lines.append(f"- check {c['metric']}: value {c['value']:.4f} {ret} threshold {c['threshold']} "

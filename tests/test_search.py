@@ -185,6 +185,8 @@ def test_search_on_local_ray_retries_a_killed_worker_and_names_the_smallest_pass
     for sparsity in (0.3, 0.7):
         reused = [t["stages"][0]["reused"] for (s, _), t in by_point.items() if s == sparsity]
         assert 1 <= sum(reused) <= 2, reused
+    reusing = next(t for t in by_point.values() if t["stages"][0]["reused"])
+    assert "- not run here: the outcome" in (out / "trials" / reusing["trial"] / "run" / "report.md").read_text()
     err = by_point[(0.3, nomatch)]
     assert err["status"] == "error" and "no Linear modules selected" in err["message"] and err["attempts"] == 1
     assert by_point[(0.3, int8)]["status"] == by_point[(0.3, int4)]["status"] == "passed"
