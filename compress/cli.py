@@ -140,12 +140,20 @@ def _cmd_zoo_big(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.shape not in SHAPES:
         raise ConfigError(f"no shape '{args.shape}'; available: {', '.join(SHAPES)}")
+    too_few = (args.layers is not None and args.layers < 1) or (args.vision_layers is not None and
+                                                                 args.vision_layers < 2)
+    if too_few:
+        raise ConfigError("--layers must be at least 1 and --vision-layers at least 2 (LLaVA reads the "
+                          "second-to-last vision layer); nothing written")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} already exists and is not an empty folder; nothing written")
     with atomic_dir(out) as tmp:
-        info = write_big(args.shape, tmp, seed=args.seed, max_shard_bytes=int(args.shard_gb * 2**30))
-    print(f"{out}: a random-weight {args.shape} ({info['parameters']:,} parameters, {info['bytes'] / 2**30:.2f} GB "
-          f"in {info['shards']} shards, seed {args.seed}), written shard by shard")
+        info = write_big(args.shape, tmp, seed=args.seed, max_shard_bytes=int(args.shard_gb * 2**30),
+                         layers=args.layers, vision_layers=args.vision_layers)
+    depth = "".join(f", {n} {w}" for n, w in ((args.layers, "decoder layers"), (args.vision_layers, "vision layers"))
+                    if n)
+    print(f"{out}: a random-weight {args.shape}{depth} ({info['parameters']:,} parameters, "
+          f"{info['bytes'] / 2**30:.2f} GB in {info['shards']} shards, seed {args.seed}), written shard by shard")
     return 0
 
 
@@ -222,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="folder to create (must not exist, or be empty)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--shard-gb", type=float, default=1.0, help="largest shard (one shard is in memory at a time)")
+    b.add_argument("--layers", type=int, help="decoder layers instead of the shape's (same block size)")
+    b.add_argument("--vision-layers", type=int, help="vision layers instead of the shape's (at least 2)")
     b.set_defaults(fn=_cmd_zoo_big)
     return p
 

@@ -218,7 +218,6 @@ def _baseline(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunD
         m["model"].update(model_type=model.config.model_type,
                           parameters=sum(p.numel() for p in model.parameters()))
     evaluator = Evaluator(adapter, processor, inputs.evaluation, r.evaluation)
-    evaluator.skip = set(m["plan"]["metrics_not_computed"])
     m["prompt"], warning = evaluator.prompt_record()
     if warning:
         log(f"WARNING: {warning}")
@@ -236,6 +235,8 @@ def _baseline(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunD
             runner = hold.baseline_runner(model, processor, evaluator, run_dir.path(".work/baseline"),
                                           memory.activation_budget(r.resources.max_memory_gb, hold.reserve))
             ev = evaluator.evaluate(runner, desc="baseline")
+            if hasattr(runner, "close"):
+                runner.close()
         reference = ev.reference
         with atomic_dir(run_dir.path("baseline")) as tmp:
             save_file(reference.tensors(), str(tmp / "reference.safetensors"))
@@ -340,7 +341,11 @@ def _run_stage(model: torch.nn.Module, cfg: Any, i: int, rec: dict[str, Any], ct
     fault(f"after_apply:{i}")
     scored = result.runner or run.hold.stage_runner(model, run.processor)
     ev = run.evaluator.evaluate(scored, run.reference, desc=f"{name} ({scored.backend})")
+    if hasattr(scored, "close"):
+        scored.close()
     rec["backend"] = scored.backend
+    if skipped := {k: v for k, v in getattr(scored, "not_computed", {}).items() if k in r.evaluation.metrics}:
+        rec["metrics_not_computed"] = skipped
     checks = run_checks(cfg.gate, run.baseline, ev.metrics) + list(result.checks)
     passed = all(c.passed for c in checks)
     rec.update(_record_eval(ev), checks=[c.to_dict() for c in checks], details=result.details)

@@ -17,6 +17,7 @@ from compress import memory
 from compress.errors import RecipeError
 
 OVERHEAD = 1 << 30  # the interpreter, torch and transformers themselves
+GENERATION_MARGIN = 512 << 20  # a loaded model's generation: activations, KV cache, the loader's transients
 RESIDENT_FACTOR = 2  # model + evaluation / checkpoint copies
 FLOAT_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 TEACHER_FORCED = ("token_agreement", "logit_kl")
@@ -33,8 +34,12 @@ class Plan:
         return {"mode": "streamed" if self.streamed else "resident",
                 "model_gb": round(self.model_bytes / 2**30, 3), "budget_gb": round(self.budget_bytes / 2**30, 3),
                 "budget_from": self.budget_from,
-                "metrics_not_computed": {"exact_match": "generation needs the whole model in memory"}
-                if self.streamed else {}}
+                "metrics_not_computed": {"exact_match": why} if (why := self.baseline_generation()) else {}}
+
+    def baseline_generation(self) -> str | None:
+        """None if the baseline of a streamed run can generate with the model loaded whole (it fits beside the
+        interpreter), else why not. Resident runs always generate."""
+        return generation_fits(self.model_bytes, self.budget_bytes, OVERHEAD) if self.streamed else None
 
     def describe(self) -> str:
         r = self.record()
@@ -43,6 +48,17 @@ class Plan:
         return (f"streamed: the model ({r['model_gb']} GB) is above what the budget ({r['budget_gb']} GB, "
                 f"{self.budget_from}) holds resident; blocks are read from disk one at a time, activations "
                 "beyond the budget spill to the work folder, gates are teacher-forced")
+
+
+def generation_fits(model_bytes: int, budget: int, process: int | None = None) -> str | None:
+    """None if a model of `model_bytes` (as held in memory) can be loaded beside the process (`process` bytes,
+    else its RSS now) and generate within `budget`; else why not (what the report says instead of exact
+    match)."""
+    process = memory.rss_bytes() if process is None else process
+    if process + model_bytes + GENERATION_MARGIN <= budget:
+        return None
+    return (f"generation loads the model whole: {model_bytes / 2**30:.2f} GB beside the process "
+            f"({process / 2**30:.2f} GB) is above the budget ({budget / 2**30:.2f} GB)")
 
 
 def plan_run(recipe: Any, source: str, where: str) -> Plan:

@@ -119,12 +119,14 @@ def _peak(rec: dict[str, Any]) -> str:
 
 
 def _plan_lines(plan: dict[str, Any] | None) -> list[str]:
-    """Where the model lived, and which metrics were not computed because of it."""
+    """Where the model lived, and which metrics the baseline did not compute because of it (each stage's
+    section says its own)."""
     if not plan:
         return []
     lines = [f"- memory: {plan['mode']} (model {plan['model_gb']} GB, budget {plan['budget_gb']} GB from "
              f"{plan['budget_from']})"]
-    lines += [f"- not computed: {k} ({why})" for k, why in plan.get("metrics_not_computed", {}).items()]
+    lines += [f"- not computed for the baseline: {k} ({why})" for k, why in plan.get("metrics_not_computed",
+                                                                                       {}).items()]
     return lines
 
 
@@ -169,6 +171,7 @@ def write_report(run: RunDir) -> None:
         if r.get("reused_from"):
             lines.append(f"- not run here: the outcome (files, metrics, checks) of a run that began alike, reused from "
                          f"{r['reused_from']}; its time and peak RSS are that run's")
+        lines += [f"- not computed: {k} ({why})" for k, why in r.get("metrics_not_computed", {}).items()]
         for c in r.get("checks", []):
             ret = f"retention {c['retention']:.4f}" if c["retention"] is not None else ""
             lines.append(f"- check {c['metric']}: value {c['value']:.4f} {ret} threshold {c['threshold']} "

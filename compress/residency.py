@@ -10,6 +10,7 @@ one rename.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import sys
@@ -21,6 +22,7 @@ import torch
 from compress.arch.base import DTYPES
 from compress.artifacts import atomic_dir
 from compress.checkpoint import load_checkpoint, save_checkpoint
+from compress.plan import Plan, generation_fits
 from compress.runtime.torch_runner import TorchRunner, position_ids
 from compress.sequential import ActivationStore, Sequencer
 from compress.sequential.stream import Stream, StreamedRunner
@@ -63,9 +65,10 @@ class Streamed(Resident):
 
     streamed = True
 
-    def __init__(self, adapter: Any, dtype: str, trust_remote_code: bool, max_shard_bytes: int):
+    def __init__(self, adapter: Any, dtype: str, trust_remote_code: bool, max_shard_bytes: int, plan: Plan):
         super().__init__(adapter, dtype, trust_remote_code)
-        self.max_shard_bytes = max_shard_bytes
+        self.max_shard_bytes, self.budget_bytes = max_shard_bytes, plan.budget_bytes
+        self.plan_model_bytes, self.baseline_generation = plan.model_bytes, plan.baseline_generation()
         self.stream: Stream | None = None
         self._passengers: list[dict[str, Any]] | None = None
         self.progress = _log
@@ -97,14 +100,29 @@ class Streamed(Resident):
         seq = Sequencer(model, [], ActivationStore(workdir / "activations", budget), "compressed",
                         self.passengers(evaluator), before, after, progress=self.progress)
         seq.sweep()
-        return StreamedRunner(seq)
+        return self._runner(seq, self.stream.state, processor, self.baseline_generation, self.plan_model_bytes)
 
     def prepare(self, ctx: StageContext, evaluator: Any) -> None:
         ctx.stream, ctx.passengers, ctx.progress = self.stream, self.passengers(evaluator), self.progress
 
     def stage_runner(self, model: torch.nn.Module, processor: Any) -> Any:
+        """Teacher-forced scores from the stage's walk; generation from its checkpoint loaded whole, where the
+        compressed model (its bytes as held in memory, known from the skeleton's shapes) fits the budget."""
         self.stream.finish(processor, self.stream.state)
-        return StreamedRunner(self.stream.last)
+        held = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+        return self._runner(self.stream.last, self.stream.state, processor,
+                            generation_fits(held, self.budget_bytes), held)
+
+    def _runner(self, seq: Sequencer, folder: Path, processor: Any, why: str | None, held: int) -> StreamedRunner:
+        if why is not None:
+            return StreamedRunner(seq, not_computed={"exact_match": why})
+
+        def generator() -> TorchRunner:
+            self.progress(f"loading {folder.name} whole ({held / 2**30:.2f} GB in memory) to generate")
+            loaded, _ = load_checkpoint(folder, self.adapter, self.dtype, self.trust)
+            return TorchRunner.for_adapter(loaded, self.adapter, processor)
+
+        return StreamedRunner(seq, generator)
 
     def keep(self, model: torch.nn.Module, processor: Any, dest: Path) -> None:
         if dest.exists():  # left by a killed attempt; the manifest never claimed it
@@ -114,11 +132,11 @@ class Streamed(Resident):
         self.stream.state = dest
 
 
-def holder(plan: Any, adapter: Any, recipe: Any) -> Resident:
+def holder(plan: Plan, adapter: Any, recipe: Any) -> Resident:
     """The residency a run's plan chose, for its model dtype and remote-code permission; a streamed run's
     shards (one is in memory while it fills) are at most an eighth of the budget."""
     r = recipe
     if plan.streamed:
         shard = min(int(r.output.max_shard_gb * 2**30), plan.budget_bytes // 8)
-        return Streamed(adapter, r.model.dtype, r.model.trust_remote_code, shard)
+        return Streamed(adapter, r.model.dtype, r.model.trust_remote_code, shard, plan)
     return Resident(adapter, r.model.dtype, r.model.trust_remote_code)

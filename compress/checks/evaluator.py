@@ -49,7 +49,6 @@ class Evaluator:
         if any(r.answer is None for r in data.records):
             raise ConfigError(f"evaluation set {data.source} has records without a reference answer")
         self.adapter, self.processor, self.data, self.cfg = adapter, processor, data, cfg
-        self.skip: set[str] = set()  # metrics not computed in this run (generation on a streamed model)
 
     def prompt_record(self) -> tuple[dict[str, str], str | None]:
         """Which prompt format the evaluation uses, with its first question formatted, and a warning when the
@@ -89,8 +88,9 @@ class Evaluator:
         return Reference(torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))
 
     def evaluate(self, runner: Runner, reference: Reference | None = None, desc: str = "eval") -> Evaluation:
-        """Score `runner`; with no `reference` the result carries one (this is the baseline)."""
-        wanted = set(self.cfg.metrics) - self.skip
+        """Score `runner`; with no `reference` the result carries one (this is the baseline). Metrics the
+        runner names in `not_computed` (generation on a streamed model that does not fit) are left out."""
+        wanted = set(self.cfg.metrics) - set(getattr(runner, "not_computed", {}))
         tokenizer = self.processor.tokenizer
         extract = self.cfg.extract
         hits: list[int] = []

@@ -81,7 +81,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(cols)
+    h.diagonal().add_(damp * torch.mean(torch.diag(h)))  # h += damp * mean * I, without an [in, in] identity
     try:
         hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     except RuntimeError as exc:  # not positive definite even after damping

@@ -117,7 +117,7 @@ def quantize_linears(
         obs = st.observer if st else None
         q, scale = quantize_weight(m.weight, weight.granularity, weight.qmax)
         if st is not None and st.hessian is not None:
-            q = gptq_quantize(m.weight, st.hessian.value(), scale, weight.qmax, weight.block_size, weight.damp)
+            q = gptq_quantize(m.weight, st.hessian, scale, weight.qmax, weight.block_size, weight.damp)
             st.release()
         new[name] = Int8Linear.from_linear(m, weight.granularity, obs.scale() if obs else None,
                                            act.dynamic if act else None, quantized=(q, scale))
@@ -189,7 +189,7 @@ def quantize_int4_linears(
         scale, zero = int4_params(m.weight, quant.group_size, quant.symmetric)
         st = stats.get(name)
         if gptq:
-            q = gptq_quantize(m.weight, st.hessian.value(), scale, 7, quant.block_size, quant.damp, qmin=-8,
+            q = gptq_quantize(m.weight, st.hessian, scale, 7, quant.block_size, quant.damp, qmin=-8,
                               zero=zero, group_size=quant.group_size)
             st.release()
         else:

@@ -129,12 +129,17 @@ class Stream:
 
 class StreamedRunner:
     """The evaluator's runner over a walk's passengers: teacher-forced logits from the recorded block outputs
-    (every block was loaded once for calibration and evaluation together); no generation."""
+    (every block was loaded once for calibration and evaluation together). Generation goes to `generator`
+    (a runner over the stage's checkpoint loaded whole, made at first use) where the compressed model fits
+    the budget; `not_computed` says which metrics the evaluator leaves out, and why."""
 
     backend = "torch (streamed)"
 
-    def __init__(self, seq: Sequencer):
+    def __init__(self, seq: Sequencer, generator: Callable[[], Any] | None = None,
+                 not_computed: dict[str, str] | None = None):
         self.seq = seq
+        self._make, self._generator = generator, None
+        self.not_computed = dict(not_computed or {})
 
     def _index(self, inputs: dict[str, Any]) -> int:
         for k, p in enumerate(self.seq.passengers):
@@ -146,4 +151,17 @@ class StreamedRunner:
         return self.seq.logits(self._index(inputs)).float()
 
     def generate(self, inputs: dict[str, Any], max_new_tokens: int) -> list[list[int]]:
-        raise ConfigError("generation needs the whole model in memory; a streamed model is scored teacher-forced")
+        if self._make is None:
+            raise ConfigError("generation needs the whole model in memory; this streamed model is scored "
+                              "teacher-forced")
+        if self._generator is None:
+            self._generator = self._make()
+        return self._generator.generate(inputs, max_new_tokens)
+
+    def close(self) -> None:
+        """Drop the loaded model (its memory goes back before the next stage)."""
+        import gc
+
+        self._generator = None
+        gc.collect()
+        memory.trim()

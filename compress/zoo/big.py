@@ -48,10 +48,13 @@ def _processor(shape: dict[str, int]) -> Any:
                           num_additional_image_tokens=1)
 
 
-def config(name: str, processor: Any) -> Any:
+def config(name: str, processor: Any, layers: int | None = None, vision_layers: int | None = None) -> Any:
+    """The shape's LlavaConfig; `layers` / `vision_layers` override its depth (a few blocks of the 7B shape
+    measure a 7B block's time and memory in minutes)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    s = SHAPES[name]
+    s = {**SHAPES[name], **({"layers": layers} if layers else {}),
+         **({"v_layers": vision_layers} if vision_layers else {})}
     tok = processor.tokenizer
     return LlavaConfig(
         vision_config=CLIPVisionConfig(hidden_size=s["v_hidden"], intermediate_size=s["v_inter"],
@@ -78,7 +81,8 @@ def _tensor(name: str, meta: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.randn(meta.shape, generator=g) * 0.02
 
 
-def write_big(name: str, out: str | Path, seed: int = 0, max_shard_bytes: int = 2 << 30) -> dict[str, Any]:
+def write_big(name: str, out: str | Path, seed: int = 0, max_shard_bytes: int = 2 << 30,
+              layers: int | None = None, vision_layers: int | None = None) -> dict[str, Any]:
     """Write the `name` shape into `out` (config, processor, sharded safetensors); returns its sizes. At most one
     shard is in memory at a time."""
     from accelerate import init_empty_weights
@@ -89,7 +93,7 @@ def write_big(name: str, out: str | Path, seed: int = 0, max_shard_bytes: int = 
 
     out = Path(out)
     processor = _processor(SHAPES[name])
-    cfg = config(name, processor)
+    cfg = config(name, processor, layers, vision_layers)
     with init_empty_weights(include_buffers=False):
         model = LlavaForConditionalGeneration(cfg)
     writer = ShardWriter(out, max_shard_bytes)
