@@ -70,6 +70,9 @@ def load_checkpoint(path: str | Path, adapter: Any, dtype: str = "float32",
         from compress.quant import use_portable_nf4_kernel
 
         use_portable_nf4_kernel(model)
+    from compress.tokens.install import reinstall
+
+    reinstall(model, adapter)  # a `tokens` stage's reduction, recorded in the config
     model.eval()
     adapter.bind(model)
     return model, processor

@@ -285,7 +285,9 @@ def _stages(model: torch.nn.Module, scoring: _Scoring, inputs: _Inputs, state_so
         exports = [s["artifacts"] for s in m.get("stages", []) if s["status"] in KEPT
                    and s.get("artifacts") and s["index"] < i]
         ctx = StageContext(adapter=scoring.adapter, processor=scoring.processor,
-                           workdir=run_dir.path(f".work/{name}"), seed=r.seed, calibration_batches=batches,
+                           workdir=run_dir.path(f".work/{name}"), seed=r.seed,
+                           calibration_batches=[scoring.adapter.follow_tokens(scoring.processor, b) for b in batches]
+                           if batches else batches,
                            layer_inputs=r.calibration.layer_inputs if r.calibration else "original",
                            activation_budget=memory.activation_budget(r.resources.max_memory_gb, scoring.hold.reserve),
                            threads=threads, export_dir=run_dir.path(exports[-1]) if exports else None,

@@ -129,4 +129,6 @@ def load_runner(kind: str, path: str, source: str, adapter: Any, providers: list
     has_own = (Path(path) / "processor_config.json").exists() or (Path(path) / "preprocessor_config.json").exists()
     processor = adapter.load_processor(path if has_own else source)
     processor.tokenizer.padding_side = "left"
+    reduced = runner.meta.get("token_reduction")  # the prompts follow a `tokens` stage's reduction
+    adapter.image_tokens = (reduced["tokens_in"], reduced["tokens"]) if reduced else None
     return runner, processor

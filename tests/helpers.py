@@ -210,6 +210,8 @@ STAGES: dict[str, list[dict]] = {
     "export": [{"type": "quantize", "scheme": "int4", "targets": {"components": ["language", "lm_head"]},
                 "int4": {"group_size": 32, "rounding": "awq"}},
                {"type": "export", "format": "onnx"}],
+    # 16 patch tokens per image pooled to 4, then the reduced vision graph exported (parity checked)
+    "tokens": [{"type": "tokens", "method": "pool", "keep": 4}, {"type": "export", "format": "onnx"}],
     "engine": [{"type": "export", "format": "onnx", "target": "tensorrt"},
                {"type": "engine", "compute_capabilities": ["sm86"],
                 "profiles": {"max_batch": 2, "max_prompt_tokens": 128, "max_new_tokens": 8}}],
@@ -217,9 +219,10 @@ STAGES: dict[str, list[dict]] = {
 TIED = {"gemma3", "paligemma"}  # tiny models whose lm_head is the input embedding table
 # What each family refuses (at load time, with the reason); everything else must run.
 REFUSED = {
-    "qwen2_vl": {"shrink"},
-    "qwen2_5_vl": {"shrink"},
-    "mllama": {"shrink"},
+    "qwen2_vl": {"shrink", "tokens"},
+    "qwen2_5_vl": {"shrink", "tokens"},
+    "mllama": {"shrink", "tokens"},
+    **{f: {"tokens"} for f in ("idefics3", "smolvlm", "paligemma", "gemma3", "internvl")},
 }
 
 
@@ -291,6 +294,9 @@ def run_matrix_cell(family: str, stage: str, model: Path, tmp: Path) -> None:
             if graph == "decoder":
                 assert fusion["attention_ops_in_mha"] == ops["Attention"]["nodes"], graph
         return
+    if stage == "tokens":
+        meta = json.loads((folder / "export.json").read_text())
+        assert meta["image_tokens_per_image"] == 4 and meta["token_reduction"]["tokens_in"] == 16, meta
     if stage == "export":
         quantized = result.manifest["stages"][0]["details"]
         assert ("untied" in quantized) == (family in TIED), quantized.get("untied")

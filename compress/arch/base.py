@@ -111,16 +111,32 @@ class Adapter:
         return counts.most_common(1)[0][0]
 
     def bind(self, model: torch.nn.Module) -> Adapter:
-        """Record facts that vary with the checkpoint (the decoder layer class). Returns self."""
+        """Record facts that vary with the checkpoint (the decoder layer class, a token reduction). Returns
+        self."""
+        from compress.tokens.install import record_of
+
         self.decoder_layer = self.find_decoder_layer(model)
+        rec = record_of(model)
+        self.image_tokens = (rec["tokens_in"], rec["tokens"]) if rec else None
         return self
+
+    # Image tokens per image (as the processor expands them, as the reduced tower emits them) where a
+    # `tokens` stage reduced them; None: the processor's count.
+    image_tokens: tuple[int, int] | None = None
 
     # Positions for one decode step of a family with its own position scheme (None: the model's own).
     decode_positions: Any = None
 
     def refuse(self, stage: Any) -> str | None:
         """Why this family cannot take `stage` (a stage config), or None; asked before any weights load."""
+        if stage.type == "tokens" and self.tokens_refused:
+            return self.tokens_refused
         return self.refused_stages.get(stage.type)
+
+    # Why a `tokens` stage cannot reduce this family's image tokens (None: it can).
+    tokens_refused: ClassVar[str | None] = (
+        "its image tokens are not one tower patch grid per image fed to a projector (tiles, pixel shuffle, "
+        "M-RoPE positions or cross-attention); token reduction is wired for LLaVA-style towers")
 
     # ---- export ----------------------------------------------------------------------------------
 
@@ -194,7 +210,17 @@ class Adapter:
     def _encode(self, processor: Any, images: list[Image.Image], texts: list[str]) -> dict[str, torch.Tensor]:
         processor.tokenizer.padding_side = "left"
         enc = processor(images=self.images_arg(images), text=texts, return_tensors="pt", padding=True)
-        return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+        return self.follow_tokens(processor, {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)})
+
+    def follow_tokens(self, processor: Any, enc: dict[str, Any]) -> dict[str, Any]:
+        """Processor output with as many placeholders per image as the bound model's tower emits (unchanged
+        where no `tokens` stage reduced them, or where they were cut already)."""
+        if self.image_tokens is None:
+            return enc
+        from compress.tokens.prompt import shrink_placeholders
+
+        image_id = _token_id(processor.tokenizer, self.image_fill_token or self.image_token)
+        return shrink_placeholders(enc, image_id, *self.image_tokens, self.pad_token_id(processor))
 
     def build_inputs(
         self,

@@ -27,3 +27,4 @@ class LlavaAdapter(Adapter):
     # The tower's hidden states at the configured feature layer(s) + projector, batched (not
     # `get_image_features`, whose per-image list bakes the batch size into the trace); CLIP fusions.
     export_spec = ExportSpec(vision="projected_tower", vision_optimizer="clip")
+    tokens_refused = None  # one CLIP / SigLIP patch grid per image into the projector: pool and select_merge

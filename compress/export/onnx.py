@@ -57,6 +57,7 @@ from compress.export.wrappers import (
 from compress.runtime.mrope import VisionSpec
 from compress.runtime.vision_inputs import numpy as _numpy
 from compress.runtime.vision_inputs import vision_feeds_for, vision_pixels
+from compress.tokens.install import record_of
 
 COMPONENTS = ("vision", "decoder")
 ONNX_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
@@ -261,6 +262,8 @@ def _meta(model: nn.Module, adapter: Any, processor: Any, family_adapter: Any, t
         "graphs": {name: files[name].name for name in GRAPH_FILES if name in files},
         "image_token_id": image_token_id(model),
         "image_tokens_per_image": traced.tokens_per_image,
+        # a `tokens` stage's reduction: prompts carry `tokens` placeholders per image, not the processor's
+        "token_reduction": record_of(model),
         "pixel_shape": list(pixels.shape[1:]),
         "eos_token_ids": adapter.eos_token_ids(model, processor),
         "pad_token_id": adapter.pad_token_id(processor),

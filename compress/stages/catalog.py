@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from compress.registry import StageSpec, registered
-from compress.stages import distill, engine, export, prune, quantize, shrink
+from compress.stages import distill, engine, export, prune, quantize, shrink, tokens
 
-BUILTIN = (prune, shrink, distill, quantize, export, engine)  # imported for their registration
+BUILTIN = (prune, shrink, tokens, distill, quantize, export, engine)  # imported for their registration
 
 
 def stages() -> dict[str, StageSpec]:

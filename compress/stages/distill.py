@@ -76,6 +76,12 @@ class DistillConfig(StageConfig):
     def output_state(self, state: str) -> str:
         return state
 
+    def check_after(self, earlier: list[StageConfig]) -> str | None:
+        if any(s.type == "tokens" for s in earlier):
+            return ("distillation after a 'tokens' stage is not supported yet: the teacher (the unreduced model) "
+                    "and the student would need their own image placeholders; distil before reducing tokens")
+        return None
+
 
 def _trainable(model: torch.nn.Module, cfg: DistillConfig, ctx: StageContext) -> list[torch.nn.Parameter]:
     frozen: set[int] = set()

@@ -1,0 +1,143 @@
+"""The `tokens` stage: the reductions' arithmetic, prompts that follow them, the bundled model reduced,
+quantized and exported (the reduced vision graph parity-checked, the folder scored again from disk), the
+checkpoint that reloads reduced in this toolkit and unreduced in plain transformers, and the refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import ROOT, recipe_error
+
+from compress.tokens.install import plan
+from compress.tokens.prompt import shrink_placeholders
+from compress.tokens.reduce import pool, select_merge
+
+
+def test_pool_averages_equal_windows_of_the_grid():
+    x = torch.randn(2, 16, 5)
+    got = pool(x, 4, 2)
+    grid = x.reshape(2, 4, 4, 5)
+    assert got.shape == (2, 4, 5)
+    assert torch.allclose(got[:, 1], grid[:, 0:2, 2:4].mean(dim=(1, 2)))  # top-right window
+    assert torch.allclose(got[:, 2], grid[:, 2:4, 0:2].mean(dim=(1, 2)))  # bottom-left window
+
+
+def test_select_merge_keeps_the_top_tokens_in_order_and_merges_the_rest_by_similarity():
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 6)
+    x[0, 5] = x[0, 2] * 3  # same direction as token 2: merged with it
+    scores = torch.tensor([[0.1, 0.9, 0.0, 0.2, 0.8, 0.0, 0.3, 0.0]])
+    out = select_merge(x, scores, dominant=2, contextual=3)
+    assert out.shape == (1, 5, 6)
+    assert torch.equal(out[0, :2], x[0, [1, 4]])  # the two most attended, in image order
+    # the rest (0, 2, 3, 5, 6, 7): targets every 2nd (0, 3, 6); each other token joins its most similar target
+    rest = x[0, [0, 2, 3, 5, 6, 7]]
+    unit = rest / rest.norm(dim=-1, keepdim=True)
+    assign = (unit @ unit[[0, 2, 4]].T).argmax(-1)
+    for c in range(3):
+        assert torch.allclose(out[0, 2 + c], rest[assign == c].mean(0), atol=1e-6)
+    assert assign[1] == assign[3]  # tokens 2 and 5 (parallel) land in one merged token
+
+
+def test_plans_refuse_what_is_not_a_reduction_or_not_a_square_grid():
+    assert plan("pool", 576, None, 0.25, None) == {"method": "pool", "tokens_in": 576, "tokens": 144, "grid": 24,
+                                                   "target": 12}
+    assert plan("select_merge", 576, 64, None, None)["dominant"] == 54  # VisionZip's 54 + 10
+    for args, words in ((("pool", 576, 100, None, None), "keep one of"),
+                        (("pool", 16, 16, None, None), "not a reduction"),
+                        (("pool", 12, 4, None, None), "square patch grid")):
+        with pytest.raises(Exception, match=words):
+            plan(*args)
+
+
+def test_placeholders_follow_the_reduction_with_left_padding_rebuilt():
+    img, pad = 9, 0
+    ids = torch.tensor([[pad, pad, 1, img, img, img, img, 2, 3],
+                        [1, img, img, img, img, img, img, img, img]])  # row 2: two images side by side
+    mask = (ids != pad).long()
+    out = shrink_placeholders({"input_ids": ids, "attention_mask": mask, "pixel_values": torch.zeros(2, 3)},
+                              img, tokens_in=4, tokens=1, pad_id=pad)
+    assert out["input_ids"].tolist() == [[1, img, 2, 3], [pad, 1, img, img]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
+    assert out["pixel_values"] is not None and out["pixel_values"].shape == (2, 3)
+    again = shrink_placeholders(out, img, tokens_in=4, tokens=1, pad_id=pad)  # cut already: unchanged
+    assert torch.equal(again["input_ids"], out["input_ids"])
+
+
+def _recipe(tmp: Path, stages: list[dict]) -> Path:
+    doc = {"name": "tokens", "seed": 0, "model": {"source": "zoo:shapes-vqa"},
+           "calibration": {"source": str(ROOT / "calibration/shapes-vqa/calib"), "num_samples": 32,
+                           "batch_size": 32},
+           "evaluation": {"source": str(ROOT / "calibration/shapes-vqa/eval"), "num_samples": 40, "batch_size": 40,
+                          "max_new_tokens": 8},
+           "stages": stages}
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def test_bundled_model_reduced_quantized_and_exported(tmp_path):
+    """select_merge 4 -> 3 tokens, INT8 after it, ONNX after that: the vision graph emits 3 tokens (selection
+    and merging as graph ops, parity-checked against torch), the export folder scored again from disk gives
+    the stage's metrics, the checkpoint reloads reduced here and unreduced in plain transformers."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from compress.arch import get_adapter
+    from compress.checkpoint import load_checkpoint
+    from compress.evaluate import evaluate
+    from compress.pipeline import run
+
+    lenient = {"min_retention": 0.01, "on_fail": "warn"}  # 4 image tokens are all this model has: see docs/tokens.md
+    stages = [{"type": "tokens", "name": "sm", "method": "select_merge", "keep": 3, "gate": lenient},
+              {"type": "quantize", "name": "int8", "scheme": "int8", "targets": {"components": ["language"]},
+               "activations": {"calibration": "minmax"}, "gate": lenient},
+              {"type": "export", "name": "onnx", "format": "onnx", "gate": lenient}]
+    recipe, out = _recipe(tmp_path, stages), tmp_path / "run"
+    result = run(recipe, out=out)
+    recs = {s["name"]: s for s in result.manifest["stages"]}
+    assert recs["sm"]["details"]["tokens"] == 3 and recs["sm"]["details"]["dominant"] == 2
+    onnx = recs["onnx"]
+    checks = {c["metric"]: c["passed"] for c in onnx["checks"]}
+    assert checks["parity_kl"] and checks["parity_top1"], checks
+    meta = json.loads((out / onnx["artifacts"] / "export.json").read_text())
+    assert meta["image_tokens_per_image"] == 3 and meta["token_reduction"]["method"] == "select_merge"
+    again = evaluate(out / onnx["artifacts"], recipe=str(recipe), reference=str(out))["metrics"]
+    assert again["exact_match"] == onnx["metrics"]["exact_match"]
+    assert again["token_agreement"] == pytest.approx(onnx["metrics"]["token_agreement"], abs=1e-6)
+
+    adapter = get_adapter("llava")
+    model, processor = load_checkpoint(out / recs["int8"]["checkpoint"], adapter)
+    assert adapter.image_tokens == (4, 3)
+    batch = adapter.build_inputs(processor, [_image()], ["what color is the shape?"])
+    assert int((batch.inputs["input_ids"] == model.config.image_token_id).sum()) == 3
+    with torch.no_grad():
+        model(**batch.inputs)  # features and placeholders agree
+    # plain transformers: the unreduced model (it ignores config.compress_tokens), its processor's 4 tokens
+    ckpt = out / recs["int8"]["checkpoint"]
+    plain = LlavaForConditionalGeneration.from_pretrained(ckpt)
+    proc = AutoProcessor.from_pretrained(ckpt)
+    enc = proc(images=[_image()], text=["<image> what color?"], return_tensors="pt")
+    assert int((enc["input_ids"] == plain.config.image_token_id).sum()) == 4
+    with torch.no_grad():
+        assert plain(**enc).logits.isfinite().all()
+
+
+def _image():
+    from PIL import Image
+
+    return Image.new("RGB", (64, 64), (200, 30, 30))
+
+
+@pytest.mark.parametrize("stages, words", [
+    ([{"type": "tokens", "method": "pool", "keep": 1, "gate": {"min_retention": 0.5}},
+      {"type": "distill", "steps": 1, "gate": {"min_retention": 0.5}}], "stages[1]: distillation after a 'tokens'"),
+    ([{"type": "tokens", "method": "pool", "gate": {"min_retention": 0.5}}], "exactly one of keep"),
+    ([{"type": "tokens", "method": "pool", "keep": 2, "dominant": 1, "gate": {"min_retention": 0.5}}],
+     "select_merge only"),
+], ids=["distill-after", "no-count", "dominant-with-pool"])
+def test_recipes_that_cannot_reduce_are_refused_when_they_load(tmp_path, stages, words):
+    assert words in recipe_error(tmp_path, stages)
