@@ -18,6 +18,7 @@ from compress.config import StageConfig
 from compress.prune.structured import activation_importance, layout, magnitude_importance, plan, rebuild
 from compress.registry import register_stage
 from compress.stages.base import StageContext, StageResult
+from compress.tokens.install import reinstall
 
 
 class ShrinkConfig(StageConfig):
@@ -66,6 +67,7 @@ def apply(model: torch.nn.Module, cfg: ShrinkConfig, ctx: StageContext) -> Stage
     lang_before, total_before = _count(language), _count(model)
     bytes_before = model_bytes(model)
     new = rebuild(model, ctx.adapter.components["language"], lay, p)
+    reinstall(new, ctx.adapter)  # a `tokens` stage's reduction: the rebuilt model keeps it
     ctx.adapter.bind(new)
     ctx.fault_point()
     new_language = ctx.adapter.component(new, "language")
