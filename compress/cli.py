@@ -26,11 +26,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
               f"{s.max_concurrent} at a time; minimize {s.objective.minimize} among trials passing every gate")
     from pathlib import Path
 
-    from compress.plan import plan_run
+    from compress.arch import adapter_for_source
+    from compress.plan import check_stages, plan_run
     from compress.zoo import resolve_source
 
     source = resolve_source(r.model.source, lr.base_dir)
-    if Path(source).is_dir():  # a local folder: its headers say what the run will hold (a hub id: at run time)
+    if Path(source).is_dir():  # a local folder: its config and headers say what the run can do (a hub id: at run)
+        check_stages(r, adapter_for_source(source, r.model.trust_remote_code), source, str(lr.path))
         print(f"memory: {plan_run(r, source, str(lr.path)).describe()}")
     return 0
 

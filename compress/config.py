@@ -7,7 +7,7 @@ all read these types, so they sit below all of them instead of inside `compress.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -74,4 +74,9 @@ class StageConfig(Strict):
 
     def check_after(self, earlier: list[StageConfig]) -> str | None:
         """Why this stage cannot follow `earlier` (e.g. a backend that cannot run their output), or None."""
+        return None
+
+    def check_model(self, config: Any) -> str | None:
+        """Why this stage cannot run on a model with this transformers config, or None; asked before any
+        weights load."""
         return None

@@ -29,9 +29,9 @@ from compress.baseline import REFERENCE, adopt, baseline_key
 from compress.checks.evaluator import Evaluation, Evaluator, Reference
 from compress.checks.gate import run_checks
 from compress.data import Dataset, load_dataset
-from compress.errors import CompressError, ConfigError, RecipeError
+from compress.errors import CompressError, ConfigError
 from compress.failures import fault, record_run_error, record_stage_error
-from compress.plan import Plan, plan_run
+from compress.plan import Plan, check_stages, plan_run
 from compress.recipe import LoadedRecipe, load_recipe, stage_name
 from compress.report import write_report
 from compress.residency import Resident, holder
@@ -132,11 +132,7 @@ def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume
     adapter = adapter_for_source(inputs.source, r.model.trust_remote_code)
     # Calibration, evaluation and exports all prompt alike.
     adapter.use_prompt(r.evaluation.prompt, where=f"{recipe.path}: evaluation.prompt")
-    for i, stage in enumerate(r.stages):  # a family that cannot take a stage says so before any weights load
-        reason = adapter.refuse(stage)
-        if reason:
-            raise RecipeError(f"{recipe.path}: stages[{i}]: a '{stage.type}' stage cannot run on {adapter.name} "
-                              f"({adapter.model_type}) models: {reason}")
+    check_stages(r, adapter, inputs.source, str(recipe.path))  # before any weights load
     plan = plan_run(r, inputs.source, str(recipe.path))  # resident or streamed, from the headers alone
     log(plan.describe())
     run_dir = RunDir(out_dir)

@@ -61,6 +61,25 @@ def generation_fits(model_bytes: int, budget: int, process: int | None = None) -
             f"({process / 2**30:.2f} GB) is above the budget ({budget / 2**30:.2f} GB)")
 
 
+def check_stages(recipe: Any, adapter: Any, source: str, where: str) -> None:
+    """Stages the family refuses (`adapter.refuse`) or the model's config rules out (`stage.check_model`, from
+    config.json alone) are recipe errors naming the stage, before any weights load."""
+    from compress.config import StageConfig
+
+    config = None
+    for i, stage in enumerate(recipe.stages):
+        reason = adapter.refuse(stage)
+        if reason:
+            raise RecipeError(f"{where}: stages[{i}]: a '{stage.type}' stage cannot run on {adapter.name} "
+                              f"({adapter.model_type}) models: {reason}")
+        if type(stage).check_model is not StageConfig.check_model:
+            from transformers import AutoConfig
+
+            config = config or AutoConfig.from_pretrained(source, trust_remote_code=recipe.model.trust_remote_code)
+            if reason := stage.check_model(config):
+                raise RecipeError(f"{where}: stages[{i}]: {reason}")
+
+
 def plan_run(recipe: Any, source: str, where: str) -> Plan:
     from compress.sequential.weights import WeightSource
 

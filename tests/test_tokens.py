@@ -164,3 +164,17 @@ def test_stages_after_a_reduction_keep_it(tmp_path):
     batch = adapter.build_inputs(processor, [_image()], ["what color is the shape?"])
     with torch.no_grad():
         assert model(**batch.inputs).logits.isfinite().all()
+
+
+def test_a_count_the_grid_cannot_give_is_refused_before_anything_loads(tmp_path, capsys):
+    """pool keep 2 on a 2x2 grid (1 is the only smaller square): `validate` and `run` both say so, naming the
+    stage, and nothing is written."""
+    from compress.cli import main
+
+    recipe = _recipe(tmp_path, [{"type": "tokens", "method": "pool", "keep": 2, "gate": {"min_retention": 0.5}}])
+    assert main(["validate", str(recipe)]) == 2
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("stages[0]: tokens: pool turns the 2x2 grid into a smaller square grid") == 2, err
+    assert "keep one of [1]" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

@@ -9,7 +9,7 @@ placeholders as the tower emits (the adapter), and exports trace the reduced vis
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -46,9 +46,19 @@ class TokensConfig(StageConfig):
         return self
 
 
-def _tokens_in(model: torch.nn.Module) -> int:
+    def check_model(self, config: Any) -> str | None:
+        """The count and method checked against the model's patch grid before any weights load."""
+        from compress.tokens.install import plan
+
+        try:
+            plan(self.method, _tokens_in(config), self.keep, self.ratio, self.dominant)
+        except ConfigError as e:
+            return str(e)
+        return None
+
+
+def _tokens_in(cfg: Any) -> int:
     """Patch tokens per image as the projector receives them (LLaVA's 'default' strategy drops the CLS)."""
-    cfg = model.config
     strategy = getattr(cfg, "vision_feature_select_strategy", "default")
     if strategy != "default":
         raise ConfigError(f"tokens: vision_feature_select_strategy {strategy!r} passes the CLS token on; the "
@@ -63,7 +73,7 @@ def apply(model: torch.nn.Module, cfg: TokensConfig, ctx: StageContext) -> Stage
 
     if record_of(model) is not None:
         raise ConfigError("tokens: this model's image tokens are reduced already (one tokens stage per model)")
-    tokens_in = _tokens_in(model)
+    tokens_in = _tokens_in(model.config)
     rec = plan(cfg.method, tokens_in, cfg.keep, cfg.ratio, cfg.dominant)
     install(model, ctx.adapter, rec)
     ctx.adapter.bind(model)
