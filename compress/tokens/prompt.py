@@ -4,6 +4,8 @@ so the family's own expansion rules (and its chat template) stay the processor's
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -17,16 +19,12 @@ def shrink_placeholders(enc: dict[str, torch.Tensor], image_id: int, tokens_in: 
     rows = []
     for r in range(ids.shape[0]):
         keep = mask[r].bool().clone()
-        is_image = ((ids[r] == image_id) & keep).tolist()
-        t = 0
-        while t < len(is_image):
-            end = t
-            while end < len(is_image) and is_image[end]:
-                end += 1
-            if end > t and (end - t) % tokens_in == 0:
-                for j in range(t, end):
-                    keep[j] = (j - t) % tokens_in < tokens
-            t = end + 1 if end == t else end
+        start = 0
+        for image, run in itertools.groupby(((ids[r] == image_id) & keep).tolist()):
+            n = len(list(run))
+            if image and n % tokens_in == 0:
+                keep[start:start + n] = torch.arange(n) % tokens_in < tokens
+            start += n
         rows.append(keep)
     width = max(int(k.sum()) for k in rows)
     out = dict(enc)
