@@ -37,7 +37,7 @@ from compress.quant import ActQuant, WeightQuant, quantize_linears
 from compress.quant.int4 import Int4Quant
 from compress.quant.linears import quantize_int4_linears
 from compress.runtime.ort_runner import OrtRunner
-from compress.tokens.install import install, plan
+from compress.tokens.install import install, record_for
 
 REDUCTIONS = {"int4": None, "int4_pool49": ("pool", 49), "int4_select_merge49": ("select_merge", 49),
               "int4_select_merge98": ("select_merge", 98)}
@@ -96,7 +96,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, reduction in REDUCTIONS.items():
             if reduction is not None:
-                install(model, adapter, plan(reduction[0], 196, reduction[1], None, None))
+                install(model, adapter, record_for(reduction[0], 196, reduction[1], None, None))
                 adapter.bind(model)
             out = Path(tmp) / name
             export_onnx(model, adapter, processor, out, fusion=True, quantize=True, int4_accuracy_level=4,

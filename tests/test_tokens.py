@@ -12,7 +12,7 @@ import torch
 import yaml
 from helpers import ROOT, recipe_error
 
-from compress.tokens.install import plan
+from compress.tokens.install import record_for
 from compress.tokens.prompt import shrink_placeholders
 from compress.tokens.reduce import pool, select_merge
 
@@ -44,14 +44,14 @@ def test_select_merge_keeps_the_top_tokens_in_order_and_merges_the_rest_by_simil
 
 
 def test_plans_refuse_what_is_not_a_reduction_or_not_a_square_grid():
-    assert plan("pool", 576, None, 0.25, None) == {"method": "pool", "tokens_in": 576, "tokens": 144, "grid": 24,
-                                                   "target": 12}
-    assert plan("select_merge", 576, 64, None, None)["dominant"] == 54  # VisionZip's 54 + 10
+    assert record_for("pool", 576, None, 0.25, None) == {"method": "pool", "tokens_in": 576, "tokens": 144,
+                                                         "grid": 24, "target": 12}
+    assert record_for("select_merge", 576, 64, None, None)["dominant"] == 54  # VisionZip's 54 + 10
     for args, words in ((("pool", 576, 100, None, None), "keep one of"),
                         (("pool", 16, 16, None, None), "not a reduction"),
                         (("pool", 12, 4, None, None), "square patch grid")):
         with pytest.raises(Exception, match=words):
-            plan(*args)
+            record_for(*args)
 
 
 def test_placeholders_follow_the_reduction_with_left_padding_rebuilt():

@@ -48,10 +48,10 @@ class TokensConfig(StageConfig):
 
     def check_model(self, config: Any) -> str | None:
         """The count and method checked against the model's patch grid before any weights load."""
-        from compress.tokens.install import plan
+        from compress.tokens.install import record_for
 
         try:
-            plan(self.method, _tokens_in(config), self.keep, self.ratio, self.dominant)
+            record_for(self.method, _tokens_in(config), self.keep, self.ratio, self.dominant)
         except ConfigError as e:
             return str(e)
         return None
@@ -69,12 +69,12 @@ def _tokens_in(cfg: Any) -> int:
 
 @register_stage(TokensConfig)
 def apply(model: torch.nn.Module, cfg: TokensConfig, ctx: StageContext) -> StageResult:
-    from compress.tokens.install import install, plan, record_of
+    from compress.tokens.install import install, record_for, record_of
 
     if record_of(model) is not None:
         raise ConfigError("tokens: this model's image tokens are reduced already (one tokens stage per model)")
     tokens_in = _tokens_in(model.config)
-    rec = plan(cfg.method, tokens_in, cfg.keep, cfg.ratio, cfg.dominant)
+    rec = record_for(cfg.method, tokens_in, cfg.keep, cfg.ratio, cfg.dominant)
     install(model, ctx.adapter, rec)
     ctx.adapter.bind(model)
     return StageResult(model, {

@@ -47,7 +47,8 @@ def score_layer(model: nn.Module, tower: nn.Module) -> int:
     return min(feature % (n + 1), n - 1)
 
 
-def plan(method: str, tokens_in: int, keep: int | None, ratio: float | None, dominant: int | None) -> dict[str, Any]:
+def record_for(method: str, tokens_in: int, keep: int | None, ratio: float | None,
+               dominant: int | None) -> dict[str, Any]:
     """The record for `method` on `tokens_in` image tokens per image: how many remain and how."""
     want = keep if keep is not None else max(1, round(tokens_in * (ratio or 1.0)))
     if not 1 <= want < tokens_in:
