@@ -7,7 +7,8 @@ the reference answer and hidden-state MSE. Data: the stage's own `data:` set, el
 set's image + question + answer records (the teacher's own greedy answers where a record has none).
 AdamW with warm-up and cosine decay; the vision tower, projector and embeddings are frozen by default.
 Zeros that earlier pruning put in the weights stay zero: the masks are re-applied after every step and
-checked at the end.
+checked at the end. After a `tokens` stage the teacher reads the processor's image tokens and the student
+as many as its tower emits; the loss compares the same text positions of both.
 
 Distillation runs on float or pruned weights, and after INT8 through a straight-through estimator on
 the quantize stage's frozen scales (the int8 codes move, the grid does not). After NF4 it is refused
@@ -16,12 +17,14 @@ when the recipe loads: distil first, then quantize (NF4 needs no calibration).
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import resource
 import time
 from collections.abc import Callable, Iterator
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -76,11 +79,6 @@ class DistillConfig(StageConfig):
     def output_state(self, state: str) -> str:
         return state
 
-    def check_after(self, earlier: list[StageConfig]) -> str | None:
-        if any(s.type == "tokens" for s in earlier):
-            return ("distillation after a 'tokens' stage is not supported yet: the teacher (the unreduced model) "
-                    "and the student would need their own image placeholders; distil before reducing tokens")
-        return None
 
 
 def _trainable(model: torch.nn.Module, cfg: DistillConfig, ctx: StageContext) -> list[torch.nn.Parameter]:
@@ -131,9 +129,12 @@ def _batches(records: list, cfg: DistillConfig, seed: int):
         yield batch
 
 
-def _losses(student_out, teacher_out, kl_positions: torch.Tensor, answer_positions: torch.Tensor,
+def _losses(student_out, teacher_out, kl_positions: tuple[torch.Tensor, torch.Tensor], answer_positions: torch.Tensor,
             labels: torch.Tensor, cfg: LossConfig) -> dict:
-    s, t = student_out.logits[kl_positions].float(), teacher_out.logits[kl_positions].float()
+    """The loss terms; `kl_positions` is (student's, teacher's): the same tokens, in the same order, at
+    different places where the student's prompts carry fewer image tokens."""
+    s_pos, t_pos = kl_positions
+    s, t = student_out.logits[s_pos].float(), teacher_out.logits[t_pos].float()
     temp = cfg.temperature
     kl = F.kl_div(F.log_softmax(s / temp, -1), F.log_softmax(t / temp, -1), log_target=True,
                   reduction="batchmean") * temp**2
@@ -141,19 +142,22 @@ def _losses(student_out, teacher_out, kl_positions: torch.Tensor, answer_positio
     if cfg.ce:
         out["ce"] = F.cross_entropy(student_out.logits[answer_positions].float(), labels)
     if cfg.hidden_mse:
-        out["hidden_mse"] = F.mse_loss(student_out.hidden_states[-1].float(), teacher_out.hidden_states[-1].float())
+        s_h, t_h = student_out.hidden_states[-1].float(), teacher_out.hidden_states[-1].float()
+        if s_h.shape != t_h.shape:  # fewer image tokens: compare where both read the same text
+            s_h, t_h = s_h[s_pos], t_h[t_pos]
+        out["hidden_mse"] = F.mse_loss(s_h, t_h)
     return out
 
 
 @torch.no_grad()
-def _agreement(student, teacher, batches: list[tuple[dict, torch.Tensor]]) -> dict:
+def _agreement(student, teacher, batches: list[Pair]) -> dict:
     kls, hits, n = [], 0, 0
-    for inputs, pos in batches:
-        s, t = student(**inputs).logits[pos].float(), teacher(**inputs).logits[pos].float()
+    for b in batches:
+        s, t = student(**b.inputs).logits[b.positions].float(), teacher(**b.t_inputs).logits[b.t_positions].float()
         kls.append(float(F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True,
                                   reduction="sum")))
         hits += int((s.argmax(-1) == t.argmax(-1)).sum())
-        n += int(pos.sum())
+        n += int(b.positions.sum())
     return {"kl": sum(kls) / max(n, 1), "top1_agreement": hits / max(n, 1)}
 
 
@@ -166,26 +170,47 @@ def _lr_factor(step: int, warm: int, steps: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
 
 
-def _encode(batch: list, teacher: torch.nn.Module, cfg: DistillConfig,
-            ctx: StageContext) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """(inputs, answer positions, answer labels) of one batch, teacher-forcing each record's answer (the
-    teacher's own greedy answer where a record has none)."""
+@dataclass
+class Pair:
+    """One batch as the student and as the teacher see it: the same records, the teacher's prompts with the
+    processor's image tokens, the student's with as many as its tower emits (the same tensors where no
+    `tokens` stage reduced them). Positions are the answer tokens' logits in each."""
+
+    inputs: dict
+    positions: torch.Tensor
+    t_inputs: dict
+    t_positions: torch.Tensor
+    labels: torch.Tensor
+
+
+def _encode(batch: list, teacher: torch.nn.Module, teacher_adapter: Any, cfg: DistillConfig,
+            ctx: StageContext) -> Pair:
+    """One batch, teacher-forcing each record's answer (the teacher's own greedy answer where a record has
+    none)."""
     answers = [r.answer for r in batch]
     if any(a is None for a in answers):
         from compress.runtime.torch_runner import TorchRunner
 
-        enc = ctx.adapter.build_inputs(ctx.processor, [r.image for r in batch], [r.prompt for r in batch])
-        out = TorchRunner.for_adapter(teacher, ctx.adapter, ctx.processor).generate(enc.inputs, cfg.max_answer_tokens)
+        enc = teacher_adapter.build_inputs(ctx.processor, [r.image for r in batch], [r.prompt for r in batch])
+        out = TorchRunner.for_adapter(teacher, teacher_adapter, ctx.processor).generate(enc.inputs,
+                                                                                         cfg.max_answer_tokens)
         made = ctx.processor.tokenizer.batch_decode(out, skip_special_tokens=True)
         answers = [a if a is not None else m.strip() for a, m in zip(answers, made, strict=True)]
-    enc = ctx.adapter.build_inputs(ctx.processor, [r.image for r in batch], [r.prompt for r in batch], answers,
-                                   cfg.max_answer_tokens)
+    enc = teacher_adapter.build_inputs(ctx.processor, [r.image for r in batch], [r.prompt for r in batch], answers,
+                                       cfg.max_answer_tokens)
     labels = enc.inputs["input_ids"][:, 1:][enc.answer_positions[:, :-1]]
-    return enc.inputs, enc.answer_positions, labels
+    if ctx.adapter.image_tokens == teacher_adapter.image_tokens:
+        return Pair(enc.inputs, enc.answer_positions, enc.inputs, enc.answer_positions, labels)
+    student = ctx.adapter.follow_tokens(ctx.processor, {**enc.inputs, _ANSWER: enc.answer_positions})
+    positions = student.pop(_ANSWER)
+    return Pair(student, positions, enc.inputs, enc.answer_positions, labels)
+
+
+_ANSWER = "_answer_positions"  # carried through the placeholder cut beside the inputs
 
 
 def _train(model: torch.nn.Module, teacher: torch.nn.Module, params: list, masks: dict[str, torch.Tensor],
-           encode: Callable[[list], tuple[dict, torch.Tensor, torch.Tensor]], stream: Iterator[list],
+           encode: Callable[[list], Pair], stream: Iterator[list],
            cfg: DistillConfig, ctx: StageContext) -> list[float]:
     """`cfg.steps` optimizer steps of the student against the teacher; pruned weights stay zero after every
     step. Returns the loss of each step."""
@@ -200,13 +225,14 @@ def _train(model: torch.nn.Module, teacher: torch.nn.Module, params: list, masks
     for step in bar:
         if step == cfg.steps // 2:
             ctx.fault_point()
-        inputs, pos, labels = encode(next(stream))
+        b = encode(next(stream))
         with torch.no_grad():
-            t_out = teacher(**inputs, output_hidden_states=hidden)
+            t_out = teacher(**b.t_inputs, output_hidden_states=hidden)
         with torch.enable_grad():
-            s_out = model(**inputs, output_hidden_states=hidden)
-            kl_pos = pos if cfg.loss.positions == "answer" else _text_positions(inputs, image_id)
-            parts = _losses(s_out, t_out, kl_pos, pos, labels, cfg.loss)
+            s_out = model(**b.inputs, output_hidden_states=hidden)
+            kl_pos = ((b.positions, b.t_positions) if cfg.loss.positions == "answer"
+                      else (_text_positions(b.inputs, image_id), _text_positions(b.t_inputs, image_id)))
+            parts = _losses(s_out, t_out, kl_pos, b.positions, b.labels, cfg.loss)
             loss = sum(getattr(cfg.loss, k) * v for k, v in parts.items())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -227,16 +253,17 @@ def apply(model: torch.nn.Module, cfg: DistillConfig, ctx: StageContext) -> Stag
     if ctx.calibration is None or not len(ctx.calibration):
         raise ConfigError("distill needs records to train on: a 'calibration' section or the stage's 'data'")
     source = ctx.baseline_source if cfg.teacher == "baseline" else cfg.teacher
-    teacher, _ = load_checkpoint(source, ctx.adapter, ctx.dtype)
+    teacher_adapter = copy.copy(ctx.adapter)  # bound to the teacher: its own image token count
+    teacher, _ = load_checkpoint(source, teacher_adapter, ctx.dtype)
     teacher.eval().requires_grad_(False)
     torch.manual_seed(ctx.seed)
     records = list(ctx.calibration.records)
 
-    def encode(batch: list) -> tuple[dict, torch.Tensor, torch.Tensor]:
-        return _encode(batch, teacher, cfg, ctx)
+    def encode(batch: list) -> Pair:
+        return _encode(batch, teacher, teacher_adapter, cfg, ctx)
 
-    held = [encode(records[i:i + cfg.batch_size])[:2] for i in range(0, min(len(records), 4 * cfg.batch_size),
-                                                                       cfg.batch_size)]
+    held = [encode(records[i:i + cfg.batch_size]) for i in range(0, min(len(records), 4 * cfg.batch_size),
+                                                                   cfg.batch_size)]
     model.eval()
     int8 = ste.wrap(model)  # INT8 layers train through their frozen grid
     params = _trainable(model, cfg, ctx)

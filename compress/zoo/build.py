@@ -15,7 +15,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from compress.zoo import shapes
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
-PATCH = 32  # one image token per scene cell
+PATCH = 32  # one image token per scene cell (16 gives the 16-token variant: 2x2 patches per cell)
 # A chat template so the generic adapter path (processor.apply_chat_template) works unchanged.
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% for c in m['content'] %}"
@@ -41,7 +41,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_processor() -> LlavaProcessor:
+def build_processor(patch: int = PATCH) -> LlavaProcessor:
     image_processor = CLIPImageProcessorPil(
         size={"height": shapes.IMAGE_SIZE, "width": shapes.IMAGE_SIZE},
         crop_size={"height": shapes.IMAGE_SIZE, "width": shapes.IMAGE_SIZE},
@@ -51,21 +51,22 @@ def build_processor() -> LlavaProcessor:
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=build_tokenizer(),
-        patch_size=PATCH,
+        patch_size=patch,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
     )
 
 
-def build_config(tokenizer: PreTrainedTokenizerFast, hidden: int = 128, layers: int = 4) -> LlavaConfig:
+def build_config(tokenizer: PreTrainedTokenizerFast, hidden: int = 128, layers: int = 4,
+                 patch: int = PATCH) -> LlavaConfig:
     vision = CLIPVisionConfig(
         hidden_size=hidden,
         intermediate_size=hidden * 4,
         num_hidden_layers=layers,
         num_attention_heads=4,
         image_size=shapes.IMAGE_SIZE,
-        patch_size=PATCH,
+        patch_size=patch,
         num_channels=3,
     )
     text = LlamaConfig(
@@ -88,6 +89,6 @@ def build_config(tokenizer: PreTrainedTokenizerFast, hidden: int = 128, layers: 
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
         projector_hidden_act="gelu",
-        image_seq_length=(shapes.IMAGE_SIZE // PATCH) ** 2,
+        image_seq_length=(shapes.IMAGE_SIZE // patch) ** 2,
         pad_token_id=tokenizer.pad_token_id,
     )

@@ -78,6 +78,7 @@ class TrainConfig:
     layers: int = 4
     threads: int = 1  # the bundled weights were trained with 1; other counts change float sums
     reasoned: bool = shapes.REASONED
+    patch: int = build.PATCH  # 32: one image token per scene cell; 16: four per cell (zoo:shapes-vqa-16)
     log_every: int = 100
 
 
@@ -85,8 +86,8 @@ def train(cfg: TrainConfig) -> tuple[LlavaForConditionalGeneration, object]:
     """Train from scratch; the same config (and thread count) gives the same weights."""
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
-    processor = build.build_processor()
-    model = LlavaForConditionalGeneration(build.build_config(processor.tokenizer, cfg.hidden, cfg.layers))
+    processor = build.build_processor(cfg.patch)
+    model = LlavaForConditionalGeneration(build.build_config(processor.tokenizer, cfg.hidden, cfg.layers, cfg.patch))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
     steps = cfg.steps
     warmup = max(1, steps // 50)
