@@ -116,9 +116,9 @@ def test_ignore_eos_gives_exact_lengths_and_timings_on_both_runners(run_dir):
         default = runner.generate(enc, 40)  # default behaviour: stop at eos (short answers)
         assert max(len(t) for t in default) < 40
         features.append(runner.image_features({"pixel_values": enc["pixel_values"][:1]}))
-    # The vision hook bench times: one image's projected tokens, as many as the prompt has image tokens, the
-    # same through both runners (the prune stage left the vision tower and projector alone).
-    (ours,), (exported,) = features[0].pooler_output, features[1]
+    # The vision hook bench times: one image's projected tokens (rows), as many as the prompt has image tokens,
+    # the same through both runners (the prune stage left the vision tower and projector alone).
+    (ours,), exported = features[0].pooler_output, features[1]
     image_tokens = int((enc["input_ids"][0] == model.config.image_token_index).sum())
     assert ours.shape == exported.shape == (image_tokens, model.config.text_config.hidden_size)
     assert torch.allclose(ours.detach(), torch.from_numpy(exported), atol=1e-4)

@@ -110,6 +110,25 @@ def test_onnx_runtime_generates_what_torch_generates(exported):
     assert ours == TorchRunner.for_adapter(model, adapter, processor).generate(inputs, 20, ignore_eos=True)
 
 
+def test_onnxruntime_genai_runs_the_folder_or_the_export_says_why_not(exported):
+    """InternVL (tiles: several vision-batch items per prompt) answers through onnxruntime-genai as through our
+    runner; the others carry decoder inputs genai does not feed, and export.json says which."""
+    family, _, adapter, processor, out = exported
+    meta = read_meta(out)
+    if family != "internvl":
+        assert "genai" in meta and "unsupported" in meta["genai"]
+        assert ("cross-attention" if family == "mllama" else "block_sequence_ids") in meta["genai"]["unsupported"]
+        assert not (out / "genai_config.json").exists()
+        return
+    pytest.importorskip("onnxruntime_genai")
+    from compress.runtime.genai_runner import GenaiRunner
+
+    inputs = adapter.build_inputs(processor, _images([(48, 120), (64, 64)], seed=9), QUESTIONS).inputs
+    assert len(inputs["pixel_values"]) > 2  # tiled
+    want = OrtRunner.from_dir(out).generate(inputs, 20, ignore_eos=True)
+    assert GenaiRunner(out).generate(inputs, 20, ignore_eos=True) == want
+
+
 def test_parity_with_images_of_other_shapes(exported):
     _, model, adapter, processor, out = exported
     samples = list(zip(_images([(40, 100), (100, 40)]), QUESTIONS, strict=True))

@@ -44,6 +44,10 @@ class ExportSpec:
     # onnxruntime.transformers.optimizer model_type for the vision graph ("clip": CLIP towers with
     # QuickGelu, "vit": SigLIP-style towers).
     vision_optimizer: str = "vit"
+    # The onnxruntime-genai model type that drives the folder (compress.export.genai decides whether it can):
+    # its `gemma3` type is its plain multimodal pipeline (default positions, the vision graph fed through
+    # `generator.set_inputs`), which fits every image-token family here.
+    genai_model_type: str = "gemma3"
 
     def __post_init__(self) -> None:
         if self.attention_blocks is not None and self.cross_attention:

@@ -14,7 +14,9 @@ from typing import Any
 from compress.errors import ConfigError
 
 FORMAT = "compress-onnx"
-FORMAT_VERSION = 1
+# 2: image features as rows [tokens, hidden], written over the image tokens by the embed graph; decoders
+# whose logits_index is optional. Version 1 folders (the runner scattered 3-D features) are re-exported.
+FORMAT_VERSION = 2
 META_FILE = "export.json"
 # prefill: an INT4 export's optional second decoder for prompts (compress.export.prefill)
 GRAPH_FILES = {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx", "prefill": "prefill.onnx"}
@@ -88,8 +90,12 @@ def read_meta(out_dir: str | Path) -> dict[str, Any]:
     meta = json.loads(path.read_text())
     if meta.get("format") != FORMAT:
         raise ConfigError(f"{path}: not a {FORMAT} manifest (format={meta.get('format')!r})")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise ConfigError(f"{path}: format_version {meta['format_version']} is newer than this toolkit reads")
+    version = int(meta.get("format_version", 0))
+    if version > FORMAT_VERSION:
+        raise ConfigError(f"{path}: format_version {version} is newer than this toolkit reads")
+    if version < FORMAT_VERSION:
+        raise ConfigError(f"{path}: format_version {version} is older than this toolkit runs ({FORMAT_VERSION}: the "
+                          "embed graph writes the image features); export the checkpoint again")
     for name, file in meta.get("graphs", {}).items():
         if not (Path(out_dir) / file).is_file():
             raise ConfigError(f"{path}: graph '{name}' ({file}) is missing")

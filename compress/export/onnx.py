@@ -1,16 +1,18 @@
 """Export a VLM to ONNX as three small graphs that a KV-cache runner chains together.
 
-    vision.onnx   pixel_values [batch, C, H, W] -> image_features [batch, image_tokens, hidden]
-    embed.onnx    input_ids [batch, seq] (int64) -> inputs_embeds [batch, seq, hidden]
+    vision.onnx   pixel_values [batch, C, H, W] -> image_features [image_tokens, hidden] (rows, image order)
+    embed.onnx    input_ids [batch, seq] (int64), image_features [image_tokens, hidden]
+                  -> inputs_embeds [batch, seq, hidden] (each image token's row replaced by the next feature row)
     decoder.onnx  inputs_embeds, attention_mask [batch, total], position_ids [batch, seq],
                   past_key_values.N.key/value [batch, kv_heads, past, head_dim]
                   -> logits [batch, seq, vocab], present.N.key/value [batch, kv_heads, total, head_dim]
 
-Why three graphs: the image features are merged into the token embeddings at the image-token
-positions, a data-dependent scatter that is trivial in the runner and awkward in a graph; and one
-decoder graph serves both prefill (past length 0) and decode, so there is a single copy of the
-language-model weights. The embedding table gets its own Gather graph (not an .npy) so the runner
-needs nothing but ONNX Runtime and the embedding can run on the same execution provider.
+Why three graphs: one decoder graph serves both prefill (past length 0) and decode, so there is a
+single copy of the language-model weights, and the vision graph runs once per image, not per step.
+The embed graph writes the image features over the image-token positions itself (a cumulative count
+of image tokens indexes the feature rows; decode steps pass 0 rows), so a runner only chains graphs:
+this layout is what onnxruntime-genai's multimodal pipeline drives too (`compress.export.genai`).
+Mllama's vision graph gives per-tile cross-attention states instead, and its embed graph takes ids only.
 
 The decoder is exported with the torch.onnx dynamo exporter from a wrapper with explicit tensor
 inputs that rebuilds a `DynamicCache` from the flat past, so transformers' own masking and RoPE code
@@ -31,6 +33,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from compress.arch.base import text_config
 from compress.arch.export_spec import ExportSpec
 from compress.errors import ConfigError
 from compress.export import gqa
@@ -43,6 +46,7 @@ from compress.export.files import (
     write_meta,
 )
 from compress.export.fuse import fuse_export
+from compress.export.genai import genai_support, optional_logits_index, write_genai_config
 from compress.export.portable import Int8Kernels, portable_export
 from compress.export.trace import DUMMY_BATCH, export_decoder, export_embed, export_vision
 from compress.export.wrappers import (
@@ -180,8 +184,29 @@ def export_onnx(
 
         write_int8_prefill(out)
         files["prefill"] = out / GRAPH_FILES["prefill"]
-    result.meta = describe_files(out)
+    result.meta = _genai(out, model, processor)
     return result
+
+
+def _genai(out: Path, model: nn.Module, processor: Any) -> dict[str, Any]:
+    """genai_config.json where onnxruntime-genai can run the folder, and export.json saying which (or why not).
+    The decoder graphs' logits_index becomes optional here, after the fusion passes (which drop an input that
+    has a default)."""
+    import onnx
+
+    for name in ("decoder", "prefill"):
+        path = out / GRAPH_FILES[name]
+        if path.is_file():
+            proto = onnx.load(str(path), load_external_data=False)  # weights stay in their .data file
+            if optional_logits_index(proto):
+                onnx.save(proto, str(path))
+    meta = describe_files(out)
+    context = int(getattr(text_config(model), "max_position_embeddings", 0) or 4096)
+    written = write_genai_config(out, meta, context, getattr(processor.tokenizer, "bos_token_id", None))
+    meta["genai"] = ({"config": written.name, "model_type": meta["genai_model_type"]} if written is not None
+                     else {"unsupported": genai_support(meta)})
+    write_meta(out, meta)
+    return meta
 
 
 def _spec(family_adapter: Any) -> ExportSpec:
@@ -216,16 +241,18 @@ def _trace_graphs(model: nn.Module, adapter: Any, family_adapter: Any, probe: di
             write("vision", export_vision(vision, fed.feeds, dtype, opset, table))
             if spec.fixed_image_tokens:  # not where the image size decides, nor without image tokens
                 with torch.no_grad():
-                    traced.tokens_per_image = int(vision(torch.from_numpy(pixels[:1]).to(dtype)).shape[1])
+                    traced.tokens_per_image = int(vision(torch.from_numpy(pixels[:1]).to(dtype)).shape[0])
         if "decoder" in components:
-            write("embed", export_embed(model, adapter, dtype, opset))
+            write("embed", export_embed(model, adapter, dtype, opset,
+                                        None if spec.cross_attention else image_token_id(model)))
             decoder = traced.decoder = decoder_module(model, adapter)
             decoder.gqa = group_query_attention and spec.group_query_attention
             decoder.select_logits = select_logits
             with gqa.traced_with_gqa(decoder.language) if decoder.gqa else contextlib.nullcontext():
-                write("decoder", export_decoder(decoder, decoder_facts(model), dtype, opset,
-                                                {**table, **gqa.TRANSLATIONS} if decoder.gqa else table,
-                                                spec.positions == "mrope"))
+                proto = export_decoder(decoder, decoder_facts(model), dtype, opset,
+                                       {**table, **gqa.TRANSLATIONS} if decoder.gqa else table,
+                                       spec.positions == "mrope")
+            write("decoder", proto)
     for name, file in GRAPH_FILES.items():  # a component not exported this time must not linger
         if name not in traced.files:
             for stale in (out / file, out / (file + ".data")):
@@ -275,6 +302,7 @@ def _meta(model: nn.Module, adapter: Any, processor: Any, family_adapter: Any, t
         "cross_attention_tokens": family_adapter.cross_attention_tokens(model) if spec.cross_attention else None,
         # Bidirectional attention blocks of a prompt, from the processor's token_type_ids (runtime.blocks).
         "attention_blocks": spec.attention_blocks,
+        "genai_model_type": spec.genai_model_type,
         **decoder_facts(model),
         # The tower's own width and heads (Qwen2-VL names them embed_dim / num_heads; its hidden_size is the
         # merger's output), which the attention fusion needs.

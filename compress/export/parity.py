@@ -131,6 +131,25 @@ def _decoder_extras(runner: Any, meta: dict[str, Any], mask: np.ndarray, rng: np
     return extra
 
 
+def _embed_pair(embedding: torch.nn.Module, runner: Any, meta: dict[str, Any],
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(graph output, PyTorch reference) for the embed graph: random ids, and where the graph scatters image
+    features, three image tokens in two rows with random feature rows written over them."""
+    image_id = int(meta["image_token_id"])
+    ids = rng.integers(0, meta["vocab_size"], (3, 7))
+    ids[ids == image_id] = 0
+    feats = None
+    if runner.scatters:
+        ids[0, 2:4] = ids[2, 5] = image_id
+        feats = rng.standard_normal((3, meta["hidden_size"])).astype(runner.dtype)
+    slots = ids == image_id
+    with torch.no_grad():
+        ref = embedding(torch.from_numpy(np.where(slots, 0, ids))).float().numpy()
+    if feats is not None:
+        ref[slots] = feats
+    return runner.embed(ids, feats), ref
+
+
 def _vision_pair(model: torch.nn.Module, adapter: Any, processor: Any, runner: Any, samples: list[tuple[Any, str]],
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(graph output, PyTorch reference) for the vision graph: Qwen2-VL patches of three unseen image sizes
@@ -140,7 +159,7 @@ def _vision_pair(model: torch.nn.Module, adapter: Any, processor: Any, runner: A
         with torch.no_grad():
             if runner.mrope:
                 out = model.model.get_image_features(batch["pixel_values"].to(model.dtype), batch["image_grid_thw"])
-                return runner.image_features(batch)[0], torch.cat(list(out.pooler_output)).float().numpy()
+                return runner.image_features(batch), torch.cat(list(out.pooler_output)).float().numpy()
             ref = vision_module(model, adapter, ())(batch["pixel_values"].to(model.dtype), batch["aspect_ratio_ids"],
                                                      batch["aspect_ratio_mask"])
         return runner.image_features(batch), ref.float().numpy()
@@ -230,10 +249,7 @@ def check_parity(
         check.compare("vision", "image_features", *_vision_pair(model, adapter, processor, runner, samples, rng))
 
     embedding = adapter.component(model, "language").get_input_embeddings()
-    ids = rng.integers(0, meta["vocab_size"], (3, 7))
-    with torch.no_grad():
-        ref = embedding(torch.from_numpy(ids)).float().numpy()
-    check.compare("embed", "inputs_embeds", runner.embed(ids), ref)
+    check.compare("embed", "inputs_embeds", *_embed_pair(embedding, runner, meta, rng))
 
     _check_decoder(check, decoder_module(model, adapter), embedding, runner, meta, rng, decode_steps)
 

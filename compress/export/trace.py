@@ -99,16 +99,68 @@ def _embed_graph(embedding: nn.Embedding, dtype: torch.dtype, opset: int) -> Any
     return model
 
 
-def export_embed(model: nn.Module, adapter: Any, dtype: torch.dtype, opset: int) -> Any:
+def export_embed(model: nn.Module, adapter: Any, dtype: torch.dtype, opset: int, image_id: int | None) -> Any:
+    """The embed graph; with `image_id`, it also takes the image feature rows and writes them over the image
+    tokens (`with_image_scatter`)."""
     embedding = adapter.component(model, "language").get_input_embeddings()
     if type(embedding) is nn.Embedding:
-        return _embed_graph(embedding, dtype, opset)
-    # A subclass (e.g. a scaled embedding) may compute more than a lookup: trace it instead.
-    ids = torch.zeros(DUMMY_BATCH, DUMMY_SEQ, dtype=torch.long)
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    proto = _torch_export(embedding, (ids,), ({0: batch, 1: seq},), ["input_ids"], ["inputs_embeds"], opset, None)
-    tidy_dims(proto, {})
+        proto = _embed_graph(embedding, dtype, opset)
+    else:  # a subclass (e.g. a scaled embedding) may compute more than a lookup: trace it instead
+        ids = torch.zeros(DUMMY_BATCH, DUMMY_SEQ, dtype=torch.long)
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+        proto = _torch_export(embedding, (ids,), ({0: batch, 1: seq},), ["input_ids"], ["inputs_embeds"], opset,
+                              None)
+        tidy_dims(proto, {})
+    if image_id is not None:
+        with_image_scatter(proto, image_id)
     return proto
+
+
+def with_image_scatter(proto: Any, image_id: int) -> None:
+    """Make an ids -> embeddings graph take `image_features` [image_tokens, hidden] too, and write row k over
+    the k-th image token (row-major over batch and sequence, the order HF's masked_scatter uses).
+
+    Image tokens are looked up as id 0 (an image id past the vocab is allowed upstream), the row index is the
+    running count of image tokens - 1, and one zero row is appended to the features so the Gather stays
+    valid with 0 rows (text-only prompts, decode steps). A prompt with more image tokens than rows reads
+    past them: the runner checks the counts before it calls."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    ids, out = graph.input[0].name, graph.output[0].name
+    out_type = graph.output[0].type.tensor_type
+    hidden = out_type.shape.dim[2].dim_value
+    for node in graph.node:
+        node.input[:] = ["scatter.text_ids" if x == ids else x for x in node.input]
+        node.output[:] = ["scatter.text_embeds" if x == out else x for x in node.output]
+    np_dtype = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}[out_type.elem_type]
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array(image_id, np.int64), "scatter.image_id"),
+        numpy_helper.from_array(np.array(0, np.int64), "scatter.zero"),
+        numpy_helper.from_array(np.array(1, np.int64), "scatter.one"),
+        numpy_helper.from_array(np.array([-1], np.int64), "scatter.flat"),
+        numpy_helper.from_array(np.zeros((1, hidden), np_dtype), "scatter.zero_row"),
+    ])
+    node = helper.make_node
+    before = [node("Equal", [ids, "scatter.image_id"], ["scatter.is_image"]),
+              node("Where", ["scatter.is_image", "scatter.zero", ids], ["scatter.text_ids"])]
+    after = [
+        node("Cast", ["scatter.is_image"], ["scatter.is_image_i"], to=TensorProto.INT64),
+        node("Reshape", ["scatter.is_image_i", "scatter.flat"], ["scatter.is_image_flat"]),
+        node("CumSum", ["scatter.is_image_flat", "scatter.zero"], ["scatter.count"]),
+        node("Sub", ["scatter.count", "scatter.one"], ["scatter.row_from_1"]),
+        node("Max", ["scatter.row_from_1", "scatter.zero"], ["scatter.row"]),
+        node("Concat", ["image_features", "scatter.zero_row"], ["scatter.rows"], axis=0),
+        node("Gather", ["scatter.rows", "scatter.row"], ["scatter.picked_flat"], axis=0),
+        node("Shape", ["scatter.text_embeds"], ["scatter.shape"]),
+        node("Reshape", ["scatter.picked_flat", "scatter.shape"], ["scatter.picked"]),
+        node("Unsqueeze", ["scatter.is_image", "scatter.flat"], ["scatter.is_image_3d"]),
+        node("Where", ["scatter.is_image_3d", "scatter.picked", "scatter.text_embeds"], [out]),
+    ]
+    nodes = [*before, *graph.node, *after]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.input.append(helper.make_tensor_value_info("image_features", out_type.elem_type, ["image_tokens", hidden]))
 
 
 def export_vision(module: nn.Module, feeds: dict[str, np.ndarray], dtype: torch.dtype, opset: int,
@@ -123,8 +175,10 @@ def export_vision(module: nn.Module, feeds: dict[str, np.ndarray], dtype: torch.
     else:
         size = torch.export.Dim("batch")
     proto = _torch_export(module, args, tuple({0: size} for _ in args), list(feeds), ["image_features"], opset, table)
+    out_dims = proto.graph.output[0].type.tensor_type.shape.dim
+    if len(out_dims) == 2:  # image-token rows (images x tokens, or Qwen2-VL's merged patches)
+        out_dims[0].dim_param = "image_tokens"
     if isinstance(module, QwenVision):  # readable axis names: patches in, merged tokens out
-        proto.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "image_tokens"
         tidy_dims(proto, {proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param: "patches"})
     else:
         tidy_dims(proto, {})

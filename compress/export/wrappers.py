@@ -331,9 +331,25 @@ VISION_WRAPPERS: dict[VisionForm, Callable[[nn.Module, Any, Sequence[int]], nn.M
 }
 
 
+class Flat(nn.Module):
+    """[images, tokens, hidden] -> [images * tokens, hidden]: image features as rows, in image order, the
+    shape the embed graph scatters from (and onnxruntime-genai passes between its vision and embedding
+    sessions: a text-only prompt is then 0 rows, not a rank change)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.inner(pixel_values).flatten(0, 1)
+
+
 def vision_module(model: nn.Module, adapter: Any, pixel_shape: Sequence[int]) -> nn.Module:
-    """The vision wrapper the adapter's `export_spec.vision` names, in eval mode."""
-    return VISION_WRAPPERS[export_spec(model).vision](model, adapter, pixel_shape).eval()
+    """The vision wrapper the adapter's `export_spec.vision` names, in eval mode, emitting image-token rows
+    [tokens, hidden] (Qwen2-VL's flat patches give rows already); cross-attention states stay per tile."""
+    spec = export_spec(model)
+    inner = VISION_WRAPPERS[spec.vision](model, adapter, pixel_shape)
+    return (Flat(inner) if spec.fixed_image_tokens else inner).eval()
 
 
 def decoder_module(model: nn.Module, adapter: Any) -> DecoderWithPast:

@@ -105,8 +105,12 @@ class OrtRunner:
         self.present_names = [f"present.{i}.{kv}" for i in layers for kv in ("key", "value")]
         # Cache geometry per layer from the graph itself (a pruned model may differ from its config).
         declared = {i.name: i.shape for i in sessions["decoder"].get_inputs()}
-        # Exports that take `logits_index` compute logits only where asked (the last position when generating).
-        self.selects_logits = "logits_index" in declared
+        # Exports that take `logits_index` compute logits only where asked (the last position when generating;
+        # optional in the graph, so a runtime that does not know it gets every position).
+        self.selects_logits = bool(meta.get("logits_index"))
+        # The embed graph writes image feature rows over the image tokens (every family but Mllama's).
+        self.scatters = "image_features" in {i.name for i in sessions["embed"].get_inputs()}
+        self.no_features = np.zeros((0, int(meta["hidden_size"])), dtype=self.dtype)
         # One preallocated past/present buffer per layer while generating (CPU provider only: a GPU provider
         # would copy CPU-bound buffers to the device on every call).
         self.shared_past = (meta.get("past_buffer") == "shared"
@@ -125,7 +129,10 @@ class OrtRunner:
 
         meta = read_meta(path)
         chosen = resolve_providers(providers)
-        options = session_options or ort.SessionOptions()
+        options = session_options
+        if options is None:
+            options = ort.SessionOptions()
+            options.log_severity_level = 3  # not the warning that logits_index, an input with a default, is not folded
         for key, value in meta.get("session", {}).get("config", {}).items():  # what the export was measured with
             options.add_session_config_entry(key, value)
         if ((meta.get("int8_kernels") or {}).get("requires") and not cpu_features()["u8s8_exact"]
@@ -149,31 +156,32 @@ class OrtRunner:
     # ---- pieces --------------------------------------------------------------------------------------
 
     def image_features(self, inputs: dict[str, Any]) -> np.ndarray:
-        """[images, tokens, hidden] for the real images of the batch."""
+        """Image-token rows [tokens, hidden] of the batch's real images, in order (Mllama: its cross-attention
+        states, [tiles, patches, hidden])."""
         if "vision" not in self.sessions:
             raise ConfigError("this export has no vision graph, but the inputs carry pixel_values")
         fed = vision_feeds_for(self.family, inputs, self.dtype, self.vision_spec)
         feats = self.sessions["vision"].run(["image_features"], fed.feeds)[0]
-        return feats if fed.restore is None else feats[fed.restore][None]  # Qwen: [1, tokens, hidden]
+        return feats if fed.restore is None else feats[fed.restore]  # Qwen: window order back to image order
 
-    def embed(self, input_ids: np.ndarray) -> np.ndarray:
-        return self.sessions["embed"].run(["inputs_embeds"], {"input_ids": input_ids.astype(np.int64)})[0]
+    def embed(self, input_ids: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
+        """Token embeddings, with `features` rows written over the image tokens in order (none: no rows)."""
+        feeds = {"input_ids": input_ids.astype(np.int64)}
+        if self.scatters:
+            feeds["image_features"] = features if features is not None else self.no_features
+        return self.sessions["embed"].run(["inputs_embeds"], feeds)[0]
 
     def prompt_embeds(self, inputs: dict[str, Any]) -> np.ndarray:
         """Token embeddings with the image features written, in order, over the image-token positions."""
         ids = _numpy(inputs["input_ids"]).astype(np.int64)
-        if inputs.get("pixel_values") is None or self.cross:  # Mllama's image token is an ordinary token
+        if inputs.get("pixel_values") is None or not self.scatters:  # Mllama's image token is an ordinary token
             return self.embed(ids)
-        # An image token id past the vocab (as upstream allows) is looked up as 0; its row is overwritten below.
-        embeds = self.embed(np.where(ids == self.image_token_id, 0, ids))
         feats = self.image_features(inputs)
-        slots = ids == self.image_token_id
-        n_slots, n_feats = int(slots.sum()), feats.shape[0] * feats.shape[1]
+        n_slots, n_feats = int((ids == self.image_token_id).sum()), feats.shape[0]
         if n_slots != n_feats:
             raise ConfigError(f"image features and image tokens do not match: {n_slots} image tokens in the prompts, "
-                              f"{n_feats} feature vectors from {feats.shape[0]} images")
-        embeds[slots] = feats.reshape(-1, feats.shape[-1]).astype(embeds.dtype, copy=False)
-        return embeds
+                              f"{n_feats} feature vectors from the images")
+        return self.embed(ids, feats.astype(self.dtype, copy=False))
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         """Past tensors of length 0 for a prefill: [batch, kv_heads, 0, head_dim] per layer."""
@@ -273,6 +281,8 @@ class OrtRunner:
         `bindings`, kept by the caller across the steps of one generation over the same buffers, holds each
         session's binding: the cache is bound once, and a step rebinds only its own few inputs (binding the
         48 cache tensors of a 24-layer decoder again costs ~0.2 ms a step)."""
+        import onnxruntime as ort
+
         session = self._decoder(embeds)
         binding = None if bindings is None else bindings.get(id(session))
         if binding is None:
@@ -283,8 +293,11 @@ class OrtRunner:
                 binding.bind_ortvalue_output(present, buffer)
             if bindings is not None:
                 bindings[id(session)] = binding
-        for name, value in self._feeds(embeds, mask, positions, extra, last_only=True).items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        # As OrtValues: bind_cpu_input cannot bind an input with a default (logits_index, compress.export.genai).
+        fed = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+               for name, value in self._feeds(embeds, mask, positions, extra, last_only=True).items()}
+        for name, value in fed.items():
+            binding.bind_ortvalue_input(name, value)
         session.run_with_iobinding(binding)
         logits = binding.get_outputs()[0].numpy()
         return logits if self.selects_logits else logits[:, -1:]
