@@ -3,6 +3,8 @@
 Run before deploying. Every file is re-hashed against the manifest's sha256 and size (missing, changed
 and extra files listed), every kept checkpoint is loaded the way a stage would load it, and every ONNX
 graph goes through `onnx.checker`. Engines are hashed only: deserializing one needs the GPU it targets.
+Where an export folder has a genai_config.json and onnxruntime-genai is installed, the folder generates
+through it and through our runner on probe prompts (image and text-only), and the tokens are compared.
 Nothing is written.
 """
 
@@ -28,6 +30,7 @@ class Verification:
     graphs: int = 0
     engines: int = 0
     problems: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, path, detail)
+    genai: list[tuple[str, str]] = field(default_factory=list)  # (folder, what onnxruntime-genai did with it)
     note: str = ""
 
     @property
@@ -94,6 +97,8 @@ def verify(run_dir: str | Path, load: bool = True) -> Verification:
                 v.graphs += 1
                 _check_graph(graph, root, v)
             v.engines += len(list(folder.rglob("*.engine")))
+            if load and (folder / "genai_config.json").is_file():
+                _check_genai(folder, v)
     return v
 
 
@@ -112,6 +117,47 @@ def _load(folder: Path, m: dict[str, Any], v: Verification) -> None:
             load_checkpoint(folder, adapter, model.get("dtype") or "float32")
     except Exception as e:  # any failure to load is the finding, whatever raised it
         v.problems.append(("load", str(folder.relative_to(v.run_dir)), first_line(e)))
+
+
+def _check_genai(folder: Path, v: Verification) -> None:
+    """onnxruntime-genai's greedy tokens against our runner's on three probe prompts (one at a time, as genai
+    takes them unpadded): two with a random image, one without."""
+    import importlib.util
+
+    rel = str(folder.relative_to(v.run_dir))
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        v.genai.append((rel, "not run: onnxruntime-genai is not installed (pip install onnxruntime-genai)"))
+        return
+    try:
+        import numpy as np
+        from PIL import Image
+
+        from compress.arch import get_adapter
+        from compress.export.files import read_meta
+        from compress.runtime.genai_runner import GenaiRunner
+        from compress.runtime.ort_runner import OrtRunner
+
+        meta = read_meta(folder)
+        adapter = get_adapter(meta["family"])
+        rec = meta.get("token_reduction")
+        adapter.image_tokens = (rec["tokens_in"], rec["tokens"]) if rec else None
+        processor = adapter.load_processor(str(folder))
+        rng = np.random.default_rng(0)
+        h, w = meta["pixel_shape"][-2:]
+        images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for _ in range(2)]
+        probes = [adapter.build_inputs(processor, [image], ["what is in the picture?"]).inputs for image in images]
+        text = adapter.format_prompt(processor, "what is in the picture?").replace(adapter.image_token, "")
+        probes.append(dict(processor.tokenizer([text], return_tensors="np")))
+        ours, theirs = OrtRunner.from_dir(folder), GenaiRunner(folder)
+        same = sum(ours.generate(p, 16) == theirs.generate(p, 16) for p in probes)
+    except Exception as e:  # any failure to run there is the finding, whatever raised it
+        v.problems.append(("genai", rel, first_line(e)))
+        return
+    if same < len(probes):
+        v.problems.append(("genai", rel, f"onnxruntime-genai's tokens differ from onnxruntime's on "
+                                         f"{len(probes) - same} of {len(probes)} probe prompts"))
+    v.genai.append((rel, f"runs in onnxruntime-genai: the same tokens as onnxruntime on {same} of {len(probes)} "
+                         "probe prompts (2 with an image, 1 without)"))
 
 
 def _check_graph(graph: Path, root: Path, v: Verification) -> None:
@@ -155,6 +201,7 @@ def summary(v: Verification) -> str:
     if v.note:
         lines.append(f"  note: {v.note}")
     lines += [f"  {kind:<8} {path}: {detail}" for kind, path, detail in v.problems]
+    lines += [f"  genai    {path}: {what}" for path, what in v.genai]
     lines.append(f"  {v.files} files on record, {v.checkpoints} checkpoints loaded, {v.graphs} ONNX graphs checked"
                  + (f", {v.engines} engines hashed (running one needs its GPU)" if v.engines else ""))
     return "\n".join(lines)

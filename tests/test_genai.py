@@ -130,3 +130,26 @@ def test_a_folder_runs_in_genai_without_torch_or_this_toolkit(exported, tmp_path
 
 def _inputs_for(processor, prompt: str, image) -> dict:
     return dict(processor(images=[image], text=[prompt], return_tensors="np"))
+
+
+def test_verify_runs_the_folder_through_genai(exported, capsys):
+    """`vlm-compress verify` compares onnxruntime-genai's tokens with onnxruntime's on probe prompts and says
+    so; a folder whose graphs genai rejects is a finding."""
+    from compress.cli import main
+    from compress.verify import verify
+
+    name, folder = exported
+    if name != "fp32":
+        pytest.skip("checked on the fp32 folder")
+    run_dir = folder.parent.parent
+    assert main(["verify", str(run_dir)]) == 0
+    said = capsys.readouterr().out
+    assert "runs in onnxruntime-genai: the same tokens as onnxruntime on 3 of 3 probe prompts" in said
+    config = folder / "genai_config.json"
+    saved = config.read_text()
+    try:
+        config.write_text(saved.replace('"embed.onnx"', '"missing.onnx"'))
+        result = verify(run_dir)
+        assert ("genai", "stages/onnx") in [(k, p) for k, p, _ in result.problems]
+    finally:
+        config.write_text(saved)
