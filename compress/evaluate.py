@@ -101,6 +101,7 @@ def evaluate(path: str | Path, data: str | None = None, recipe: str | None = Non
         "model_type": artifact.model_type,
         "metrics": ev.metrics,
         "per_type": ev.per_type,
+        "answers": {"budget": ev.budget, "truncated": ev.truncated, "records": len(dataset)},
         "data": {"source": dataset.source, "sha256": dataset.sha256, "records": len(dataset)},
         "evaluation": cfg.model_dump(mode="json"),
         "reference": {"run": str(reference), "baseline": manifest.get("baseline", {}).get("metrics")}
@@ -114,6 +115,10 @@ def summary(result: dict[str, Any]) -> str:
              f"data: {result['data']['source']} ({result['data']['records']} records, "
              f"sha256 {result['data']['sha256'][:12]}…)"]
     lines += [f"  {k}: {v:.4f}" for k, v in result["metrics"].items()]
+    answers = result["answers"]
+    lines.append(f"  answer budget: {answers['budget']} new tokens; {answers['truncated']} of {answers['records']} "
+                 "answers cut by it" + (" (WARNING: scored as cut; raise --max-new-tokens)"
+                                        if answers["truncated"] else ""))
     if result["reference"] is None:
         lines.append("  (token_agreement / logit_kl need --reference RUN_DIR: a baseline to compare with)")
     else:

@@ -104,8 +104,13 @@ def _out_dir(recipe: LoadedRecipe, out: str | Path | None) -> Path:
     return Path(out if out is not None else recipe.recipe.output.dir)
 
 
-def _record_eval(ev: Evaluation) -> dict[str, Any]:
-    return {"metrics": ev.metrics, "per_type": ev.per_type}
+def _record_eval(ev: Evaluation, what: str) -> dict[str, Any]:
+    """An evaluation as the manifest records it; answers cut by the answer budget are counted and warned of."""
+    if ev.truncated:
+        log(f"WARNING {what}: {ev.truncated} answers used all {ev.budget} new tokens without their end token "
+            "(cut; raise evaluation.max_new_tokens, or leave it unset to size it from the data)")
+    return {"metrics": ev.metrics, "per_type": ev.per_type,
+            "answers": {"budget": ev.budget, "truncated": ev.truncated}}
 
 
 def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume: bool = False,
@@ -237,7 +242,8 @@ def _baseline(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunD
         with atomic_dir(run_dir.path("baseline")) as tmp:
             save_file(reference.tensors(), str(tmp / "reference.safetensors"))
         baseline = ev.metrics
-        m["baseline"] = {**_record_eval(ev), "wall_s": round(time.time() - t0, 2), **window.record(), "key": key}
+        m["baseline"] = {**_record_eval(ev, "baseline"), "wall_s": round(time.time() - t0, 2), **window.record(),
+                         "key": key}
         run_dir.save_manifest()
         log(f"baseline: {baseline}")
         fault("baseline")
@@ -346,7 +352,7 @@ def _run_stage(model: torch.nn.Module, cfg: Any, i: int, rec: dict[str, Any], ct
         rec["metrics_not_computed"] = skipped
     checks = run_checks(cfg.gate, run.baseline, ev.metrics) + list(result.checks)
     passed = all(c.passed for c in checks)
-    rec.update(_record_eval(ev), checks=[c.to_dict() for c in checks], details=result.details)
+    rec.update(_record_eval(ev, f"stage {name}"), checks=[c.to_dict() for c in checks], details=result.details)
     if passed or cfg.gate.on_fail == "warn":
         rel = f"stages/{name}"
         if result.artifacts is not None:  # an export: keep its files; the torch state is unchanged

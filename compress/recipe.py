@@ -62,7 +62,8 @@ class ExtractConfig(Strict):
 
 
 class EvaluationConfig(DataConfig):
-    max_new_tokens: int = Field(8, ge=1, le=512, description="greedy answer length limit")
+    max_new_tokens: int | None = Field(None, ge=1, le=512, description="greedy answer length limit (default: "
+                                       "the longest reference answer in tokens + 4, so no answer is cut)")
     metrics: list[Metric] = Field(default_factory=lambda: ["exact_match", "token_agreement", "logit_kl"],
                                   description="what is measured after every stage (see Metrics above)")
     prompt: str | None = Field(None, description="prompt template with {question}, written with the model's "

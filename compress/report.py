@@ -172,6 +172,9 @@ def write_report(run: RunDir) -> None:
             lines.append(f"- not run here: the outcome (files, metrics, checks) of a run that began alike, reused from "
                          f"{r['reused_from']}; its time and peak RSS are that run's")
         lines += [f"- not computed: {k} ({why})" for k, why in r.get("metrics_not_computed", {}).items()]
+        if cut := r.get("answers", {}).get("truncated"):
+            lines.append(f"- WARNING: {cut} answers used all {r['answers']['budget']} new tokens without their end "
+                         "token (scored as cut)")
         for c in r.get("checks", []):
             ret = f"retention {c['retention']:.4f}" if c["retention"] is not None else ""
             lines.append(f"- check {c['metric']}: value {c['value']:.4f} {ret} threshold {c['threshold']} "

@@ -59,13 +59,21 @@ def test_eval_reproduces_the_manifest(run_dir, capsys, stage):
 def test_eval_without_a_reference_scores_answers_only(run_dir, capsys):
     manifest = json.loads((run_dir / "manifest.json").read_text())
     rec = next(s for s in manifest["stages"] if s["name"] == "int8")
-    result = _eval(capsys, str(run_dir / rec["checkpoint"]), "--data", str(EVAL), "--num-samples", "60",
-                   "--max-new-tokens", "24")
+    # No --max-new-tokens: the answer budget comes from the data (longest reference answer + 4), so the
+    # defaults give the manifest's number and cut nothing.
+    result = _eval(capsys, str(run_dir / rec["checkpoint"]), "--data", str(EVAL), "--num-samples", "60")
     assert set(result["metrics"]) == {"exact_match"}  # no baseline: no token agreement or KL claimed
     assert result["metrics"]["exact_match"] == pytest.approx(rec["metrics"]["exact_match"], abs=1e-9)
+    assert result["answers"]["truncated"] == 0 and result["answers"]["budget"] >= 24
     assert main(["eval", str(run_dir / rec["checkpoint"]), "--data", str(EVAL), "--num-samples", "60"]) == 0
     text = capsys.readouterr().out
-    assert "exact_match" in text and "need --reference" in text
+    assert "exact_match" in text and "need --reference" in text and "0 of 60 answers cut" in text
+    # A budget shorter than the answers: scored as cut, and said so.
+    assert main(["eval", str(run_dir / rec["checkpoint"]), "--data", str(EVAL), "--num-samples", "60",
+                 "--max-new-tokens", "8"]) == 0
+    text = capsys.readouterr().out
+    cut = int(text.split(" of 60 answers cut")[0].rsplit(" ", 1)[-1])
+    assert cut > 30 and "WARNING: scored as cut" in text
 
 
 @pytest.mark.parametrize(("args", "needle"), [

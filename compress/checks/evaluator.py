@@ -36,12 +36,18 @@ class Reference:
         return {"top1": self.top1.contiguous(), "logprobs": self.logprobs.contiguous()}
 
 
+ANSWER_MARGIN = 4  # tokens past the longest reference answer that the default budget allows
+
+
 @dataclass
 class Evaluation:
     metrics: dict[str, float]
     per_type: dict[str, float] = field(default_factory=dict)
     predictions: list[str] = field(default_factory=list)
     reference: Reference | None = None
+    # Answers that used the whole budget without their end token: cut, and scored as cut.
+    truncated: int = 0
+    budget: int = 0
 
 
 class Evaluator:
@@ -49,6 +55,12 @@ class Evaluator:
         if any(r.answer is None for r in data.records):
             raise ConfigError(f"evaluation set {data.source} has records without a reference answer")
         self.adapter, self.processor, self.data, self.cfg = adapter, processor, data, cfg
+        self.budget = cfg.max_new_tokens or self.longest_answer() + ANSWER_MARGIN
+
+    def longest_answer(self) -> int:
+        """The longest reference answer in tokens: what the default answer budget is sized by."""
+        tok = self.processor.tokenizer
+        return max((len(tok(r.answer, add_special_tokens=False)["input_ids"]) for r in self.data.records), default=1)
 
     def prompt_record(self) -> tuple[dict[str, str], str | None]:
         """Which prompt format the evaluation uses, with its first question formatted, and a warning when the
@@ -69,12 +81,12 @@ class Evaluator:
     def teacher_forced_inputs(self) -> list[dict[str, Any]]:
         """The inputs `evaluate` asks `runner.logits` for, batch by batch (a streamed walk carries them)."""
         return [self.adapter.build_inputs(self.processor, [r.image for r in batch], [r.prompt for r in batch],
-                                          [r.answer for r in batch], self.cfg.max_new_tokens).inputs
+                                          [r.answer for r in batch], self.budget).inputs
                 for batch in self.data.batches(self.cfg.batch_size)]
 
     def _answer_logits(self, runner: Runner, batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.adapter.build_inputs(self.processor, [r.image for r in batch], [r.prompt for r in batch],
-                                        [r.answer for r in batch], self.cfg.max_new_tokens)
+                                        [r.answer for r in batch], self.budget)
         logits = runner.logits(enc.inputs)[enc.answer_positions]
         return logits.argmax(-1), torch.log_softmax(logits.float(), -1)
 
@@ -97,6 +109,7 @@ class Evaluator:
         raw_hits: list[int] = []
         by_type: dict[str, list[int]] = defaultdict(list)
         predictions: list[str] = []
+        truncated = 0
         top1s, logps = [], []
         n_batches = -(-len(self.data) // self.cfg.batch_size)
         for batch in tqdm(self.data.batches(self.cfg.batch_size), total=n_batches, desc=desc, leave=False):
@@ -105,7 +118,8 @@ class Evaluator:
             answers = [r.answer for r in batch]
             if "exact_match" in wanted:
                 enc = self.adapter.build_inputs(self.processor, images, questions)
-                out = runner.generate(enc.inputs, self.cfg.max_new_tokens)
+                out = runner.generate(enc.inputs, self.budget)
+                truncated += sum(len(t) >= self.budget for t in out)
                 preds = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in out]
                 raw = M.exact_match(preds, answers)
                 batch_hits = (M.exact_match([extract(p) for p in preds], [extract(a) for a in answers])
@@ -133,4 +147,4 @@ class Evaluator:
         elif reference is None:
             result.update({k: v for k, v in (("token_agreement", 1.0), ("logit_kl", 0.0)) if k in wanted})
         per_type = {k: sum(v) / len(v) for k, v in sorted(by_type.items())}
-        return Evaluation(result, per_type, predictions, own if reference is None else None)
+        return Evaluation(result, per_type, predictions, own if reference is None else None, truncated, self.budget)
