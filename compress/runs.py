@@ -109,12 +109,20 @@ def artifacts(run_dir: Path) -> list[Artifact]:
         for rel, kind in ((rec.checkpoint, "torch"), (rec.artifacts, "onnx")):
             if rel and (run_dir / rel).is_dir():
                 out.append(Artifact(rec.name, kind, str(run_dir / rel), model_type))
+                if kind == "onnx" and _genai_runs(run_dir / rel):  # the same folder driven by onnxruntime-genai
+                    out.append(Artifact(rec.name, "genai", str(run_dir / rel), model_type))
     return out
+
+
+def _genai_runs(folder: Path) -> bool:
+    import importlib.util
+
+    return (folder / "genai_config.json").is_file() and importlib.util.find_spec("onnxruntime_genai") is not None
 
 
 def load_runner(kind: str, path: str, source: str, adapter: Any, providers: list[str] | None,
                 threads: int | None = None) -> tuple[Any, Any]:
-    """(runner, processor) for a torch checkpoint or an ONNX export folder."""
+    """(runner, processor) for a torch checkpoint, an ONNX export folder, or one driven by onnxruntime-genai."""
     if kind == "torch":
         from compress.checkpoint import load_checkpoint
         from compress.runtime.torch_runner import TorchRunner
@@ -123,8 +131,13 @@ def load_runner(kind: str, path: str, source: str, adapter: Any, providers: list
         return TorchRunner.for_adapter(model, adapter, processor), processor
     from compress.runtime.ort_runner import OrtRunner, session_options
 
-    runner = OrtRunner.from_dir(path, providers=providers,
-                                session_options=session_options(threads) if threads else None)
+    if kind == "genai":
+        from compress.runtime.genai_runner import GenaiRunner
+
+        runner: Any = GenaiRunner(path)
+    else:
+        runner = OrtRunner.from_dir(path, providers=providers,
+                                    session_options=session_options(threads) if threads else None)
     # Export stages save the processor beside the graphs; a folder without one takes the source model's.
     has_own = (Path(path) / "processor_config.json").exists() or (Path(path) / "preprocessor_config.json").exists()
     processor = adapter.load_processor(path if has_own else source)

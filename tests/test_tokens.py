@@ -4,6 +4,7 @@ checkpoint that reloads reduced in this toolkit and unreduced in plain transform
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -80,50 +81,80 @@ def _recipe(tmp: Path, stages: list[dict]) -> Path:
     return path
 
 
-def test_bundled_model_reduced_quantized_and_exported(tmp_path):
-    """select_merge 4 -> 3 tokens, INT8 after it, ONNX after that: the vision graph emits 3 tokens (selection
-    and merging as graph ops, parity-checked against torch), the export folder scored again from disk gives
-    the stage's metrics, the checkpoint reloads reduced here and unreduced in plain transformers."""
+def test_fast_tokens_recipe_keeps_its_answers_through_onnx(tmp_path):
+    """recipes/fast-tokens.yaml as shipped (evaluation cut to 100 records): pooling 16 -> 4 tokens alone
+    fails its gate (it warns), distillation from the unreduced model wins the answers back, and INT8 and the
+    ONNX export keep >= 0.97 retention; the vision graph emits 4 tokens, onnxruntime-genai runs the folder,
+    the checkpoint reloads reduced here and unreduced in plain transformers."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from compress.arch import get_adapter
     from compress.checkpoint import load_checkpoint
-    from compress.evaluate import evaluate
     from compress.pipeline import run
 
-    lenient = {"min_retention": 0.01, "on_fail": "warn"}  # 4 image tokens are all this model has: see docs/tokens.md
-    stages = [{"type": "tokens", "name": "sm", "method": "select_merge", "keep": 3, "gate": lenient},
-              {"type": "quantize", "name": "int8", "scheme": "int8", "targets": {"components": ["language"]},
-               "activations": {"calibration": "minmax"}, "gate": lenient},
-              {"type": "export", "name": "onnx", "format": "onnx", "gate": lenient}]
-    recipe, out = _recipe(tmp_path, stages), tmp_path / "run"
+    doc = yaml.safe_load((ROOT / "recipes/fast-tokens.yaml").read_text())
+    for section in ("calibration", "evaluation"):
+        doc[section]["source"] = str(ROOT / doc[section]["source"].removeprefix("../"))
+    doc["stages"][1]["data"]["source"] = str(ROOT / "calibration/shapes-vqa/distill")
+    doc["evaluation"]["num_samples"] = 100
+    recipe = tmp_path / "fast-tokens.yaml"
+    recipe.write_text(yaml.safe_dump(doc, sort_keys=False))
+    out = tmp_path / "run"
     result = run(recipe, out=out)
     recs = {s["name"]: s for s in result.manifest["stages"]}
-    assert recs["sm"]["details"]["tokens"] == 3 and recs["sm"]["details"]["dominant"] == 2
-    onnx = recs["onnx"]
-    checks = {c["metric"]: c["passed"] for c in onnx["checks"]}
-    assert checks["parity_kl"] and checks["parity_top1"], checks
-    meta = json.loads((out / onnx["artifacts"] / "export.json").read_text())
-    assert meta["image_tokens_per_image"] == 3 and meta["token_reduction"]["method"] == "select_merge"
-    again = evaluate(out / onnx["artifacts"], recipe=str(recipe), reference=str(out))["metrics"]
-    assert again["exact_match"] == onnx["metrics"]["exact_match"]
-    assert again["token_agreement"] == pytest.approx(onnx["metrics"]["token_agreement"], abs=1e-6)
+    retention = {n: next(c["retention"] for c in r["checks"] if c["metric"] == "exact_match")
+                 for n, r in recs.items()}
+    assert recs["pool-4"]["status"] == "warned" and retention["pool-4"] < 0.5, retention
+    assert [recs[n]["status"] for n in ("distill", "int8", "onnx")] == ["completed"] * 3, retention
+    assert min(retention["distill"], retention["int8"], retention["onnx"]) >= 0.97, retention
+    report = (out / "report.md").read_text()
+    assert "### pool-4 (tokens): warned" in report and "### distill (distill): completed" in report
+    folder = out / recs["onnx"]["artifacts"]
+    meta = json.loads((folder / "export.json").read_text())
+    assert meta["image_tokens_per_image"] == 4 and meta["token_reduction"]["method"] == "pool"
+    assert meta["genai"]["config"] == "genai_config.json"
 
     adapter = get_adapter("llava")
-    model, processor = load_checkpoint(out / recs["int8"]["checkpoint"], adapter)
-    assert adapter.image_tokens == (4, 3)
-    batch = adapter.build_inputs(processor, [_image()], ["what color is the shape?"])
-    assert int((batch.inputs["input_ids"] == model.config.image_token_id).sum()) == 3
-    with torch.no_grad():
-        model(**batch.inputs)  # features and placeholders agree
-    # plain transformers: the unreduced model (it ignores config.compress_tokens), its processor's 4 tokens
     ckpt = out / recs["int8"]["checkpoint"]
-    plain = LlavaForConditionalGeneration.from_pretrained(ckpt)
+    model, processor = load_checkpoint(ckpt, adapter)
+    assert adapter.image_tokens == (16, 4)
+    batch = adapter.build_inputs(processor, [_image()], ["what color is the shape?"])
+    assert int((batch.inputs["input_ids"] == model.config.image_token_id).sum()) == 4
+    if importlib.util.find_spec("onnxruntime_genai"):
+        from compress.runtime.genai_runner import GenaiRunner
+        from compress.runtime.ort_runner import OrtRunner
+
+        assert GenaiRunner(folder).generate(batch.inputs, 24) == OrtRunner.from_dir(folder).generate(batch.inputs, 24)
+    # plain transformers: the unreduced model (it ignores config.compress_tokens), its processor's 16 tokens
+    plain = LlavaForConditionalGeneration.from_pretrained(out / recs["distill"]["checkpoint"])
     proc = AutoProcessor.from_pretrained(ckpt)
     enc = proc(images=[_image()], text=["<image> what color?"], return_tensors="pt")
-    assert int((enc["input_ids"] == plain.config.image_token_id).sum()) == 4
+    assert int((enc["input_ids"] == plain.config.image_token_id).sum()) == 16
     with torch.no_grad():
         assert plain(**enc).logits.isfinite().all()
+
+
+def test_select_merge_graph_ops_match_torch():
+    """select_merge 16 -> 6 (4 dominant + 2 merged) on a tiny LLaVA: the vision graph's TopK / GatherElements
+    / ScatterElements / ArgMax / MatMul program gives the hook's tokens, and the folder answers like torch."""
+    import tempfile
+
+    from compress.arch import get_adapter
+    from compress.export.onnx import export_onnx
+    from compress.export.parity import check_parity
+    from compress.tokens.install import install
+    from compress.zoo.tiny import tiny_model
+
+    model, processor = tiny_model("llava")
+    adapter = get_adapter("llava")
+    install(model, adapter, record_for("select_merge", 16, 6, None, 4))
+    adapter.bind(model)
+    with tempfile.TemporaryDirectory() as out:
+        export_onnx(model, adapter, processor, out, fusion=False)
+        meta = json.loads((Path(out) / "export.json").read_text())
+        assert meta["image_tokens_per_image"] == 6 and meta["token_reduction"]["dominant"] == 4
+        errors = check_parity(model, adapter, processor, out, atol=1e-4, rtol=1e-3, record=False)
+        assert errors["vision.image_features"] < 1e-4 and errors["end_to_end.logits"] < 1e-4
 
 
 def _image():

@@ -93,7 +93,7 @@ def bench(run_dir: str | Path, batch: int = 1, new_tokens: int = 16, warmup: int
         if "error" not in row:
             row["decode_floor_ms"] = floor_ms(row["decode_weight_bytes"] + row["decode_kv_bytes"], bandwidth)
             row["decode_x_floor"] = row["decode_ms_per_step"] / row["decode_floor_ms"]
-            row["ratios"] = {k: row[k] / base[k] for k in (*METRICS, "bytes") if base.get(k)}
+            row["ratios"] = {k: row[k] / base[k] for k in (*METRICS, "bytes") if base.get(k) and row.get(k) is not None}
     result = {"run": str(run_dir),
               "settings": {"batch": batch, "new_tokens": new_tokens, "warmup": warmup, "repeats": repeats,
                            "providers": providers or ["CPUExecutionProvider"], "ignore_eos": True,
@@ -108,6 +108,8 @@ def bench(run_dir: str | Path, batch: int = 1, new_tokens: int = 16, warmup: int
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str, scale: float = 1.0) -> str:
+    if row.get(key) is None:  # onnxruntime-genai: no vision timing of its own
+        return "–"
     ratio = row["ratios"].get(key)
     return f"{row[key] * scale:{fmt}}" + (f" ({ratio:.2f}×)" if ratio is not None and row["name"] != "source" else "")
 
@@ -162,7 +164,7 @@ def chart(result: dict[str, Any]) -> bytes:
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["artifacts"] if "ratios" in r]
-    names = [r["name"] for r in rows]
+    names = [r["name"] if r["kind"] != "genai" else f"{r['name']} (genai)" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(names)), 3.8), dpi=110)
     width = 0.8 / len(CHART)
     for j, (key, label) in enumerate(CHART):

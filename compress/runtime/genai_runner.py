@@ -29,6 +29,7 @@ class GenaiRunner:
     """Runs an export folder through onnxruntime-genai. `backend` is "onnxruntime-genai"."""
 
     backend = "onnxruntime-genai"
+    providers = ("onnxruntime-genai (CPU)",)
 
     def __init__(self, folder: str | Path):
         try:

@@ -7,7 +7,10 @@ from pathlib import Path
 from compress.errors import ConfigError
 
 _HERE = Path(__file__).parent
-MODELS = {"shapes-vqa": _HERE / "shapes_vqa", "shapes-vqa-outliers": _HERE / "shapes_vqa_outliers"}
+# shapes-vqa-16: the same task and recipe with 16x16 patches (16 image tokens, 4 per scene cell), trained
+# with `python -m compress.zoo.train --patch 16`: the model with tokens to spare for the `tokens` stage.
+MODELS = {"shapes-vqa": _HERE / "shapes_vqa", "shapes-vqa-outliers": _HERE / "shapes_vqa_outliers",
+          "shapes-vqa-16": _HERE / "shapes_vqa_16"}
 
 
 def resolve_source(source: str, base_dir: Path | None = None) -> str:
