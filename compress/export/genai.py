@@ -82,7 +82,8 @@ def _session_options(meta: dict[str, Any]) -> dict[str, Any]:
     """The session settings the export was measured with, as genai's session_options keys (unknown string keys
     go to ONNX Runtime's session config)."""
     session = meta.get("session", {})
-    out: dict[str, Any] = {"log_id": "onnxruntime-genai", "provider_options": []}
+    # Errors only: ORT warns at every load that logits_index, an input with a default, is not constant-folded.
+    out: dict[str, Any] = {"log_id": "onnxruntime-genai", "log_severity_level": 3, "provider_options": []}
     if session.get("disabled_optimizers"):
         out["optimization.disable_specified_optimizers"] = ",".join(session["disabled_optimizers"])
     out.update({k: str(v) for k, v in session.get("config", {}).items()})

@@ -62,13 +62,18 @@ def resolve_providers(providers: str | list[Any] | tuple[Any, ...] | None) -> li
 
 
 def session_options(threads: int | None = None) -> Any:
-    """ONNX Runtime session options with `threads` intra-op threads (None: ORT's default)."""
+    """ONNX Runtime session options with `threads` intra-op threads (None: ORT's default), errors logged only:
+    ORT warns at every load that logits_index, an input with a default, is not constant-folded (by design)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.log_severity_level = 3
     if threads is not None:
         options.intra_op_num_threads = threads
     return options
+
+
+_new_options = session_options  # from_dir's parameter of that name shadows it
 
 
 class OrtRunner:
@@ -129,10 +134,7 @@ class OrtRunner:
 
         meta = read_meta(path)
         chosen = resolve_providers(providers)
-        options = session_options
-        if options is None:
-            options = ort.SessionOptions()
-            options.log_severity_level = 3  # not the warning that logits_index, an input with a default, is not folded
+        options = session_options or _new_options()
         for key, value in meta.get("session", {}).get("config", {}).items():  # what the export was measured with
             options.add_session_config_entry(key, value)
         if ((meta.get("int8_kernels") or {}).get("requires") and not cpu_features()["u8s8_exact"]
