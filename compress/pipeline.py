@@ -31,6 +31,7 @@ from compress.checks.gate import run_checks
 from compress.data import Dataset, load_dataset
 from compress.errors import CompressError, ConfigError
 from compress.failures import fault, record_run_error, record_stage_error
+from compress.lint import describe, lint_folder
 from compress.plan import Plan, check_stages, plan_run
 from compress.recipe import LoadedRecipe, load_recipe, stage_name
 from compress.report import write_report
@@ -365,6 +366,9 @@ def _run_stage(model: torch.nn.Module, cfg: Any, i: int, rec: dict[str, Any], ct
         else:
             run.hold.keep(model, run.processor, run_dir.path(rel))
             rec["checkpoint"] = rel
+        rec["deploy_lint"] = lint_folder(run_dir.path(rel), fix=r.output.deploy_fix)
+        for finding in rec["deploy_lint"]:
+            log(f"stage {name}: deploy lint: {describe(finding)}")
         fault(f"after_checkpoint:{i}")
         shutil.rmtree(run_dir.path(f"failed/{name}"), ignore_errors=True)  # an earlier attempt's leftovers
         rec.update(status="completed" if passed else "warned", files=run_dir.file_entries(rel))

@@ -89,6 +89,9 @@ class OutputConfig(Strict):
     max_shard_gb: float = Field(2.0, gt=0.0, description="largest safetensors shard a streamed run writes (its "
                                                          "checkpoints are written block by block, never assembled)")
     report: bool = Field(True, description="write report.md and retention.png")
+    deploy_fix: bool = Field(True, description="apply the deploy lint's fixes to every written artifact "
+                             "(use_cache: false -> true, missing eos/pad ids in generation_config.json); false: "
+                             "record the findings and leave the files as the model gave them")
 
 
 class ResourcesConfig(Strict):

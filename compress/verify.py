@@ -3,6 +3,7 @@
 Run before deploying. Every file is re-hashed against the manifest's sha256 and size (missing, changed
 and extra files listed), every kept checkpoint is loaded the way a stage would load it, and every ONNX
 graph goes through `onnx.checker`. Engines are hashed only: deserializing one needs the GPU it targets.
+Every kept folder goes through the deploy lint (`compress.lint`, report only: what a run fixed is fixed).
 Where an export folder has a genai_config.json and onnxruntime-genai is installed, the folder generates
 through it and through our runner on probe prompts (image and text-only), and the tokens are compared.
 Nothing is written.
@@ -20,6 +21,7 @@ from typing import Any
 
 from compress.artifacts import DONE, LOCK, MANIFEST, run_files, sha256_file
 from compress.errors import CompressError, first_line
+from compress.lint import describe, lint_folder
 
 
 @dataclass
@@ -31,6 +33,7 @@ class Verification:
     engines: int = 0
     problems: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, path, detail)
     genai: list[tuple[str, str]] = field(default_factory=list)  # (folder, what onnxruntime-genai did with it)
+    lint: list[tuple[str, str]] = field(default_factory=list)  # (folder, a deploy-lint finding left unfixed)
     note: str = ""
 
     @property
@@ -91,6 +94,9 @@ def verify(run_dir: str | Path, load: bool = True) -> Verification:
         if load and rec.get("checkpoint") and (root / rec["checkpoint"]).is_dir():
             v.checkpoints += 1
             _load(root / rec["checkpoint"], m, v)
+        for rel in (rec.get("checkpoint"), rec.get("artifacts")):
+            if rel and (root / rel).is_dir():
+                v.lint += [(rel, describe(f)) for f in lint_folder(root / rel)]
         if rec.get("artifacts") and (root / rec["artifacts"]).is_dir():
             folder = root / rec["artifacts"]
             for graph in sorted(folder.rglob("*.onnx")):
@@ -202,6 +208,7 @@ def summary(v: Verification) -> str:
         lines.append(f"  note: {v.note}")
     lines += [f"  {kind:<8} {path}: {detail}" for kind, path, detail in v.problems]
     lines += [f"  genai    {path}: {what}" for path, what in v.genai]
+    lines += [f"  lint     {path}: {what}" for path, what in v.lint]
     lines.append(f"  {v.files} files on record, {v.checkpoints} checkpoints loaded, {v.graphs} ONNX graphs checked"
                  + (f", {v.engines} engines hashed (running one needs its GPU)" if v.engines else ""))
     return "\n".join(lines)
