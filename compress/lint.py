@@ -13,6 +13,10 @@ false` reports without fixing) and by `vlm-compress verify` (report only). The r
   the prompt the model was scored with. Not fixable here (say which template the run used).
 - `image_tokens`: an export whose tower emits fewer tokens per image than the processor expands (a
   `tokens` stage): prompts built by the plain processor do not fit. Not fixable in the processor files.
+- `generate_warmup`: a compressed-tensors checkpoint whose quantized layers include the vision side: plain
+  `from_pretrained` + `generate` fails until one forward has run (compressed-tensors decompresses in a
+  pre-forward hook of the top-level model; transformers' `generate` computes image features before that
+  forward). Not fixable in the files without dropping activation quantization; docs/deploy.md.
 - `dtypes`: tensors handed from one graph to the next (image features, embeddings, the cache) in different
   dtypes: onnxruntime-genai shares those buffers and refuses the folder.
 """
@@ -105,6 +109,23 @@ def _chat_template(folder: Path, model_type: str | None) -> list[dict[str, Any]]
                      "a template cannot be inferred from the weights")]
 
 
+def _generate_warmup(folder: Path) -> list[dict[str, Any]]:
+    config = _read(folder / "config.json") or {}
+    q = config.get("quantization_config") or {}
+    if q.get("quant_method") != "compressed-tensors" or q.get("quantization_status") != "compressed":
+        return []
+    targets = [t for group in (q.get("config_groups") or {}).values() for t in group.get("targets", [])]
+    encoder_side = [t for t in targets if "language_model" not in t and "lm_head" not in t]
+    if not encoder_side:
+        return []
+    return [_finding("generate_warmup", "config.json", "quantization_config",
+                     f"{len(encoder_side)} quantized layers outside the language model: plain from_pretrained + "
+                     "generate fails until one forward has run (upstream: compressed-tensors decompresses in a "
+                     "pre-forward hook of the top-level model, generate computes image features before it); run "
+                     "model(**inputs) once first", False, "only upstream can fix it without dropping activation "
+                     "quantization")]
+
+
 def _export_rules(folder: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
     found = []
     rec = meta.get("token_reduction")
@@ -134,7 +155,8 @@ def lint_folder(folder: str | Path, fix: bool = False) -> list[dict[str, Any]]:
     folder = Path(folder)
     config, meta = _read(folder / "config.json"), _read(folder / "export.json")
     model_type = (config or {}).get("model_type") or (meta or {}).get("model_type")
-    found = _use_cache(folder, fix) + _generation_ids(folder, fix) + _chat_template(folder, model_type)
+    found = (_use_cache(folder, fix) + _generation_ids(folder, fix) + _chat_template(folder, model_type)
+             + _generate_warmup(folder))
     if meta is not None:
         found += _export_rules(folder, meta)
     return found

@@ -127,3 +127,42 @@ def test_plain_transformers_loads_every_scheme_exactly(tmp_path):
             assert r["float_kernel_max_abs_diff"] <= 1e-5, (key, r)
         else:
             assert r["max_abs_diff"] <= 1e-5, (key, r["max_abs_diff"])
+
+
+PLAIN_GENERATE = """
+import json, sys
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+folder = sys.argv[1]
+saved = torch.load(folder + "/expected.pt", weights_only=False)
+model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+out = {}
+with torch.no_grad():
+    try:
+        model.generate(**saved["inputs"], max_new_tokens=4, do_sample=False)
+        out["cold"] = "ok"
+    except RuntimeError as e:
+        out["cold"] = str(e)
+    model(**saved["inputs"])  # the documented warm-up: one forward decompresses every layer
+    out["warm"] = model.generate(**saved["inputs"], max_new_tokens=4, do_sample=False).tolist()
+out["imported_compress"] = any(m == "compress" or m.startswith("compress.") for m in sys.modules)
+print(json.dumps(out))
+"""
+
+
+def test_plain_generate_on_a_quantized_vision_tower_needs_one_forward_first(tmp_path):
+    """The upstream interplay docs/deploy.md documents (and the deploy lint names): compressed-tensors decompresses
+    in a pre-forward hook of the top-level model, and transformers' `generate` computes image features before
+    that forward, so a plain load-then-generate of an INT8 checkpoint whose vision tower is quantized fails;
+    one forward first makes it work. When this test fails on `cold`, upstream fixed it: drop the warm-up note
+    (docs/deploy.md, README, tests/hf_answers.py) and the lint rule `generate_warmup`."""
+    folder = _stage_checkpoint(tmp_path, "int8/static/flip", "llava", {"activations": {"calibration": "minmax"}})
+    from compress.lint import lint_folder
+
+    assert [f["rule"] for f in lint_folder(folder)] == ["generate_warmup"]
+    proc = subprocess.run([sys.executable, "-c", PLAIN_GENERATE, str(folder)], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "must have the same dtype" in got["cold"], f"upstream changed: {got['cold']}"
+    assert len(got["warm"]) == 2 and not got["imported_compress"]
