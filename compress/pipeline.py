@@ -106,12 +106,9 @@ def _out_dir(recipe: LoadedRecipe, out: str | Path | None) -> Path:
 
 
 def _record_eval(ev: Evaluation, what: str) -> dict[str, Any]:
-    """An evaluation as the manifest records it; answers cut by the answer budget are counted and warned of."""
-    if ev.truncated:
-        log(f"WARNING {what}: {ev.truncated} answers used all {ev.budget} new tokens without their end token "
-            "(cut; raise evaluation.max_new_tokens, or leave it unset to size it from the data)")
-    return {"metrics": ev.metrics, "per_type": ev.per_type,
-            "answers": {"budget": ev.budget, "truncated": ev.truncated}}
+    if warning := ev.truncation_warning():
+        log(f"WARNING {what}: {warning}")
+    return ev.record()
 
 
 def run(recipe: LoadedRecipe | str | Path, out: str | Path | None = None, resume: bool = False,
@@ -237,8 +234,7 @@ def _baseline(recipe: LoadedRecipe, inputs: _Inputs, adapter: Any, run_dir: RunD
             runner = hold.baseline_runner(model, processor, evaluator, run_dir.path(".work/baseline"),
                                           memory.activation_budget(r.resources.max_memory_gb, hold.reserve))
             ev = evaluator.evaluate(runner, desc="baseline")
-            if hasattr(runner, "close"):
-                runner.close()
+            getattr(runner, "close", lambda: None)()  # a streamed runner's files
         reference = ev.reference
         with atomic_dir(run_dir.path("baseline")) as tmp:
             save_file(reference.tensors(), str(tmp / "reference.safetensors"))
@@ -346,8 +342,7 @@ def _run_stage(model: torch.nn.Module, cfg: Any, i: int, rec: dict[str, Any], ct
     fault(f"after_apply:{i}")
     scored = result.runner or run.hold.stage_runner(model, run.processor)
     ev = run.evaluator.evaluate(scored, run.reference, desc=f"{name} ({scored.backend})")
-    if hasattr(scored, "close"):
-        scored.close()
+    getattr(scored, "close", lambda: None)()
     rec["backend"] = scored.backend
     if skipped := {k: v for k, v in getattr(scored, "not_computed", {}).items() if k in r.evaluation.metrics}:
         rec["metrics_not_computed"] = skipped

@@ -207,7 +207,7 @@ def summary(v: Verification) -> str:
     if v.note:
         lines.append(f"  note: {v.note}")
     lines += [f"  {kind:<8} {path}: {detail}" for kind, path, detail in v.problems]
-    lines += [f"  genai    {path}: {what}" for path, what in v.genai]
+    lines += [f"  note     {path}: {what}" for path, what in v.genai]
     lines += [f"  lint     {path}: {what}" for path, what in v.lint]
     lines.append(f"  {v.files} files on record, {v.checkpoints} checkpoints loaded, {v.graphs} ONNX graphs checked"
                  + (f", {v.engines} engines hashed (running one needs its GPU)" if v.engines else ""))

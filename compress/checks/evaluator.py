@@ -49,6 +49,17 @@ class Evaluation:
     truncated: int = 0
     budget: int = 0
 
+    def record(self) -> dict[str, Any]:
+        """What the manifest records of it."""
+        return {"metrics": self.metrics, "per_type": self.per_type,
+                "answers": {"budget": self.budget, "truncated": self.truncated}}
+
+    def truncation_warning(self) -> str | None:
+        if not self.truncated:
+            return None
+        return (f"{self.truncated} answers used all {self.budget} new tokens without their end token (cut; raise "
+                "evaluation.max_new_tokens, or leave it unset to size it from the data)")
+
 
 class Evaluator:
     def __init__(self, adapter, processor, data: Dataset, cfg) -> None:
