@@ -119,8 +119,9 @@ def _generate_warmup(folder: Path) -> list[dict[str, Any]]:
     if not encoder_side:
         return []
     return [_finding("generate_warmup", "config.json", "quantization_config",
-                     f"{len(encoder_side)} quantized layers outside the language model: plain from_pretrained + "
-                     "generate fails until one forward has run (upstream: compressed-tensors decompresses in a "
+                     f"layers outside the language model are quantized ({len(encoder_side)} targets): plain "
+                     "from_pretrained + generate fails until one forward has run (upstream: compressed-tensors "
+                     "decompresses in a "
                      "pre-forward hook of the top-level model, generate computes image features before it); run "
                      "model(**inputs) once first", False, "only upstream can fix it without dropping activation "
                      "quantization")]
