@@ -114,6 +114,27 @@ def test_onnx_runtime_generates_what_torch_generates(exported):
     assert ours == TorchRunner.for_adapter(model, adapter, processor).generate(inputs, 8, ignore_eos=True)
 
 
+def test_onnxruntime_genai_runs_the_folder_or_the_export_says_why_not(exported):
+    """Qwen2-VL: genai's Qwen type computes the M-RoPE positions from the image grids itself, and answers like
+    our runner (prompts one at a time, images of sizes the export never traced). Windowed Qwen2.5-VL towers emit
+    window order, which genai would hand on as it comes: refused, with the reason in export.json."""
+    _, adapter, processor, out = exported
+    meta = read_meta(out)
+    if meta["vision_inputs"]["window_size"]:
+        assert "window order" in meta["genai"]["unsupported"] and not (out / "genai_config.json").exists()
+        return
+    pytest.importorskip("onnxruntime_genai")
+    from compress.runtime.genai_runner import GenaiRunner
+
+    assert meta["genai"] == {"config": "genai_config.json", "model_type": "qwen2_5_vl"}
+    genai, ours = GenaiRunner(out), OrtRunner.from_dir(out)
+    for image, question in zip(_images(UNSEEN, seed=5), ["how many?", "where is the red circle?"], strict=True):
+        one = adapter.build_inputs(processor, [image], [question]).inputs
+        assert genai.generate(one, 8, ignore_eos=True) == ours.generate(one, 8, ignore_eos=True)
+    text = dict(processor.tokenizer(["what is it?"], return_tensors="np"))  # no image: 0 feature rows
+    assert genai.generate(text, 8, ignore_eos=True) == ours.generate(text, 8, ignore_eos=True)
+
+
 def test_a_mismatched_grid_is_a_clear_error(exported):
     _, adapter, processor, out = exported
     inputs = adapter.build_inputs(processor, _images(UNSEEN), ["a", "b"]).inputs

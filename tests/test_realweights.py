@@ -124,6 +124,30 @@ def test_gqa_and_int4_exports_of_real_weights_answer_as_torch(tmp_path: Path):
     for stage in (onnx_int4, onnx_fast):  # default parity: by distribution, and it holds (docs/export.md, Parity)
         assert stage["details"]["parity_judged_by"] == "distribution"
         assert all(c["passed"] for c in stage["checks"] if c["metric"].startswith("parity")), stage["checks"]
+    # The same folders in onnxruntime-genai (its KV cache and search): the tokens our runner gives
+    for name, stage in (("fp32", fp32), ("int4", onnx_int4)):
+        assert _genai_tokens_match(built, tmp_path / name / stage["artifacts"]), name
+
+
+def _genai_tokens_match(built: Path, folder: Path, count: int = 6) -> bool:
+    """onnxruntime-genai's greedy answers equal OrtRunner's on `count` evaluation questions, one at a time."""
+    pytest.importorskip("onnxruntime_genai")
+    from PIL import Image
+
+    from compress.arch import get_adapter
+    from compress.runtime.genai_runner import GenaiRunner
+    from compress.runtime.ort_runner import OrtRunner
+
+    adapter = get_adapter("llava")
+    processor = adapter.load_processor(str(folder))
+    rows = [json.loads(line) for line in (built / "eval/metadata.jsonl").read_text().splitlines()[:count]]
+    ours, theirs = OrtRunner.from_dir(folder), GenaiRunner(folder)
+    for row in rows:
+        image = Image.open(built / "eval" / row["file_name"]).convert("RGB")
+        inputs = adapter.build_inputs(processor, [image], [row["prompt"]]).inputs
+        if ours.generate(inputs, 24) != theirs.generate(inputs, 24):
+            return False
+    return True
 
 
 def test_the_outlier_aware_int8_export_passes_default_parity_on_real_weights(tmp_path: Path):

@@ -59,7 +59,8 @@ class Qwen2VLAdapter(Adapter):
     end_of_turn = "<|im_end|>"
     # Patches of any image size in one flat batch (per-patch rotary positions and image/window segments
     # from the runner), 3-D M-RoPE positions for the decoder.
-    export_spec = ExportSpec(vision="flat_patches", positions="mrope")
+    # onnxruntime-genai's Qwen type computes the M-RoPE positions itself (as HF's get_rope_index does)
+    export_spec = ExportSpec(vision="flat_patches", positions="mrope", genai_model_type="qwen2_5_vl")
 
     @staticmethod
     def decode_positions(model: Any, mask: torch.Tensor) -> dict[str, torch.Tensor]:

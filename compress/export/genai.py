@@ -8,13 +8,15 @@ feeds the decoder our input names already (`inputs_embeds`, `attention_mask`, `p
 `past_key_values.N.key`), and cannot feed a logits selector: `logits_index` gets an empty default here,
 which the graph reads as "every position" (genai then takes the last one itself). Its config parser rejects
 unknown keys, so only keys it knows are written; our own facts stay in export.json. Families whose decoder
-takes more than embeddings, mask and positions (bidirectional image blocks, cross-attention states) or whose
-positions it computes differently get no genai_config.json, and `genai_support` says why.
+takes more than embeddings, mask and positions (bidirectional image blocks, cross-attention states), and
+windowed Qwen2.5-VL-style towers (their tokens come out in window order), get no genai_config.json, and
+`genai_support` says why.
 
-Its model type (the adapter's `ExportSpec.genai_model_type`) only chooses the native image processor and
-the position scheme: the plain pipeline gives default positions and a vision graph fed through
-`generator.set_inputs` (pixel values + `num_image_tokens`); its native processors are each one model's own
-(fixed tokens and sizes), so prompts are built with the folder's processor.
+Its model type (the adapter's `ExportSpec.genai_model_type`) chooses the native image processor and the
+position scheme: the plain pipeline gives default positions; its Qwen type computes M-RoPE positions from
+the image grids, as HF's get_rope_index does. The vision graph is fed through `generator.set_inputs` (pixel
+values or patches with their extra inputs, and `num_image_tokens`); its native processors are each one
+model's own (fixed tokens and sizes), so prompts are built with the folder's processor.
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ def genai_support(meta: dict[str, Any]) -> str | None:
         return "the decoder reads cross-attention vision states on every call, which genai does not feed"
     if meta.get("attention_blocks"):
         return "the decoder takes bidirectional image blocks (block_sequence_ids), which genai does not feed"
-    if meta.get("positions") != "explicit":
-        return ("M-RoPE positions: genai computes them for its own Qwen type, but this vision graph takes "
-                "window-ordered patches with position and segment inputs its vision runner does not give")
+    if meta.get("positions") == "mrope" and (meta.get("vision_inputs") or {}).get("window_size"):
+        return ("windowed vision attention: the vision graph emits its tokens in window order and our runner "
+                "puts them back in image order; genai hands them on as they come")
     if meta.get("precision") == "fp16":
         return "an engine's fp16 source graphs (build engines, or run the export folder)"
     return None
@@ -127,6 +129,11 @@ def genai_config(meta: dict[str, Any], context_length: int, bos_token_id: int | 
         model["vision"] = {"filename": meta["graphs"]["vision"], "config_filename": "ortx_processor_config.json",
                            "inputs": {"pixel_values": "pixel_values"},
                            "outputs": {"image_features": "image_features"}}
+    if meta.get("positions") == "mrope":  # genai computes the [3, batch, seq] positions from the image grids
+        model.update(meta.get("token_ids", {}))
+        spec = meta["vision_inputs"]
+        model["vision"].update(spatial_merge_size=int(spec["spatial_merge_size"]), patch_size=int(spec["patch_size"]))
+        model["vision"]["inputs"]["image_grid_thw"] = "image_grid_thw"
     search = {"max_length": int(context_length), "do_sample": False, "top_k": 1, "num_beams": 1,
               # GroupQueryAttention reads lengths from the mask: one max-length buffer serves as past and present
               "past_present_share_buffer": meta.get("past_buffer") == "shared"}

@@ -303,6 +303,9 @@ def _meta(model: nn.Module, adapter: Any, processor: Any, family_adapter: Any, t
         # Bidirectional attention blocks of a prompt, from the processor's token_type_ids (runtime.blocks).
         "attention_blocks": spec.attention_blocks,
         "genai_model_type": spec.genai_model_type,
+        # Other prompt tokens a runtime that computes M-RoPE positions itself looks for.
+        "token_ids": {k: int(getattr(model.config, k)) for k in ("vision_start_token_id", "video_token_id")
+                      if getattr(model.config, k, None) is not None},
         **decoder_facts(model),
         # The tower's own width and heads (Qwen2-VL names them embed_dim / num_heads; its hidden_size is the
         # merger's output), which the attention fusion needs.
