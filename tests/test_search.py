@@ -304,9 +304,12 @@ def test_extra_constraints_judge_the_last_stage() -> None:
     manifest = {"status": "completed", "model": {"resolved": "/nonexistent"},
                 "baseline": {"metrics": {"exact_match": 0.8, "token_agreement": 1.0, "logit_kl": 0.0}},
                 "stages": [{"name": "q", "status": "completed", "checkpoint": None,
-                            "metrics": {"exact_match": 0.78, "token_agreement": 0.95, "logit_kl": 0.02}}]}
+                            "metrics": {"exact_match": 0.78, "token_agreement": 0.95, "logit_kl": 0.02},
+                            "answers": {"budget": 26, "truncated": 3}}]}
     cfg = {"space": {"stages.q.scheme": ["int8"]}}
-    assert summarize(manifest, Path("/nonexistent"), SearchConfig.model_validate(cfg))["status"] == "passed"
+    summary = summarize(manifest, Path("/nonexistent"), SearchConfig.model_validate(cfg))
+    assert summary["status"] == "passed"
+    assert summary["answers_truncated"] == 3 and summary["stages"][0]["answers_truncated"] == 3  # cut answers
     strict = SearchConfig.model_validate({**cfg, "min_retention": {"token_agreement": 0.96}, "max_kl": 0.01})
     r = summarize(manifest, Path("/nonexistent"), strict)
     assert r["status"] == "constraint_failed"

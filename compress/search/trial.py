@@ -64,7 +64,10 @@ def summarize(manifest: dict[str, Any], run_dir: Path, cfg: SearchConfig) -> dic
         "retention": retention,
         "stages": [{"name": s["name"], "status": s["status"], "wall_s": s.get("wall_s"),
                     "metrics": s.get("metrics"), "peak_rss_mb": s.get("peak_rss_mb"),
+                    "answers_truncated": (s.get("answers") or {}).get("truncated"),
                     "reused": "reused_from" in s} for s in stages],
+        # answers the last scored stage cut at the answer budget (scored as cut)
+        "answers_truncated": (scored[-1].get("answers") or {}).get("truncated") if scored else None,
         "peak_rss_mb": max((s.get("peak_rss_mb") or 0 for s in stages), default=None),
         "bit_allocation": {s["name"]: s["details"]["bit_allocation"] for s in kept
                            if "bit_allocation" in (s.get("details") or {})},
