@@ -7,6 +7,7 @@ and a recipe (INT8 W8A8 on every component, then export) keeps its answers throu
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -183,3 +184,12 @@ def test_recipes_keep_the_answers_through_onnx_runtime(family, tmp_path):
     used = runtime_ops(art / "vision.onnx", disabled_optimizers=meta["session"]["disabled_optimizers"])
     merged = meta["fused_ops"]["vision"]["passes"][-1]["merged_away"]["qdq_matmul"]  # q/k/v, gate/up: one each
     assert used.get("MatMulIntegerToFloat") == len(vision) - merged and "DequantizeLinear" not in used
+    if family == "qwen2_vl" and importlib.util.find_spec("onnxruntime_genai"):  # the INT8 folder in genai too
+        from compress.runtime.genai_runner import GenaiRunner
+
+        adapter = get_adapter(family)
+        processor = adapter.load_processor(str(art))
+        genai, ours = GenaiRunner(art), OrtRunner.from_dir(art)
+        for image, question in zip(_images(UNSEEN, seed=6), ["how many?", "what color?"], strict=True):
+            one = adapter.build_inputs(processor, [image], [question]).inputs
+            assert genai.generate(one, 6, ignore_eos=True) == ours.generate(one, 6, ignore_eos=True)
