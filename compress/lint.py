@@ -51,8 +51,9 @@ def _use_cache(folder: Path, fix: bool) -> list[dict[str, Any]]:
         doc = _read(folder / name)
         if doc is None:
             continue
-        places = [(doc, "use_cache")] + [(doc[k], f"{k}.use_cache") for k in ("text_config",)
-                                          if isinstance(doc.get(k), dict)]
+        places = [(doc, "use_cache")]
+        if isinstance(doc.get("text_config"), dict):  # a VLM config: its language model's own setting
+            places.append((doc["text_config"], "text_config.use_cache"))
         hits = [(d, key) for d, key in places if d.get("use_cache") is False]
         for d, key in hits:
             if fix:
@@ -121,8 +122,8 @@ def _generate_warmup(folder: Path) -> list[dict[str, Any]]:
     return [_finding("generate_warmup", "config.json", "quantization_config",
                      f"layers outside the language model are quantized ({len(encoder_side)} targets): plain "
                      "from_pretrained + generate fails until one forward has run (upstream: compressed-tensors "
-                     "decompresses in a "
-                     "pre-forward hook of the top-level model, generate computes image features before it); run "
+                     "decompresses in a pre-forward hook of the top-level model, generate computes image features "
+                     "before it); run "
                      "model(**inputs) once first", False, "only upstream can fix it without dropping activation "
                      "quantization")]
 

@@ -139,22 +139,21 @@ def _check_genai(folder: Path, v: Verification) -> None:
         from PIL import Image
 
         from compress.arch import get_adapter
-        from compress.export.files import read_meta
+        from compress.runs import load_runner, run_recipe
         from compress.runtime.genai_runner import GenaiRunner
-        from compress.runtime.ort_runner import OrtRunner
 
-        meta = read_meta(folder)
-        adapter = get_adapter(meta["family"])
-        rec = meta.get("token_reduction")
-        adapter.image_tokens = (rec["tokens_in"], rec["tokens"]) if rec else None
-        processor = adapter.load_processor(str(folder))
+        loaded, m = run_recipe(v.run_dir)
+        adapter = get_adapter(m["model"]["model_type"])
+        adapter.use_prompt(loaded.recipe.evaluation.prompt, "evaluation.prompt")  # prompts as the run built them
+        # our runner as `eval` and `bench` load it: the folder's processor, prompts cut to a `tokens` reduction
+        ours, processor = load_runner("onnx", str(folder), m["model"]["resolved"], adapter, None)
         rng = np.random.default_rng(0)
-        h, w = meta["pixel_shape"][-2:]
+        h, w = ours.meta["pixel_shape"][-2:]
         images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for _ in range(2)]
         probes = [adapter.build_inputs(processor, [image], ["what is in the picture?"]).inputs for image in images]
         text = adapter.format_prompt(processor, "what is in the picture?").replace(adapter.image_token, "")
         probes.append(dict(processor.tokenizer([text], return_tensors="np")))
-        ours, theirs = OrtRunner.from_dir(folder), GenaiRunner(folder)
+        theirs = GenaiRunner(folder)
         same = sum(ours.generate(p, 16) == theirs.generate(p, 16) for p in probes)
     except Exception as e:  # any failure to run there is the finding, whatever raised it
         v.problems.append(("genai", rel, first_line(e)))

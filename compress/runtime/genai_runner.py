@@ -20,10 +20,9 @@ from compress.errors import ConfigError
 from compress.export.files import read_meta
 from compress.export.genai import CONFIG_FILE, genai_support
 from compress.runtime.mrope import VisionSpec, vision_feeds
+from compress.runtime.ort_runner import NP_DTYPES
 from compress.runtime.vision_inputs import numpy as _numpy
 from compress.runtime.vision_inputs import vision_feeds_for
-
-NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 class GenaiRunner:
